@@ -1,0 +1,512 @@
+"""The ``file://`` store: content-addressed blobs plus small JSON records.
+
+Layout under the root::
+
+    blobs/sha256/ab/abcdef...           every file of every version, named by its sha256
+    modules/<namespace|_>/<name>/
+        versions/<N>.json               one immutable record per version
+        versions/<N>.deleted            tombstone of a deleted version (numbers are never reused)
+        state.json                      aliases, their move history, yanked versions
+        .lock                           flock'ed while state.json is changed
+    tmp/                                files being written; never read as content
+
+Guarantees:
+- A push copies blobs first, then writes its version record aside, fsyncs it and hard-links it
+  to ``versions/<N>.json``. ``link`` fails if the name exists, so two concurrent pushes can never
+  take one number: the loser retries with the next. No lock is held, so a process killed at
+  any point leaves at most unreferenced files in ``tmp/`` or ``blobs/`` and blocks nothing.
+- Alias, yank and delete changes run under ``flock``, which the kernel releases when the holder
+  dies, and rewrite ``state.json`` atomically (write aside, fsync, rename).
+- Every read of a blob checks its sha256.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunehub.errors import (
+    AliasNotFound,
+    Conflict,
+    IntegrityError,
+    ManifestError,
+    ModuleNotFound,
+    StoreError,
+    VersionNotFound,
+)
+from tunehub.registry.files import (
+    fsync_dir,
+    read_json,
+    sha256_file,
+    verify_files,
+    write_json_atomic,
+)
+from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
+from tunehub.registry.module import LocalModule, verify_module
+from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, validate_alias
+from tunehub.registry.store import (
+    AliasMove,
+    Filters,
+    ModuleStore,
+    VersionInfo,
+    current_actor,
+    rollback_target,
+    tunehub_home,
+)
+
+_NO_NAMESPACE = "_"  # names start with a letter or digit, so this never collides with one
+_CHUNK = 1 << 20
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class LocalStore(ModuleStore):
+    def __init__(self, root: str | Path, *, cache_dir: str | Path | None = None):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = f"file://{self.root}"
+        self.cache_dir = Path(cache_dir) if cache_dir else tunehub_home() / "modules"
+        for sub in ("blobs/sha256", "modules", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # --- paths ---------------------------------------------------------------------------------
+    def _module_dir(self, ref: ModuleRef) -> Path:
+        return self.root / "modules" / (ref.namespace or _NO_NAMESPACE) / ref.name
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / digest[:2] / digest
+
+    def _tmp_path(self, suffix: str = "") -> Path:
+        return self.root / "tmp" / f"{uuid.uuid4().hex}{suffix}"
+
+    @staticmethod
+    def _repo_of(namespace_dir: str, name: str) -> str:
+        return name if namespace_dir == _NO_NAMESPACE else f"{namespace_dir}/{name}"
+
+    # --- version records -----------------------------------------------------------------------
+    def _version_numbers(self, module_dir: Path) -> tuple[set[int], set[int]]:
+        """(live, deleted) version numbers of a module."""
+        live: set[int] = set()
+        deleted: set[int] = set()
+        versions_dir = module_dir / "versions"
+        if not versions_dir.is_dir():
+            return live, deleted
+        for entry in os.listdir(versions_dir):
+            stem, dot, suffix = entry.partition(".")
+            if not stem.isdigit():
+                continue
+            if suffix == "json":
+                live.add(int(stem))
+            elif suffix == "deleted":
+                deleted.add(int(stem))
+        return live, deleted
+
+    def _record(self, module_dir: Path, version: int) -> dict[str, Any]:
+        path = module_dir / "versions" / f"{version}.json"
+        try:
+            record = read_json(path, "version record")
+        except FileNotFoundError:
+            raise VersionNotFound(f"version {version} does not exist") from None
+        if not isinstance(record, dict) or record.get("version") != version:
+            raise IntegrityError(f"version record {path} is corrupt")
+        return record
+
+    def _state(self, module_dir: Path) -> dict[str, Any]:
+        try:
+            state = read_json(module_dir / "state.json", "module state")
+        except FileNotFoundError:
+            state = {}
+        if not isinstance(state, dict):
+            raise IntegrityError(f"{module_dir / 'state.json'} is corrupt")
+        state.setdefault("aliases", {})
+        state.setdefault("history", [])
+        state.setdefault("yanked", {})
+        return state
+
+    @contextmanager
+    def _locked_state(self, module_dir: Path) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of ``state.json`` under an exclusive flock."""
+        module_dir.mkdir(parents=True, exist_ok=True)
+        with open(module_dir / ".lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                state = self._state(module_dir)
+                yield state
+                write_json_atomic(module_dir / "state.json", state)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _info(self, record: dict[str, Any], repo: str, state: dict[str, Any]) -> VersionInfo:
+        version = record["version"]
+        yank = state["yanked"].get(str(version))
+        aliases = tuple(sorted(a for a, v in state["aliases"].items() if v == version))
+        return VersionInfo(
+            repo=repo,
+            version=version,
+            manifest_sha256=record["manifest_sha256"],
+            kind=record["kind"],
+            created_at=record["created_at"],
+            pushed_by=record.get("pushed_by", "unknown"),
+            base_fingerprint=record["base_fingerprint"],
+            base_model_id=record["base_model_id"],
+            task=record.get("task"),
+            objective=record.get("objective"),
+            parent=record.get("parent"),
+            size_bytes=record.get("size_bytes", 0),
+            yanked=yank is not None,
+            yank_reason=(yank or {}).get("reason") if yank else None,
+            aliases=aliases,
+        )
+
+    def _require_module(self, ref: ModuleRef) -> tuple[Path, set[int], set[int]]:
+        module_dir = self._module_dir(ref)
+        live, deleted = self._version_numbers(module_dir)
+        if not live:
+            hint = " (every version was deleted)" if deleted else ""
+            raise ModuleNotFound(f"no module {ref.repo!r} in {self.uri}{hint}")
+        return module_dir, live, deleted
+
+    def _resolve_version(self, ref: ModuleRef, live: set[int], deleted: set[int], state: dict[str, Any]) -> int:
+        yanked = state["yanked"]
+        if ref.version is not None:
+            version = ref.version
+            if version in deleted:
+                raise VersionNotFound(f"{ref.repo}@{version} was deleted")
+            if version not in live:
+                raise VersionNotFound(f"{ref.repo} has no version {version} (latest is {max(live)})")
+        elif ref.alias is not None and ref.alias != LATEST:
+            if ref.alias not in state["aliases"]:
+                known = ", ".join(sorted(state["aliases"])) or "none"
+                raise AliasNotFound(f"{ref.repo} has no alias {ref.alias!r} (aliases: {known})")
+            version = state["aliases"][ref.alias]
+            if version not in live:
+                raise VersionNotFound(f"{ref.repo}@{ref.alias} points to version {version}, which was deleted")
+        else:
+            candidates = [v for v in live if str(v) not in yanked]
+            if not candidates:
+                raise VersionNotFound(f"{ref.repo} has no version that is not yanked")
+            return max(candidates)
+        if str(version) in yanked:
+            reason = yanked[str(version)].get("reason") or "no reason given"
+            raise VersionNotFound(f"{ref.repo}@{version} is yanked ({reason})")
+        return version
+
+    # --- blobs ---------------------------------------------------------------------------------
+    def _store_blob(self, source: Path, expected: str) -> int:
+        """Copy ``source`` into the blob store under its hash; returns its size."""
+        target = self._blob_path(expected)
+        if target.exists():
+            if sha256_file(target) == expected:
+                return target.stat().st_size
+            # a damaged blob: replace it with the good copy being pushed
+        tmp = self._tmp_path(".blob")
+        import hashlib
+
+        digest = hashlib.sha256()
+        size = 0
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if digest.hexdigest() != expected:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityError(f"{source} changed while it was being pushed")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        return size
+
+    def _copy_blob_verified(self, digest: str, dest: Path) -> None:
+        import hashlib
+
+        source = self._blob_path(digest)
+        if not source.is_file():
+            raise IntegrityError(f"blob {digest[:12]}... is missing from {self.uri}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        check = hashlib.sha256()
+        with open(source, "rb") as src, open(dest, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                check.update(chunk)
+                dst.write(chunk)
+        if check.hexdigest() != digest:
+            raise IntegrityError(f"blob {digest[:12]}... in {self.uri} is damaged: its content does not match its sha256")
+
+    # --- operations ----------------------------------------------------------------------------
+    def push(self, folder: str | Path, ref: str | ModuleRef) -> VersionInfo:
+        ref = parse_ref(ref)
+        if ref.version is not None or ref.alias is not None:
+            raise Conflict(f"push takes a name without @version: versions are assigned by the registry (got {ref})")
+        module = verify_module(folder)
+        manifest_sha = sha256_file(module.path / MANIFEST_FILE)
+        files = dict(module.manifest.files)
+        files[MANIFEST_FILE] = manifest_sha
+        size = 0
+        try:
+            for rel, digest in sorted(files.items()):
+                size += self._store_blob(module.path / rel, digest)
+        except OSError as exc:
+            raise StoreError(f"could not write to {self.uri}: {exc}") from exc
+        manifest = module.manifest
+        record: dict[str, Any] = {
+            "version": 0,
+            "manifest_sha256": manifest_sha,
+            "files": files,
+            "kind": manifest.kind.value,
+            "task": manifest.task,
+            "objective": manifest.objective,
+            "parent": manifest.parent,
+            "base_fingerprint": manifest.base.fingerprint,
+            "base_model_id": manifest.base.model_id,
+            "size_bytes": size,
+            "created_at": _now(),
+            "pushed_by": current_actor(),
+        }
+        module_dir = self._module_dir(ref)
+        versions_dir = module_dir / "versions"
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        version = self._claim_version(versions_dir, record)
+        return self._info({**record, "version": version}, ref.repo, self._state(module_dir))
+
+    def _claim_version(self, versions_dir: Path, record: dict[str, Any]) -> int:
+        """Write the record aside and link it to the first free number (atomic, lock-free)."""
+        for _ in range(10_000):
+            live, deleted = self._version_numbers(versions_dir.parent)
+            version = max(live | deleted, default=0) + 1
+            tmp = self._tmp_path(".version.json")
+            write_json_atomic(tmp, {**record, "version": version})
+            try:
+                os.link(tmp, versions_dir / f"{version}.json")
+            except FileExistsError:
+                continue  # another push took this number; try the next
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    continue
+                raise StoreError(f"could not record a version in {versions_dir}: {exc}") from exc
+            finally:
+                tmp.unlink(missing_ok=True)
+            fsync_dir(versions_dir)
+            return version
+        raise StoreError(f"could not claim a version number in {versions_dir}")
+
+    def resolve(self, ref: str | ModuleRef) -> VersionInfo:
+        ref = parse_ref(ref)
+        module_dir, live, deleted = self._require_module(ref)
+        state = self._state(module_dir)
+        version = self._resolve_version(ref, live, deleted, state)
+        return self._info(self._record(module_dir, version), ref.repo, state)
+
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
+        ref = parse_ref(ref)
+        info = self.resolve(ref)
+        record = self._record(self._module_dir(ref), info.version)
+        files: dict[str, str] = record["files"]
+        if dest is None:
+            dest = self.cache_dir / (ref.namespace or _NO_NAMESPACE) / ref.name / str(info.version)
+        dest = Path(dest)
+        if dest.exists():
+            cached = self._verified_copy(dest, files)
+            if cached is not None:
+                return LocalModule(path=dest, manifest=cached, ref=info.ref, version=info.version)
+            if not (dest / MANIFEST_FILE).exists() and any(dest.iterdir()):
+                raise Conflict(f"{dest} exists and is not a tunehub module; pick another destination")
+        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
+        try:
+            for rel, digest in sorted(files.items()):
+                self._copy_blob_verified(digest, staging / rel)
+            module = verify_module(staging)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return LocalModule(path=dest, manifest=module.manifest, ref=info.ref, version=info.version)
+
+    @staticmethod
+    def _verified_copy(dest: Path, files: dict[str, str]) -> Manifest | None:
+        try:
+            if sha256_file(dest / MANIFEST_FILE) != files[MANIFEST_FILE]:
+                return None
+            verify_files(dest, {k: v for k, v in files.items() if k != MANIFEST_FILE})
+            return Manifest.read(dest)
+        except (OSError, IntegrityError, ManifestError):
+            return None
+
+    def manifest(self, ref: str | ModuleRef) -> Manifest:
+        ref = parse_ref(ref)
+        info = self.resolve(ref)
+        path = self._blob_path(info.manifest_sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"the manifest of {info.ref} is missing from {self.uri}") from None
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != info.manifest_sha256:
+            raise IntegrityError(f"the manifest of {info.ref} in {self.uri} is damaged")
+        return Manifest.from_json(data, f"{info.ref}/manifest.json")
+
+    def _iter_modules(self) -> Iterator[tuple[str, Path]]:
+        modules = self.root / "modules"
+        for namespace in sorted(os.listdir(modules)):
+            ns_dir = modules / namespace
+            if not ns_dir.is_dir():
+                continue
+            for name in sorted(os.listdir(ns_dir)):
+                if (ns_dir / name / "versions").is_dir():
+                    yield self._repo_of(namespace, name), ns_dir / name
+
+    def list(
+        self,
+        *,
+        base: str | None = None,
+        kind: str | ModuleKind | None = None,
+        task: str | None = None,
+        namespace: str | None = None,
+    ) -> list[VersionInfo]:
+        kind_value = kind.value if isinstance(kind, ModuleKind) else kind
+        filters = Filters(base=base, kind=kind_value, task=task, namespace=namespace)
+        found = []
+        for repo, module_dir in self._iter_modules():
+            live, deleted = self._version_numbers(module_dir)
+            state = self._state(module_dir)
+            candidates = [v for v in live if str(v) not in state["yanked"]]
+            if not candidates:
+                continue
+            info = self._info(self._record(module_dir, max(candidates)), repo, state)
+            if filters.match(info):
+                found.append(info)
+        return found
+
+    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+        ref = parse_ref(ref)
+        module_dir, live, _ = self._require_module(ref)
+        state = self._state(module_dir)
+        infos = [self._info(self._record(module_dir, v), ref.repo, state) for v in sorted(live)]
+        return [i for i in infos if include_yanked or not i.yanked]
+
+    def aliases(self, ref: str | ModuleRef) -> dict[str, int]:
+        ref = parse_ref(ref)
+        module_dir, _, _ = self._require_module(ref)
+        return dict(sorted(self._state(module_dir)["aliases"].items()))
+
+    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+        ref = parse_ref(ref)
+        module_dir, _, _ = self._require_module(ref)
+        moves = [AliasMove(**m) for m in self._state(module_dir)["history"]]
+        return [m for m in moves if alias is None or m.alias == alias]
+
+    def promote(self, ref: str | ModuleRef, alias: str) -> AliasMove:
+        ref = parse_ref(ref)
+        validate_alias(alias)
+        if alias == LATEST:
+            raise Conflict("'latest' is implicit (the newest version that is not yanked) and cannot be moved")
+        module_dir, live, deleted = self._require_module(ref)
+        with self._locked_state(module_dir) as state:
+            version = self._resolve_version(ref, live, deleted, state)
+            move = AliasMove(
+                alias=alias,
+                action="promote",
+                from_version=state["aliases"].get(alias),
+                to_version=version,
+                by=current_actor(),
+                at=_now(),
+            )
+            state["aliases"][alias] = version
+            state["history"].append(move.to_dict())
+        return move
+
+    def rollback(self, ref: str | ModuleRef, alias: str) -> AliasMove:
+        ref = parse_ref(ref)
+        validate_alias(alias)
+        module_dir, live, _ = self._require_module(ref)
+        with self._locked_state(module_dir) as state:
+            if alias not in state["aliases"]:
+                raise AliasNotFound(f"{ref.repo} has no alias {alias!r}")
+            history = [AliasMove(**m) for m in state["history"]]
+            usable = {v for v in live if str(v) not in state["yanked"]}
+            current, previous = rollback_target(history, alias, usable)
+            move = AliasMove(
+                alias=alias,
+                action="rollback",
+                from_version=state["aliases"][alias],
+                to_version=previous,
+                by=current_actor(),
+                at=_now(),
+            )
+            state["aliases"][alias] = previous
+            state["history"].append(move.to_dict())
+        return move
+
+    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+        ref = parse_ref(ref)
+        if ref.version is None:
+            raise Conflict(f"yank takes an exact version (name@N), got {ref}")
+        module_dir, live, deleted = self._require_module(ref)
+        if ref.version not in live:
+            raise VersionNotFound(f"{ref.repo} has no version {ref.version}")
+        with self._locked_state(module_dir) as state:
+            state["yanked"][str(ref.version)] = {"reason": reason, "by": current_actor(), "at": _now()}
+        return self._info(self._record(module_dir, ref.version), ref.repo, self._state(module_dir))
+
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+        ref = parse_ref(ref)
+        if ref.alias is not None:
+            raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
+        module_dir, live, _ = self._require_module(ref)
+        targets = sorted(live) if ref.version is None else [ref.version]
+        if ref.version is not None and ref.version not in live:
+            raise VersionNotFound(f"{ref.repo} has no version {ref.version}")
+        with self._locked_state(module_dir) as state:
+            pinned = {a: v for a, v in state["aliases"].items() if v in targets}
+            if pinned and not force:
+                names = ", ".join(f"{a} -> {v}" for a, v in sorted(pinned.items()))
+                raise Conflict(f"aliases point to what would be deleted ({names}); move them first or use --force")
+            for alias in pinned:
+                del state["aliases"][alias]
+            versions_dir = module_dir / "versions"
+            for version in targets:
+                # the record becomes a tombstone, so the number is never handed out again
+                os.replace(versions_dir / f"{version}.json", versions_dir / f"{version}.deleted")
+            fsync_dir(versions_dir)
+        return targets
+
+    def gc(self, *, tmp_older_than_s: float = 3600.0) -> dict[str, int]:
+        """Remove unreferenced blobs and temporary files older than ``tmp_older_than_s``
+        (what killed pushes leave behind)."""
+        import time
+
+        referenced: set[str] = set()
+        for _, module_dir in self._iter_modules():
+            live, _ = self._version_numbers(module_dir)
+            for version in live:
+                referenced.update(self._record(module_dir, version)["files"].values())
+        removed_blobs = removed_tmp = 0
+        cutoff = time.time() - tmp_older_than_s
+        for path in (self.root / "blobs" / "sha256").glob("*/*"):
+            # young blobs may belong to a push that has not linked its record yet
+            if path.name not in referenced and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed_blobs += 1
+        for path in (self.root / "tmp").iterdir():
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed_tmp += 1
+        return {"blobs": removed_blobs, "tmp": removed_tmp}
+
+
+__all__ = ["LocalStore"]

@@ -1,0 +1,109 @@
+"""Writing and verifying module folders: the manifest, PEFT's config and the model card together."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tunehub.errors import IntegrityError, ManifestError, UnsafeFile
+from tunehub.registry.files import hash_folder, iter_module_files, verify_files
+from tunehub.registry.manifest import (
+    ADAPTER_CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_CARD_FILE,
+    Manifest,
+)
+
+
+def model_card(manifest: Manifest, name: str | None = None) -> str:
+    """A Hub-style model card: YAML front matter, then a short human summary."""
+    tags = ["tunehub", manifest.kind.value]
+    if manifest.objective:
+        tags.append(manifest.objective)
+    if manifest.peft_loadable:
+        tags += ["peft", f"base_model:adapter:{manifest.base.model_id}"]
+    front: dict[str, object] = {
+        "base_model": manifest.base.model_id,
+        "library_name": "peft" if manifest.peft_loadable else "tunehub",
+        "tags": tags,
+    }
+    if manifest.task_type == "CAUSAL_LM":
+        front["pipeline_tag"] = "text-generation"
+    title = name or manifest.task or f"{manifest.kind.value} module"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"A tunehub **{manifest.kind.value}** module for `{manifest.base.model_id}`"
+        f" (base fingerprint `{manifest.base.fingerprint[:12]}`, quantization `{manifest.base.quantization}`).",
+        "",
+    ]
+    if manifest.description:
+        lines += [manifest.description, ""]
+    if manifest.objective or manifest.task:
+        lines += [f"- objective: `{manifest.objective}`", f"- task: `{manifest.task}`"]
+    if manifest.parent:
+        lines.append(f"- trained on top of: `{manifest.parent}`")
+    if manifest.data:
+        lines.append(f"- data sha256: `{manifest.data.sha256[:16]}`")
+    for key, value in sorted(manifest.metrics.items()):
+        lines.append(f"- {key}: {value:.6g}")
+    lines += ["", "Load it with tunehub (`tunehub pull`) or, for PEFT kinds, `peft.PeftModel.from_pretrained`.", ""]
+    return "\n".join(lines)
+
+
+def write_module(folder: str | Path, manifest: Manifest, *, card: bool = True) -> Manifest:
+    """Finish a module folder: write PEFT's config and the card from ``manifest``, hash every
+    file and write ``manifest.json`` last. Returns the manifest with ``files`` filled in.
+
+    Call it after the weights (and any other payload) are in ``folder``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder")
+    adapter_config = manifest.adapter_config()
+    if adapter_config is not None:
+        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    if card:
+        (folder / MODEL_CARD_FILE).write_text(model_card(manifest))
+    files = hash_folder(folder, exclude=frozenset({MANIFEST_FILE}))
+    final = manifest.with_updates(files=files)
+    (folder / MANIFEST_FILE).write_text(final.to_json())
+    return final
+
+
+@dataclass(frozen=True)
+class LocalModule:
+    """A verified module folder on disk."""
+
+    path: Path
+    manifest: Manifest
+    ref: str | None = None
+    version: int | None = None
+
+
+def verify_module(folder: str | Path) -> LocalModule:
+    """Read and validate ``folder``'s manifest and check every file against its hash.
+
+    Raises ``ManifestError`` (bad or missing manifest), ``UnsafeFile`` (pickles, links) or
+    ``IntegrityError`` (missing, unlisted or altered files).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder")
+    manifest = Manifest.read(folder)
+    list(iter_module_files(folder))  # refuses pickles and links before any hashing
+    verify_files(folder, manifest.files)
+    expected_config = manifest.adapter_config()
+    if expected_config is not None and ADAPTER_CONFIG_FILE not in manifest.files:
+        raise IntegrityError(f"{folder}: a {manifest.kind.value} module must carry {ADAPTER_CONFIG_FILE}")
+    return LocalModule(path=folder, manifest=manifest)
+
+
+__all__ = ["model_card", "write_module", "verify_module", "LocalModule", "UnsafeFile"]

@@ -1,0 +1,214 @@
+"""The one registry interface. ``file://`` is the embedded default; ``hf://`` shares on the Hub."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunehub.errors import ConfigError, Conflict
+from tunehub.registry.manifest import Manifest, ModuleKind
+from tunehub.registry.module import LocalModule
+from tunehub.registry.refs import ModuleRef
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One immutable version of a module, as the registry recorded it."""
+
+    repo: str
+    version: int
+    manifest_sha256: str
+    kind: str
+    created_at: str
+    pushed_by: str
+    base_fingerprint: str
+    base_model_id: str
+    task: str | None = None
+    objective: str | None = None
+    parent: str | None = None
+    size_bytes: int = 0
+    yanked: bool = False
+    yank_reason: str | None = None
+    aliases: tuple[str, ...] = ()
+    commit: str | None = None  # the Hub commit sha, for hf:// stores
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["aliases"] = list(self.aliases)
+        data["ref"] = self.ref
+        return data
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One recorded move of an alias: who moved it, when, from which version to which."""
+
+    alias: str
+    action: str  # "promote" | "rollback"
+    from_version: int | None
+    to_version: int
+    by: str
+    at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Filters:
+    base: str | None = None  # fingerprint (or a prefix of it) or base model id
+    kind: str | None = None
+    task: str | None = None
+    namespace: str | None = None
+
+    def match(self, info: VersionInfo) -> bool:
+        if self.kind and info.kind != self.kind:
+            return False
+        if self.task and info.task != self.task:
+            return False
+        if self.namespace and not info.repo.startswith(self.namespace + "/"):
+            return False
+        if self.base and not (
+            info.base_model_id == self.base or (len(self.base) >= 8 and info.base_fingerprint.startswith(self.base))
+        ):
+            return False
+        return True
+
+
+def current_actor() -> str:
+    """Who is acting, for alias history: ``TUNEHUB_USER``, else the login name."""
+    user = os.environ.get("TUNEHUB_USER")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def tunehub_home() -> Path:
+    return Path(os.environ.get("TUNEHUB_HOME") or Path.home() / ".cache" / "tunehub")
+
+
+def default_registry_uri() -> str:
+    return os.environ.get("TUNEHUB_REGISTRY") or f"file://{tunehub_home() / 'registry'}"
+
+
+class ModuleStore(ABC):
+    """What every registry store does. References may be strings or :class:`ModuleRef`."""
+
+    uri: str
+
+    @abstractmethod
+    def push(self, folder: str | Path, ref: str | ModuleRef) -> VersionInfo:
+        """Verify the module in ``folder`` and store it as the next version of ``ref``'s name."""
+
+    @abstractmethod
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
+        """Materialise ``ref`` in a local folder whose every file was checked against its hash."""
+
+    @abstractmethod
+    def resolve(self, ref: str | ModuleRef) -> VersionInfo:
+        """The exact version a reference points to now (``latest`` when it names none)."""
+
+    @abstractmethod
+    def manifest(self, ref: str | ModuleRef) -> Manifest:
+        """The verified manifest of ``ref``."""
+
+    @abstractmethod
+    def list(
+        self,
+        *,
+        base: str | None = None,
+        kind: str | ModuleKind | None = None,
+        task: str | None = None,
+        namespace: str | None = None,
+    ) -> list[VersionInfo]:
+        """The latest version of every module that matches the filters."""
+
+    @abstractmethod
+    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+        """Every live version of a module, oldest first."""
+
+    @abstractmethod
+    def aliases(self, ref: str | ModuleRef) -> dict[str, int]:
+        """Alias -> version for a module."""
+
+    @abstractmethod
+    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+        """Every recorded alias move of a module, oldest first."""
+
+    @abstractmethod
+    def promote(self, ref: str | ModuleRef, alias: str) -> AliasMove:
+        """Point ``alias`` at the version ``ref`` resolves to."""
+
+    @abstractmethod
+    def rollback(self, ref: str | ModuleRef, alias: str) -> AliasMove:
+        """Point ``alias`` back at the target it had before its last move."""
+
+    @abstractmethod
+    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+        """Hide a version from resolution; its record and files stay."""
+
+    @abstractmethod
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+        """Delete one version (``name@N``) or every version of a module; returns the versions deleted."""
+
+
+def target_stack(history: list[AliasMove], alias: str) -> list[int]:
+    """Replay an alias's moves: a promote pushes its target, a rollback pops one."""
+    stack: list[int] = []
+    for move in history:
+        if move.alias != alias:
+            continue
+        if move.action == "rollback":
+            # pop back to the target the rollback chose (skipped dead versions go with it)
+            if stack:
+                stack.pop()
+            while stack and stack[-1] != move.to_version:
+                stack.pop()
+            if not stack:
+                stack.append(move.to_version)
+        else:
+            stack.append(move.to_version)
+    return stack
+
+
+def rollback_target(history: list[AliasMove], alias: str, live: set[int]) -> tuple[int, int]:
+    """(current, previous) targets for a rollback, skipping versions no longer live."""
+    stack = target_stack(history, alias)
+    if not stack:
+        raise Conflict(f"alias {alias!r} has never been set")
+    current = stack[-1]
+    for previous in reversed(stack[:-1]):
+        if previous in live and previous != current:
+            return current, previous
+    raise Conflict(f"alias {alias!r} has no earlier target to roll back to (it points to {current})")
+
+
+def open_store(uri: str | None = None, **options: Any) -> ModuleStore:
+    """A store for ``uri``: ``file://PATH`` or a plain path (local), ``hf://NAMESPACE`` (the Hub)."""
+    uri = uri or default_registry_uri()
+    if uri.startswith("file://"):
+        from tunehub.registry.local import LocalStore
+
+        return LocalStore(uri[len("file://") :], **options)
+    if uri.startswith("hf://"):
+        try:
+            from tunehub.registry.hf import HubStore  # type: ignore[attr-defined]
+        except ImportError:
+            raise ConfigError("the hf:// registry store is not available in this build of tunehub") from None
+        return HubStore(uri[len("hf://") :], **options)
+    if "://" in uri:
+        raise ConfigError(f"unknown registry scheme in {uri!r}: use file://PATH or hf://NAMESPACE")
+    from tunehub.registry.local import LocalStore
+
+    return LocalStore(uri, **options)

@@ -1,0 +1,240 @@
+"""The ``tunehub`` command line. It only parses arguments, calls the SDK and turns typed errors
+into one line on stderr and a non-zero exit code. Heavy imports (torch) happen inside the
+commands that need them, so push/pull stay fast and work without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunehub.errors import TunehubError
+from tunehub.registry.store import VersionInfo
+
+app = typer.Typer(
+    name="tunehub",
+    help="Train task modules on one base model, version them, serve them all at once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+base_app = typer.Typer(help="Make and inspect base models.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+
+RegistryOption = typer.Option(
+    None,
+    "--registry",
+    "-r",
+    help="registry URI: file://PATH or hf://NAMESPACE (default: $TUNEHUB_REGISTRY or $TUNEHUB_HOME/registry)",
+    envvar="TUNEHUB_REGISTRY",
+)
+JsonOption = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+def _registry(uri: str | None):
+    from tunehub.sdk.registry import Registry
+
+    return Registry(uri)
+
+
+def _echo_json(payload: object) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def _version_table(infos: list[VersionInfo], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("module", "kind", "task", "aliases", "size", "created", "by", "note"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(
+            info.ref,
+            info.kind,
+            info.task or "",
+            ",".join(info.aliases),
+            f"{info.size_bytes / 1024:.1f} KiB",
+            info.created_at[:19].replace("T", " "),
+            info.pushed_by,
+            f"yanked: {info.yank_reason or ''}" if info.yanked else "",
+        )
+    Console().print(table)
+
+
+@app.command()
+def push(
+    path: Path = typer.Argument(..., help="module folder (holds manifest.json)"),
+    name: str = typer.Argument(..., help="[namespace/]name; the registry assigns the version"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Verify a module folder and store it as the next version of NAME."""
+    info = _registry(registry).push(path, name)
+    typer.echo(f"pushed {info.ref} ({info.kind}, {info.size_bytes / 1024:.1f} KiB, manifest {info.manifest_sha256[:12]})")
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    dest: Optional[Path] = typer.Option(None, "--dest", "-o", help="folder to write (default: the local cache)"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Fetch a module into a local folder; every file is checked against its sha256."""
+    module = _registry(registry).pull(ref, dest)
+    typer.echo(f"pulled {module.ref} to {module.path}")
+
+
+@app.command("ls")
+def list_modules(
+    base: Optional[str] = typer.Option(None, help="base model id or fingerprint prefix"),
+    kind: Optional[str] = typer.Option(None, help="module kind, e.g. lora"),
+    task: Optional[str] = typer.Option(None, help="task name"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List modules (their latest version), optionally filtered."""
+    infos = _registry(registry).list(base=base, kind=kind, task=task)
+    if as_json:
+        _echo_json([i.to_dict() for i in infos])
+    elif not infos:
+        typer.echo("no modules")
+    else:
+        _version_table(infos, "modules")
+
+
+@app.command()
+def versions(
+    name: str = typer.Argument(..., help="[namespace/]name"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List every version of a module with its aliases."""
+    infos = _registry(registry).versions(name)
+    if as_json:
+        _echo_json([i.to_dict() for i in infos])
+    else:
+        _version_table(infos, name)
+
+
+@app.command()
+def promote(
+    ref: str = typer.Argument(..., help="the version to point at, e.g. acme/sum@3"),
+    alias: str = typer.Argument(..., help="the alias to move, e.g. prod"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Point ALIAS at the version REF resolves to (recorded, so it can be rolled back)."""
+    move = _registry(registry).promote(ref, alias)
+    origin = f"{move.from_version}" if move.from_version is not None else "unset"
+    typer.echo(f"{alias}: {origin} -> {move.to_version}")
+
+
+@app.command()
+def rollback(
+    name: str = typer.Argument(..., help="[namespace/]name"),
+    alias: str = typer.Argument(..., help="the alias to move back"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Point ALIAS back at the target it had before its last move."""
+    move = _registry(registry).rollback(name, alias)
+    typer.echo(f"{alias}: {move.from_version} -> {move.to_version} (rolled back)")
+
+
+@app.command()
+def history(
+    name: str = typer.Argument(..., help="[namespace/]name"),
+    alias: Optional[str] = typer.Option(None, help="only this alias"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Show every recorded alias move: who, when, from, to."""
+    moves = _registry(registry).alias_history(name, alias)
+    if not moves:
+        typer.echo("no alias moves")
+    for move in moves:
+        typer.echo(f"{move.at}  {move.by}  {move.action}  {move.alias}: {move.from_version} -> {move.to_version}")
+
+
+@app.command()
+def yank(
+    ref: str = typer.Argument(..., help="name@version"),
+    reason: str = typer.Option("", "--reason", help="why, shown to whoever asks for it"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Hide a version from resolution; its record and files stay."""
+    info = _registry(registry).yank(ref, reason)
+    typer.echo(f"yanked {info.ref}")
+
+
+@app.command("rm")
+def remove(
+    ref: str = typer.Argument(..., help="name@version, or a bare name for every version"),
+    force: bool = typer.Option(False, "--force", help="also drop aliases pointing at what is deleted"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Delete a version, or a whole module. Version numbers are never reused."""
+    deleted = _registry(registry).delete(ref, force=force)
+    typer.echo(f"deleted {ref.split('@')[0]} versions {', '.join(map(str, deleted))}")
+
+
+@app.command()
+def show(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Print a module's manifest (JSON) after checking it against its hash."""
+    reg = _registry(registry)
+    info = reg.resolve(ref)
+    manifest = reg.manifest(info.ref)
+    payload = json.loads(manifest.to_json())
+    payload["_registry"] = {"ref": info.ref, "aliases": list(info.aliases), "yanked": info.yanked, "uri": reg.uri}
+    _echo_json(payload)
+
+
+@base_app.command("init")
+def base_init(
+    path: Path = typer.Argument(..., help="folder to create"),
+    preset: str = typer.Option("tiny", help="tiny, tiny-bert, small, bench-100m, bench-300m"),
+    seed: int = typer.Option(0, help="weights and tokenizer are a function of preset and seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
+) -> None:
+    """Build a small base model and its trained tokenizer from a preset (no download)."""
+    from tunehub.registry.fingerprint import base_fingerprint
+    from tunehub.trainer.base import build_base
+
+    out = build_base(path, preset, seed=seed, overwrite=overwrite)
+    typer.echo(f"built {preset} base in {out} (fingerprint {base_fingerprint(out)[:12]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning every error into one line on stderr.
+
+    Usage errors are typer's own (message and exit code 2); tunehub's typed errors become
+    ``error: ...`` and their ``exit_code``."""
+    try:
+        app(args=argv, prog_name="tunehub", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TunehubError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # never a traceback for users; TUNEHUB_DEBUG=1 shows it
+        if os.environ.get("TUNEHUB_DEBUG"):
+            raise
+        kind = "" if isinstance(exc, (OSError, ValueError)) else f"unexpected {type(exc).__name__}: "
+        typer.echo(f"error: {kind}{exc}", err=True)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

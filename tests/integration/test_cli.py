@@ -1,0 +1,97 @@
+"""The CLI as a user runs it: a real `tunehub` process, one-line errors, no tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import make_fake_module
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cli(tmp_path):
+    env = {**os.environ, "TUNEHUB_HOME": str(tmp_path / "home"), "TUNEHUB_USER": "tester"}
+    env.pop("TUNEHUB_REGISTRY", None)
+
+    def run(*args, ok=True):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunehub.sdk.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert proc.returncode != 0
+            assert "Traceback" not in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return proc
+
+    return run
+
+
+def test_push_pull_show_round_trip(cli, tmp_path):
+    module = make_fake_module(tmp_path / "mod")
+    assert "pushed acme/sum@1" in cli("push", module, "acme/sum").stdout
+    out = cli("pull", "acme/sum@1", "--dest", tmp_path / "pulled").stdout
+    assert f"pulled acme/sum@1 to {tmp_path / 'pulled'}" in out
+    assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (
+        module / "adapter_model.safetensors"
+    ).read_bytes()
+    shown = json.loads(cli("show", "acme/sum@1").stdout)
+    assert shown["kind"] == "lora" and shown["task"] == "demo"
+    assert shown["_registry"]["ref"] == "acme/sum@1"
+
+
+def test_versions_promote_rollback_yank_rm_ls(cli, tmp_path):
+    for i in range(3):
+        cli("push", make_fake_module(tmp_path / f"m{i}"), "sum")
+    assert cli("promote", "sum@2", "prod").stdout.strip() == "prod: unset -> 2"
+    assert cli("promote", "sum@3", "prod").stdout.strip() == "prod: 2 -> 3"
+    assert "3 -> 2" in cli("rollback", "sum", "prod").stdout
+    infos = json.loads(cli("versions", "sum", "--json").stdout)
+    assert [(i["version"], i["aliases"]) for i in infos] == [(1, []), (2, ["prod"]), (3, [])]
+    history = cli("history", "sum").stdout.splitlines()
+    assert len(history) == 3 and "tester" in history[0]
+    cli("yank", "sum@3", "--reason", "bad")
+    assert json.loads(cli("ls", "--json").stdout)[0]["version"] == 2
+    assert json.loads(cli("ls", "--kind", "dora", "--json").stdout) == []
+    assert "deleted sum versions 1" in cli("rm", "sum@1").stdout
+    assert "sum@2" in cli("versions", "sum").stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["show", "nope"], "no module 'nope'"),
+        (["pull", "../etc"], "'..'"),
+        (["pull", "Acme/x"], "upper-case"),
+        (["push", "/does/not/exist", "x"], "not a folder"),
+        (["rollback", "nope", "prod"], "no module"),
+        (["ls", "--registry", "s3://x"], "unknown registry scheme"),
+    ],
+)
+def test_errors_are_one_line(cli, args, message):
+    proc = cli(*args, ok=False)
+    assert message in proc.stderr
+    assert proc.stderr.startswith("error: ")
+
+
+def test_push_refuses_pickle_and_tampered(cli, tmp_path):
+    module = make_fake_module(tmp_path / "m")
+    (module / "weights.pt").write_bytes(b"\x80")
+    assert "pickle" in cli("push", module, "x", ok=False).stderr
+    (module / "weights.pt").unlink()
+    (module / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert "sha256" in cli("push", module, "x", ok=False).stderr
+
+
+def test_usage_error_exit_code(cli):
+    proc = subprocess.run([sys.executable, "-m", "tunehub.sdk.cli", "push"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -1,0 +1,86 @@
+"""The distribution: a regular wheel install and the editable install expose the same layout,
+and the registry path never needs torch."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_fake_module
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+SUBPACKAGES = ["registry", "trainer", "server", "sdk"]
+
+
+def _package_dirs() -> list[str]:
+    """Every folder under the mapped top-level folders that holds an __init__.py."""
+    found = []
+    for top in SUBPACKAGES:
+        for init in sorted((REPO / top).rglob("__init__.py")):
+            rel = init.parent.relative_to(REPO).as_posix()
+            found.append("tunehub." + rel.replace("/", "."))
+    return found
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert set(_package_dirs()) <= set(config["packages"]), "a subpackage is missing from pyproject.toml"
+
+
+def test_wheel_installs_under_one_namespace(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    wheel = next(tmp_path.glob("tunehub-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for package in _package_dirs() + ["tunehub"]:
+        assert f"{package.replace('.', '/')}/__init__.py" in names
+    assert not [n for n in names if n.split("/")[0] in ("registry", "server", "sdk", "trainer", "tests")]
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "tunehub = tunehub.sdk.cli:run" in entry_points
+
+    # install the wheel into a fresh venv that sees this machine's dependencies, then import
+    # from a folder outside the repo so only the installed copy can be found
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    out = subprocess.run(
+        [python, "-c", "import tunehub.registry as r, tunehub.sdk.cli as c; print(r.__file__); print(c.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    ).stdout.split()
+    for path in out:
+        assert str(venv) in path, f"{path} was not imported from the installed wheel"
+    tunehub_script = venv / "bin" / "tunehub"
+    assert subprocess.run([tunehub_script, "--help"], capture_output=True).returncode == 0
+
+
+def test_registry_and_push_pull_work_without_torch(tmp_path):
+    module = make_fake_module(tmp_path / "m")
+    script = f"""
+import sys
+sys.modules['torch'] = None  # any import of torch now fails
+from tunehub.sdk.cli import main
+import tunehub.registry, tunehub.sdk
+assert main(['push', {str(module)!r}, 'x', '--registry', {str(tmp_path / 'reg')!r}]) == 0
+assert main(['pull', 'x@1', '--dest', {str(tmp_path / 'out')!r}, '--registry', {str(tmp_path / 'reg')!r}]) == 0
+assert main(['show', 'x@1', '--registry', {str(tmp_path / 'reg')!r}]) == 0
+loaded = [m for m in sys.modules if m.startswith(('transformers', 'peft', 'safetensors.torch'))]
+assert not loaded, loaded
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "manifest.json").exists()

@@ -1,0 +1,118 @@
+"""The one error hierarchy of tunehub.
+
+Every error derives from :class:`TunehubError` and also from the stdlib type that describes its
+category (``LookupError``, ``ValueError``...), so callers can catch by either. The CLI turns
+them into one line and a non-zero exit; the server maps them to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+
+class TunehubError(Exception):
+    """Base of every error tunehub raises on purpose."""
+
+    #: process exit code used by the CLI
+    exit_code: int = 1
+    #: HTTP status used by the server
+    http_status: int = 500
+
+
+class InvalidReference(TunehubError, ValueError):
+    """A module reference (``[namespace/]name[@version|@alias]``) that does not parse."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class ManifestError(TunehubError, ValueError):
+    """A ``manifest.json`` that is missing, malformed or invalid."""
+
+    http_status = 422
+
+
+class UnsupportedSchemaVersion(ManifestError):
+    """A manifest written with a schema version this tunehub does not know."""
+
+
+class IntegrityError(TunehubError):
+    """A file whose content does not match the sha256 recorded for it."""
+
+    http_status = 502
+
+
+class UnsafeFile(TunehubError, ValueError):
+    """A file tunehub refuses to handle: pickles, links, paths that leave the module folder."""
+
+    http_status = 422
+
+
+class ModuleNotFound(TunehubError, LookupError):
+    """No module, version or alias by that reference."""
+
+    http_status = 404
+
+
+class VersionNotFound(ModuleNotFound):
+    """The module exists but the version does not (or was yanked or deleted)."""
+
+
+class AliasNotFound(ModuleNotFound):
+    """The module exists but the alias does not."""
+
+
+class Conflict(TunehubError):
+    """The operation conflicts with the registry's state (e.g. deleting a version an alias uses)."""
+
+    http_status = 409
+
+
+class IncompatibleBase(TunehubError, ValueError):
+    """A module trained for another base model than the one it is applied to."""
+
+    http_status = 422
+
+
+class ConfigError(TunehubError, ValueError):
+    """An invalid configuration; carries every problem found, not just the first."""
+
+    exit_code = 2
+    http_status = 422
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(message)
+
+
+class DataError(TunehubError, ValueError):
+    """Training data that is missing, empty or malformed."""
+
+    exit_code = 2
+    http_status = 422
+
+
+class StoreError(TunehubError):
+    """The registry store could not complete an operation (I/O, unreachable remote)."""
+
+    http_status = 503
+
+
+__all__ = [
+    "TunehubError",
+    "InvalidReference",
+    "ManifestError",
+    "UnsupportedSchemaVersion",
+    "IntegrityError",
+    "UnsafeFile",
+    "ModuleNotFound",
+    "VersionNotFound",
+    "AliasNotFound",
+    "Conflict",
+    "IncompatibleBase",
+    "ConfigError",
+    "DataError",
+    "StoreError",
+]
