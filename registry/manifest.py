@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunehub.errors import ManifestError, UnsupportedSchemaVersion
 
@@ -110,7 +110,7 @@ class Manifest(_Strict):
     tokenizer: TokenizerInfo | None = None
     objective: Objective | None = None
     task: str | None = None
-    task_type: str = "CAUSAL_LM"
+    task_type: str | None = Field(default="CAUSAL_LM", description="PEFT task type; None for encoder bases")
     parent: str | None = Field(default=None, description="reference of the module this one was trained on")
     data: DataInfo | None = None
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 of every file")
@@ -132,6 +132,14 @@ class Manifest(_Strict):
             if not is_sha256(digest):
                 raise ValueError(f"files[{path!r}] is not a sha256 hex digest")
         return files
+
+    @model_validator(mode="after")
+    def _kind_matches_params(self) -> "Manifest":
+        if self.kind is ModuleKind.LORA and self.params.get("use_dora"):
+            raise ValueError("kind is lora but params.use_dora is true: a DoRA module has kind dora")
+        if self.kind is ModuleKind.DORA and self.params.get("use_dora") is False:
+            raise ValueError("kind is dora but params.use_dora is false")
+        return self
 
     # --- serialisation -------------------------------------------------------------------------
     def to_json(self) -> str:

@@ -193,6 +193,36 @@ def show(
     _echo_json(payload)
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="run YAML (base, method, objective, data, training, output)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a key: --set training.max_steps=50"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output.dir"),
+    push_to: Optional[str] = typer.Option(None, "--push", help="push the module to this name when done"),
+    registry: Optional[str] = RegistryOption,
+    check: bool = typer.Option(False, "--check", help="validate the config and stop"),
+) -> None:
+    """Train a task module as the run YAML says."""
+    from tunehub.trainer.config import load_run_config
+
+    run_config = load_run_config(config, overrides)
+    if check:
+        typer.echo(f"{config}: valid ({run_config.method['name']} / {run_config.objective.name})")
+        return
+    from tunehub.trainer.run import train as run_training
+
+    result = run_training(run_config, resume=resume, push=push_to, registry=registry)
+    if result.manifest is None:
+        return  # not the main process of a distributed run
+    m = result.metrics
+    summary = f"train loss {m.get('final_train_loss', m['train_loss']):.4f}"
+    if "eval_loss" in m:
+        summary += f", eval loss {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f})"
+    typer.echo(f"module written to {result.module_dir}: {summary}, trainable {m['trainable_share']:.2%}")
+    if result.pushed:
+        typer.echo(f"pushed {result.pushed.ref}")
+
+
 @base_app.command("init")
 def base_init(
     path: Path = typer.Argument(..., help="folder to create"),
