@@ -1,0 +1,137 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunehub.errors import ConfigError
+from tunehub.trainer.config import load_run_config, validate_run_config
+from tunehub.trainer.methods import Method, MethodConfig, get_method, method_names, register_method
+from tunehub.registry.manifest import ModuleKind
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _raw(base_path, **sections):
+    raw = {
+        "base": {"path": str(base_path)},
+        "method": {"name": "lora", "r": 4},
+        "objective": {"name": "sft"},
+        "data": {"train": "x.jsonl"},
+        "output": {"dir": "out"},
+    }
+    for key, value in sections.items():
+        raw[key] = value
+    return raw
+
+
+@pytest.fixture
+def fake_base(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    return base
+
+
+@pytest.fixture
+def fake_bert(tmp_path):
+    base = tmp_path / "bert"
+    base.mkdir()
+    (base / "config.json").write_text('{"architectures": ["BertForMaskedLM"], "model_type": "bert"}')
+    return base
+
+
+def test_valid_config_fills_defaults(fake_base):
+    config = validate_run_config(_raw(fake_base))
+    resolved = config.resolved()
+    assert resolved["method"]["alpha"] == 16 and resolved["method"]["target_modules"] == "all-linear"
+    assert resolved["training"]["batch_size"] == 4
+    assert resolved["data"]["train"] == ["x.jsonl"]
+
+
+def test_every_problem_is_reported_at_once(fake_base):
+    raw = _raw(
+        fake_base,
+        method={"name": "lora", "r": 0, "colour": "red"},
+        training={"max_steps": -1, "bogus": 1},
+        objective={"name": "sft", "nsp": True},
+    )
+    raw["extra_section"] = {}
+    with pytest.raises(ConfigError) as info:
+        validate_run_config(raw)
+    text = str(info.value)
+    for fragment in ("method.r", "method.colour: unknown key", "training.max_steps", "training.bogus: unknown key",
+                     "extra_section: unknown key"):
+        assert fragment in text, fragment
+    assert len(info.value.problems) >= 5
+
+
+def test_invalid_combinations(fake_base, fake_bert):
+    cases = [
+        (_raw(fake_base, objective={"name": "mlm"}), "needs an encoder"),
+        (_raw(fake_bert), "needs a causal LM base"),
+        (_raw(fake_base, objective={"name": "clm", "template": "chatml"}), "only for the sft objective"),
+        (_raw(fake_bert, objective={"name": "mlm"}, data={"train": "x", "packing": True}), "packing applies"),
+        (_raw(fake_base, training={"optimizer": "paged_adamw_8bit"}), "paged optimizers"),
+        (_raw(fake_base, method={"name": "adalora", "init_r": 4, "target_r": 8}), "must not exceed init_r"),
+        (_raw(fake_base, method={"name": "adalora", "tinit": 5, "tfinal": 5}, training={"max_steps": 10}),
+         "must be below training.max_steps"),
+        (_raw(fake_base, method={"name": "nope"}), "is not a method"),
+        (_raw(fake_base / "missing"), "does not exist"),
+        (_raw(fake_base.parent), "not a model folder"),
+        (_raw(fake_base, output={"dir": "o", "push": "../x"}), "'..'"),
+    ]
+    for raw, fragment in cases:
+        with pytest.raises(ConfigError, match=fragment):
+            validate_run_config(raw)
+
+
+def test_overrides_and_yaml_errors(tmp_path, fake_base):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_raw(fake_base)))
+    config = load_run_config(path, ["training.max_steps=7", "method.r=16", "data.packing=true"])
+    assert (config.training.max_steps, config.method["r"], config.data.packing) == (7, 16, True)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_run_config(path, ["nonsense"])
+    with pytest.raises(ConfigError, match="training.nope: unknown key"):
+        load_run_config(path, ["training.nope=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "absent.yaml")
+    path.write_text("base: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(path)
+
+
+def test_relative_paths_follow_the_yaml_folder(tmp_path, fake_base):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "train.jsonl").write_text("{}\n")
+    raw = _raw(fake_base, data={"train": "train.jsonl"})
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(raw))
+    config = load_run_config(tmp_path / "cfg" / "run.yaml")
+    assert config.data.train == [str(tmp_path / "cfg" / "train.jsonl")]
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_configs_validate(example, tiny_llama_path, tiny_bert_path):
+    base = tiny_bert_path if "bert" in example else tiny_llama_path
+    config = load_run_config(EXAMPLES / example, [f"base.path={base}"])
+    for source in config.data.train:
+        assert Path(source).exists(), f"{example} names missing data {source}"
+    assert config.method["name"] in method_names()
+
+
+def test_method_registry_checks():
+    assert {"lora", "dora", "adalora"} <= set(method_names())
+    assert get_method("dora").kind is ModuleKind.DORA
+    with pytest.raises(ConfigError, match="unknown method"):
+        get_method("nope")
+
+    class Bad(MethodConfig):
+        name: str = "other"
+
+    with pytest.raises(ValueError, match="must default to 'bad'"):
+        register_method(Method(name="bad", kind=ModuleKind.LORA, config_cls=Bad, build_peft_config=lambda c, x: None))
+    with pytest.raises(ValueError, match="lowercase"):
+        register_method(Method(name="Bad", kind=ModuleKind.LORA, config_cls=Bad, build_peft_config=lambda c, x: None))
+    lora = get_method("lora")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(Method(name="lora", kind=ModuleKind.LORA, config_cls=lora.config_cls, build_peft_config=lambda c, x: None))

@@ -1,0 +1,262 @@
+"""Run configuration: typed classes that a YAML file maps onto.
+
+``load_run_config(path, overrides)`` reports every unknown key, bad value and invalid
+combination at once, as one :class:`~tunehub.errors.ConfigError`, before any model loads. The
+resolved config (every default filled in) is stored in the module's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunehub.errors import ConfigError
+from tunehub.registry.refs import ModuleRef
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(_Section):
+    path: str = Field(description="local model folder or hub id")
+    revision: str | None = Field(default=None, description="hub revision (hub ids only)")
+    quantization: Literal["nf4", "int8", "none"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="weights dtype for unquantized bases; compute dtype is bf16 for nf4"
+    )
+
+
+class ObjectiveConfig(_Section):
+    name: Literal["sft", "clm", "mlm"]
+    template: str | None = Field(default=None, description="sft chat template: a built-in name or None for the tokenizer's")
+    mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    whole_word: bool = False
+    nsp: bool = Field(default=False, description="mlm: add next-sentence pairs built from the text (BERT)")
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(description="files or folders: JSONL for sft, text for clm/mlm")
+    eval: list[str] | None = None
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1)
+    format: Literal["auto", "prompt_completion", "chat"] = "auto"
+    max_length: int = Field(default=512, ge=8)
+    packing: bool = False
+    seed: int = 0
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainingConfig(_Section):
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "auto"
+    eval_steps: int | None = Field(default=None, gt=0, description="default: about 5 evaluations per run")
+    save_steps: int | None = Field(default=None, gt=0, description="checkpoint interval; default: at eval time")
+    save_total_limit: int = Field(default=2, gt=0)
+    logging_steps: int = Field(default=10, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class OutputConfig(_Section):
+    dir: str
+    task: str | None = None
+    description: str | None = None
+    parent: str | None = Field(default=None, description="reference of the module this run continues")
+    push: str | None = Field(default=None, description="push the result to this name ([namespace/]name)")
+    registry: str | None = None
+
+    @field_validator("push", "parent")
+    @classmethod
+    def _valid_ref(cls, value: str | None) -> str | None:
+        if value is not None:
+            ModuleRef.parse(value)
+        return value
+
+
+class RunConfig(_Section):
+    base: BaseModelConfig
+    method: dict[str, Any] = Field(description="name: lora|dora|adalora|..., plus the method's parameters")
+    objective: ObjectiveConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field with defaults filled in (method included), JSON-safe."""
+        data = json.loads(self.model_dump_json())
+        data["method"] = json.loads(self.method_config().model_dump_json())
+        return data
+
+    def method_config(self) -> BaseModel:
+        from tunehub.trainer.methods import get_method
+
+        return get_method(self.method["name"]).config_cls.model_validate(self.method)
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{prefix}{where}: {message}")
+    return problems
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply ``key.path=value`` strings in place (values parsed as YAML); returns problems."""
+    problems = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            problems.append(f"--set {item!r}: expected key.path=value")
+            continue
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {item!r}: {part} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return problems
+
+
+def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a raw mapping; all problems at once, as one ConfigError."""
+    from tunehub.trainer.methods import get_method, method_names
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections (base, method, objective, data, training, output)")
+    problems: list[str] = []
+    config: RunConfig | None = None
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += _format_errors(exc)
+    method_raw = raw.get("method")
+    method_cfg = None
+    if isinstance(method_raw, dict):
+        name = method_raw.get("name")
+        if name not in method_names():
+            problems.append(f"method.name: {name!r} is not a method; choose one of {', '.join(method_names())}")
+        else:
+            try:
+                method_cfg = get_method(name).config_cls.model_validate(method_raw)
+            except ValidationError as exc:
+                problems += _format_errors(exc, "method.")
+    if config is not None:
+        problems += combination_problems(config, method_cfg)
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None  # no problems means it validated
+    return config
+
+
+def combination_problems(config: RunConfig, method_cfg: BaseModel | None) -> list[str]:
+    """Checks across sections, made before any model loads."""
+    from tunehub.trainer.methods import get_method
+
+    problems = []
+    objective = config.objective.name
+    if config.data.packing and objective == "mlm":
+        problems.append("data.packing: packing applies to sft and clm, not mlm")
+    if objective != "mlm" and (config.objective.nsp or config.objective.whole_word):
+        problems.append("objective.nsp/whole_word: only for the mlm objective")
+    if objective != "sft" and config.objective.template:
+        problems.append("objective.template: only for the sft objective")
+    if objective == "sft" and config.data.format == "auto" and config.objective.template is None:
+        pass  # the tokenizer's own template is used for chat data; checked when data is read
+    if config.training.optimizer.startswith("paged") and config.base.quantization == "none":
+        problems.append("training.optimizer: paged optimizers are for quantized (nf4/int8) bases; use adamw_torch")
+    if method_cfg is not None:
+        method = get_method(config.method["name"])
+        problems += [f"method: {p}" for p in method.check(method_cfg, config)]
+    base_dir = Path(config.base.path)
+    if base_dir.exists():
+        arch = _architecture(base_dir)
+        if arch is None:
+            problems.append(f"base.path: {base_dir} is not a model folder (no config.json)")
+        else:
+            is_encoder = arch.endswith(("MaskedLM", "ForPreTraining")) or arch.startswith(("Bert", "Roberta"))
+            if objective == "mlm" and not is_encoder:
+                problems.append(f"objective mlm needs an encoder (masked LM) base; {base_dir} is {arch}")
+            if objective in ("sft", "clm") and is_encoder:
+                problems.append(f"objective {objective} needs a causal LM base; {base_dir} is {arch}")
+            if config.objective.nsp and not arch.startswith("Bert"):
+                problems.append("objective.nsp: next-sentence prediction needs a BERT-style base")
+    elif base_dir.is_absolute() or config.base.path.startswith((".", "~")) or config.base.path.count("/") > 1:
+        problems.append(f"base.path: {config.base.path} does not exist")
+    return problems
+
+
+def _architecture(base_dir: Path) -> str | None:
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    architectures = config.get("architectures") or [config.get("model_type", "unknown")]
+    return str(architectures[0])
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML, apply ``--set`` overrides, validate everything at once.
+
+    Relative data and output paths are taken relative to the YAML file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    problems = apply_overrides(raw, overrides or [])
+    if problems:
+        raise ConfigError(problems)
+    _anchor_paths(raw, path.parent)
+    return validate_run_config(raw, str(path))
+
+
+def _anchor_paths(raw: dict[str, Any], folder: Path) -> None:
+    """Make relative file paths in the YAML relative to the YAML's folder, as users expect."""
+
+    def anchor(value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+            return str((folder / value).resolve())
+        return value
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            if isinstance(data.get(key), list):
+                data[key] = [anchor(v) for v in data[key]]
+            else:
+                data[key] = anchor(data.get(key))
+    base = raw.get("base")
+    if isinstance(base, dict):
+        base["path"] = anchor(base.get("path"))

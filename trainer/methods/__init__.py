@@ -1,0 +1,89 @@
+"""Training methods, one folder each. A folder's ``__init__`` calls :func:`register_method`;
+:func:`discover` imports every folder here, so adding a method is adding a folder.
+
+A method says which module ``kind`` it produces, which typed config it takes (the ``method:``
+section of a run YAML), how to turn that into a PEFT config, what it checks across sections
+before any model loads, and which callbacks the loop must run (AdaLoRA's rank budget).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tunehub.errors import ConfigError
+from tunehub.registry.manifest import ModuleKind
+
+if TYPE_CHECKING:
+    from tunehub.trainer.config import RunConfig
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: ``name`` plus the method's own typed fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method needs to know about the run to build its PEFT config."""
+
+    task_type: Literal["CAUSAL_LM"] | None  # None for encoder (masked LM) bases
+    total_steps: int
+    linear_module_names: tuple[str, ...]  # leaf names of the base's linear layers, for messages
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: ModuleKind
+    config_cls: type[MethodConfig]
+    build_peft_config: Callable[[Any, BuildContext], Any]
+    check: Callable[[Any, "RunConfig"], list[str]] = field(default=lambda cfg, run: [])
+    callbacks: Callable[[Any, Any], list[Any]] = field(default=lambda cfg, model: [])
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def register_method(method: Method) -> Method:
+    """Add a method; refuses bad or duplicate names and configs that do not carry the name."""
+    if not _NAME.fullmatch(method.name):
+        raise ValueError(f"method name {method.name!r} must be lowercase letters, digits and '_'")
+    if method.name in _METHODS and _METHODS[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    name_field = method.config_cls.model_fields.get("name")
+    if name_field is None or name_field.default != method.name:
+        raise ValueError(f"{method.config_cls.__name__}.name must default to {method.name!r}")
+    _METHODS[method.name] = method
+    return method
+
+
+def discover() -> None:
+    """Import every method folder under this package (each registers itself)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def method_names() -> list[str]:
+    discover()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    discover()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+__all__ = ["BuildContext", "Method", "MethodConfig", "discover", "get_method", "method_names", "register_method"]

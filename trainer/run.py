@@ -1,0 +1,465 @@
+"""The training run: base + data + method -> a module folder, with transformers' ``Trainer``
+as the loop (accumulation, schedules, eval, checkpoints, resume, DDP under ``accelerate launch``).
+
+Layout of ``output.dir``::
+
+    checkpoints/    Trainer checkpoints (for --resume); never part of the module
+    module/         the module: manifest.json, adapter files, README.md, metrics.json, loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunehub.errors import ConfigError, TunehubError
+from tunehub.registry.manifest import Manifest
+from tunehub.registry.store import VersionInfo
+from tunehub.trainer.config import RunConfig
+
+log = logging.getLogger("tunehub.trainer")
+
+
+@dataclass
+class TrainResult:
+    module_dir: Path
+    manifest: Manifest | None  # None on non-zero ranks of a distributed run
+    metrics: dict[str, float]
+    pushed: VersionInfo | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the trained PeftModel, still in memory
+
+
+# --- base model -------------------------------------------------------------------------------
+def resolve_base(config: RunConfig) -> Path:
+    """A local folder for ``base.path``: the folder itself, or a Hub snapshot when it is a hub id."""
+    path = Path(config.base.path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"base.path: {path} is not a model folder (no config.json)")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                config.base.path,
+                revision=config.base.revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # offline, unknown repo, no network: one clear message
+        raise ConfigError(
+            f"base.path: {config.base.path!r} is not a local folder and could not be fetched from the Hub ({type(exc).__name__})"
+        ) from None
+
+
+def device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base_model(base_dir: Path, config: RunConfig) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BitsAndBytesConfig
+
+    objective = config.objective.name
+    if objective == "mlm":
+        if config.objective.nsp:
+            from transformers import BertForPreTraining as model_cls
+        else:
+            model_cls = AutoModelForMaskedLM
+    else:
+        model_cls = AutoModelForCausalLM
+    kwargs: dict[str, Any] = {}
+    quantization = config.base.quantization
+    if quantization != "none":
+        if quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": local_rank if device_type() == "cuda" else "cpu"}
+    else:
+        kwargs["dtype"] = getattr(torch, config.base.dtype)
+    try:
+        model = model_cls.from_pretrained(base_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base.path: could not load {base_dir} as a model: {exc}") from None
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing
+        )
+    elif config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model
+
+
+def linear_module_names(model: Any) -> tuple[str, ...]:
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return tuple(sorted(names))
+
+
+# --- data ---------------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    collator: Any
+    info: Any  # DataInfo
+
+
+def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
+    from tunehub.trainer import data as d
+
+    cfg = config.data
+    objective = config.objective.name
+    sources = list(cfg.train) + list(cfg.eval or [])
+    if objective == "sft":
+        train_records = d.read_sft_records(cfg.train, cfg.format)
+        eval_records = d.read_sft_records(cfg.eval, cfg.format) if cfg.eval else None
+        if eval_records is None:
+            train_records, eval_records = d.split_records(train_records, cfg.eval_fraction, cfg.seed)
+    else:
+        # raw text is split after it is cut into blocks: a corpus may be one long file
+        train_records = d.read_texts(cfg.train)
+        eval_records = d.read_texts(cfg.eval) if cfg.eval else []
+    num_examples = len(train_records) + len(eval_records)
+    if objective == "sft":
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the base tokenizer has no pad token; set one in its tokenizer_config.json")
+        train = d.tokenize_sft(train_records, tokenizer, cfg.max_length, config.objective.template)
+        evals = d.tokenize_sft(eval_records, tokenizer, cfg.max_length, config.objective.template) if eval_records else []
+        if cfg.packing:
+            train = d.pack_examples(train, cfg.max_length)
+            evals = d.pack_examples(evals, cfg.max_length) if evals else []
+        collator = d.SFTCollator(tokenizer.pad_token_id)
+    elif objective == "clm":
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train = d.clm_blocks(train_records, tokenizer, cfg.max_length)
+        evals = d.clm_blocks(eval_records, tokenizer, cfg.max_length) if eval_records else []
+        collator = d.SFTCollator(tokenizer.pad_token_id)
+    else:
+        nsp = config.objective.nsp
+        train = d.mlm_examples(train_records, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed)
+        evals = d.mlm_examples(eval_records, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed) if eval_records else []
+        collator = d.mlm_collator(
+            tokenizer, config.objective.mlm_probability, config.objective.whole_word, seed=config.training.seed
+        )
+    if objective != "sft" and not cfg.eval:
+        train, evals = d.split_records(train, cfg.eval_fraction, cfg.seed)
+    if not train:
+        from tunehub.errors import DataError
+
+        raise DataError("no training examples are left after tokenization")
+    num_tokens = sum(len(example["input_ids"]) for example in train)
+    info = d.data_info(
+        sources, num_examples=num_examples, num_tokens=num_tokens, kind="sft" if objective == "sft" else "text"
+    )
+    return PreparedData(train=train, eval=evals, collator=collator, info=info)
+
+
+# --- progress -----------------------------------------------------------------------------------
+def progress_callback(total_steps: int) -> Any:
+    """Rich progress on a terminal; plain log lines elsewhere (CI, files, pipes)."""
+    from transformers import TrainerCallback
+
+    interactive = sys.stderr.isatty()
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.task = None
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if interactive and state.is_world_process_zero:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.bar = Progress(
+                    TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=total_steps, completed=state.global_step, info="")
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
+            if not shown:
+                return
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+            if self.bar is not None:
+                self.bar.update(self.task, info=text)
+            else:
+                print(f"step {state.global_step}/{total_steps} {text}", file=sys.stderr, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.stop()
+
+    return Progress()
+
+
+# --- outputs ------------------------------------------------------------------------------------
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def peak_memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def choose_optimizer(config: RunConfig) -> str:
+    wanted = config.training.optimizer
+    cuda = device_type() == "cuda"
+    if wanted == "auto":
+        wanted = "paged_adamw_8bit" if (config.base.quantization != "none" and cuda) else "adamw_torch"
+    if wanted.startswith("paged") and not cuda:
+        print(f"notice: {wanted} needs CUDA; using adamw_torch on this machine", file=sys.stderr, flush=True)
+        wanted = "adamw_torch"
+    return wanted
+
+
+# --- the run ------------------------------------------------------------------------------------
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    push: str | None = None,
+    registry: str | None = None,
+    extra_callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train one module as ``config`` says; returns where it was written and what was measured."""
+    import torch
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from tunehub.trainer.methods import BuildContext, get_method
+
+    started = time.perf_counter()
+    set_seed(config.training.seed)
+    out_dir = Path(config.output.dir)
+    checkpoints = out_dir / "checkpoints"
+    module_dir = out_dir / "module"
+    if resume and not _has_checkpoint(checkpoints):
+        raise ConfigError(f"--resume: no checkpoint in {checkpoints}")
+
+    method = get_method(config.method["name"])
+    method_cfg = config.method_config()
+    base_dir = resolve_base(config)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prepared = prepare_data(config, tokenizer)
+
+    tcfg = config.training
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(len(prepared.train) / (tcfg.batch_size * tcfg.gradient_accumulation_steps * world)))
+    total_steps = tcfg.max_steps or max(1, math.ceil(steps_per_epoch * tcfg.epochs))
+
+    model = load_base_model(base_dir, config)
+    task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
+    ctx = BuildContext(task_type=task_type, total_steps=total_steps, linear_module_names=linear_module_names(model))
+    peft_config = method.build_peft_config(method_cfg, ctx)
+    peft_model = _wrap(model, peft_config, ctx)
+
+    trainable, total = _count_parameters(peft_model)
+    eval_steps = tcfg.eval_steps or max(1, total_steps // 5)
+    has_eval = bool(prepared.eval)
+    cuda = device_type() == "cuda"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=total_steps,
+        per_device_train_batch_size=tcfg.batch_size,
+        per_device_eval_batch_size=tcfg.eval_batch_size or tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=int(tcfg.warmup_ratio * total_steps),
+        weight_decay=tcfg.weight_decay,
+        max_grad_norm=tcfg.max_grad_norm,
+        optim=choose_optimizer(config),
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=tcfg.save_steps or eval_steps,
+        save_total_limit=tcfg.save_total_limit,
+        logging_steps=tcfg.logging_steps,
+        seed=tcfg.seed,
+        data_seed=tcfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if (world > 1 and not cuda) else None,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        bf16=cuda and config.base.quantization != "none" and torch.cuda.is_bf16_supported(),
+    )
+    callbacks = [progress_callback(total_steps), *method.callbacks(method_cfg, peft_model), *(extra_callbacks or [])]
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval or None,
+        data_collator=prepared.collator,
+        processing_class=tokenizer,  # lets Trainer count non-padding tokens of packed rows
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress callback reports instead
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    history = list(trainer.state.log_history)
+    metrics: dict[str, float] = {
+        "train_loss": float(output.training_loss),
+        "steps": float(trainer.state.global_step),
+        "trainable_params": float(trainable),
+        "total_params": float(total),
+        "trainable_share": trainable / total if total else 0.0,
+        "train_seconds": float(output.metrics.get("train_runtime", 0.0)),
+    }
+    last_losses = [h["loss"] for h in history if "loss" in h]
+    if last_losses:
+        metrics["final_train_loss"] = float(last_losses[-1])
+    if has_eval:
+        final_evals = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        if final_evals:
+            eval_loss = float(final_evals[-1]["eval_loss"])
+        else:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
+            history.append({"step": trainer.state.global_step, "eval_loss": eval_loss})
+        metrics["eval_loss"] = eval_loss
+        metrics["eval_perplexity"] = float(math.exp(min(eval_loss, 50.0)))
+    tokens = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    metrics["tokens_seen"] = tokens
+    if metrics["train_seconds"] > 0:
+        metrics["tokens_per_s"] = tokens / metrics["train_seconds"]
+    metrics["peak_memory_bytes"] = float(peak_memory_bytes())
+    metrics["wall_seconds"] = time.perf_counter() - started
+
+    manifest = None
+    pushed = None
+    if trainer.is_world_process_zero():
+        manifest = _write_module(module_dir, peft_model, base_dir, config, method, prepared, metrics, history)
+        push = push or config.output.push
+        if push:
+            from tunehub.sdk.registry import Registry
+
+            pushed = Registry(registry or config.output.registry).push(module_dir, push)
+    return TrainResult(
+        module_dir=module_dir, manifest=manifest, metrics=metrics, pushed=pushed, log_history=history, model=peft_model
+    )
+
+
+def _wrap(model: Any, peft_config: Any, ctx: Any) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        text = str(exc)
+        if "not found in the base model" in text or "Target modules" in text:
+            raise ConfigError(
+                f"method.target_modules matches no layer of the base ({text.splitlines()[0]}); "
+                f"its linear layers are: {', '.join(ctx.linear_module_names)}"
+            ) from None
+        raise ConfigError(f"method: {text}") from None
+
+
+def _count_parameters(model: Any) -> tuple[int, int]:
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
+            count *= 2  # 4-bit weights pack two values per byte element
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir())
+
+
+def _write_module(
+    module_dir: Path,
+    peft_model: Any,
+    base_dir: Path,
+    config: RunConfig,
+    method: Any,
+    prepared: PreparedData,
+    metrics: dict[str, float],
+    history: list[dict[str, Any]],
+) -> Manifest:
+    import shutil
+
+    from tunehub.trainer.export import save_peft_module
+
+    if module_dir.exists():
+        shutil.rmtree(module_dir)
+    module_dir.mkdir(parents=True)
+    # metrics.json and loss.png go in first so that the manifest hashes them with the weights
+    (module_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    plot_losses(history, module_dir / "loss.png")
+    return save_peft_module(
+        peft_model,
+        module_dir,
+        base_path=base_dir,
+        kind=method.kind,
+        quantization=config.base.quantization,
+        objective=config.objective.name,
+        task=config.output.task,
+        parent=config.output.parent,
+        data=prepared.info,
+        metrics=metrics,
+        config=config.resolved(),
+        description=config.output.description,
+    )
