@@ -194,6 +194,10 @@ def combination_problems(config: RunConfig, method_cfg: BaseModel | None) -> lis
     if method_cfg is not None:
         method = get_method(config.method["name"])
         problems += [f"method: {p}" for p in method.check(method_cfg, config)]
+    for key in ("train", "eval"):
+        for source in getattr(config.data, key) or []:
+            if not Path(source).exists():
+                problems.append(f"data.{key}: {source} does not exist")
     base_dir = Path(config.base.path)
     if base_dir.exists():
         arch = _architecture(base_dir)

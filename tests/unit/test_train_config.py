@@ -16,7 +16,7 @@ def _raw(base_path, **sections):
         "base": {"path": str(base_path)},
         "method": {"name": "lora", "r": 4},
         "objective": {"name": "sft"},
-        "data": {"train": "x.jsonl"},
+        "data": {"train": str(Path(base_path).parent / "x.jsonl")},
         "output": {"dir": "out"},
     }
     for key, value in sections.items():
@@ -28,6 +28,7 @@ def _raw(base_path, **sections):
 def fake_base(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     (base / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     return base
 
@@ -45,7 +46,7 @@ def test_valid_config_fills_defaults(fake_base):
     resolved = config.resolved()
     assert resolved["method"]["alpha"] == 16 and resolved["method"]["target_modules"] == "all-linear"
     assert resolved["training"]["batch_size"] == 4
-    assert resolved["data"]["train"] == ["x.jsonl"]
+    assert resolved["data"]["train"] == [str(fake_base.parent / "x.jsonl")]
 
 
 def test_every_problem_is_reported_at_once(fake_base):
@@ -71,6 +72,7 @@ def test_invalid_combinations(fake_base, fake_bert):
         (_raw(fake_bert), "needs a causal LM base"),
         (_raw(fake_base, objective={"name": "clm", "template": "chatml"}), "only for the sft objective"),
         (_raw(fake_bert, objective={"name": "mlm"}, data={"train": "x", "packing": True}), "packing applies"),
+        (_raw(fake_base, data={"train": "/nope/data.jsonl"}), "data.train: /nope/data.jsonl does not exist"),
         (_raw(fake_base, training={"optimizer": "paged_adamw_8bit"}), "paged optimizers"),
         (_raw(fake_base, method={"name": "adalora", "init_r": 4, "target_r": 8}), "must not exceed init_r"),
         (_raw(fake_base, method={"name": "adalora", "tinit": 5, "tfinal": 5}, training={"max_steps": 10}),
