@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Any, TYPE_CHECKING, Literal, Sequence
 
 from tunehub.errors import ConfigError
 from tunehub.registry.manifest import ModuleKind
@@ -108,4 +108,83 @@ def make_lora_module(
     return Path(out_dir)
 
 
-__all__ = ["B_INIT_STD", "load_base", "make_lora_model", "make_lora_module", "task_type_for"]
+def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int = 0, r: int = 4,
+                    num_virtual_tokens: int = 4, target_modules: str | Sequence[str] | None = None) -> PeftModel:
+    """An in-memory PEFT model of any kind the engine mixes, with random non-trivial weights,
+    as training would leave it (LoRA B, IA3 vectors and AdaLoRA's E all away from their identity)."""
+    import torch
+    from peft import (
+        AdaLoraConfig,
+        IA3Config,
+        LoraConfig,
+        MultitaskPromptTuningConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        get_peft_model,
+    )
+
+    kind = ModuleKind(kind)
+    task_type = task_type_for(base_path)
+    targets = target_modules or "all-linear"
+    configs = {
+        ModuleKind.LORA: lambda: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=task_type),
+        ModuleKind.DORA: lambda: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                                            use_dora=True, task_type=task_type),
+        ModuleKind.ADALORA: lambda: AdaLoraConfig(init_r=r, target_r=max(1, r // 2), lora_alpha=2 * r, target_modules=targets,
+                                                  total_step=10, tinit=1, tfinal=1, task_type=task_type),
+        ModuleKind.IA3: lambda: IA3Config(target_modules=target_modules or ["k_proj", "v_proj", "down_proj"],
+                                          feedforward_modules=["down_proj"], task_type=task_type),
+        ModuleKind.PROMPT: lambda: PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
+        ModuleKind.PTUNING: lambda: PromptEncoderConfig(num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32,
+                                                        task_type=task_type),
+        ModuleKind.MULTITASK_PROMPT: lambda: MultitaskPromptTuningConfig(num_virtual_tokens=num_virtual_tokens, num_tasks=2,
+                                                                         task_type=task_type),
+        ModuleKind.PREFIX: lambda: PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
+    }
+    if kind not in configs:
+        raise ConfigError(f"make_peft_model cannot make {kind.value} modules")
+    base = load_base(base_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, configs[kind]())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if "lora_B" in name or "lora_E" in name:
+                param.copy_(noise * B_INIT_STD)
+            elif "ia3_l" in name:
+                param.copy_(1.0 + 0.5 * noise)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.2 * noise.abs())
+            elif "prefix_task" in name:
+                param.copy_(1.0 + 0.3 * noise)
+            elif "embedding" in name or "prompt" in name:
+                param.copy_(noise * 0.5)
+    return model.eval()
+
+
+def make_peft_module(base_path: str | Path, out_dir: str | Path, kind: str | ModuleKind, *, seed: int = 0,
+                     task: str | None = None, **options: Any) -> Path:
+    """Write a verified module of ``kind`` (any kind the engine mixes) for ``base_path``."""
+    from tunehub.trainer.export import save_peft_module
+
+    kind = ModuleKind(kind)
+    model = make_peft_model(base_path, kind, seed=seed, **options)
+    save_peft_module(model, out_dir, base_path=base_path, kind=kind, task=task,
+                     description=f"random {kind.value} module (seed {seed}) for tests")
+    return Path(out_dir)
+
+
+__all__ = [
+    "B_INIT_STD",
+    "load_base",
+    "make_lora_model",
+    "make_lora_module",
+    "make_peft_model",
+    "make_peft_module",
+    "task_type_for",
+]

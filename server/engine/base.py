@@ -1,0 +1,82 @@
+"""The base model, loaded once: 4-bit NF4 (bitsandbytes, CPU and CUDA alike), bf16 or fp32."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tunehub.errors import ConfigError
+from tunehub.registry.fingerprint import base_fingerprint
+
+Quantization = Literal["nf4", "int8", "none"]
+
+
+@dataclass
+class LoadedBase:
+    path: Path
+    model: Any  # a transformers causal LM, in eval mode
+    tokenizer: Any
+    fingerprint: str
+    quantization: str
+    device: Any
+    dtype: Any  # dtype of activations (embeddings) the model computes in
+    vocab_size: int
+    max_positions: int
+    name: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def load_base(
+    path: str | Path,
+    *,
+    quantization: Quantization = "nf4",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    device: str | None = None,
+) -> LoadedBase:
+    """Load a causal LM folder once for serving. ``dtype`` is the activation dtype; for nf4 the
+    4-bit matmuls compute in bf16, as QLoRA trains them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a model folder (no config.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = model.config
+    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name
+    return LoadedBase(
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=base_fingerprint(path),
+        quantization=quantization,
+        device=torch.device(device),
+        dtype=model.get_input_embeddings().weight.dtype,
+        vocab_size=int(config.vocab_size),
+        max_positions=int(getattr(config, "max_position_embeddings", 2048)),
+        name=str(name),
+    )

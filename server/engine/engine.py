@@ -1,0 +1,558 @@
+"""The serving engine: one base model, a module pool, mixed batches, continuous batching.
+
+Each row of a batch names its own module (or none). A prefill runs new rows together: prompt
+family rows get their virtual-token embeddings prepended, prefix rows start with their key/value
+prefix in the cache, low-rank and IA3 rows go through the patched linear layers; rows are
+left-padded with masked slots. New rows then join the running batch's cache between decode
+steps, and finished rows leave it, so requests come and go without waiting for each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from tunehub.errors import ConfigError, TunehubError
+from tunehub.server.engine.base import LoadedBase
+from tunehub.server.engine.layers import BatchState, build_plan, patch_linear_layers
+from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
+from tunehub.server.engine.pool import ModulePool, ModuleSource
+
+log = logging.getLogger("tunehub.engine")
+
+
+class PromptTooLong(TunehubError, ValueError):
+    """The prompt (with the module's virtual tokens) does not fit the base's context."""
+
+    http_status = 400
+
+
+class RequestCancelled(TunehubError):
+    http_status = 499
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # None: the tokenizer's eos
+
+    def check(self) -> None:
+        problems = []
+        if self.max_tokens < 1:
+            problems.append("max_tokens must be at least 1")
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    module: str | None = None  # a module reference, or None for the base alone
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | cancelled
+    module: str | None  # the exact "repo@version" that answered, None for the base
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # the text this token adds (may be empty while a stop string could be forming)
+
+
+class RequestHandle:
+    """What ``Engine.submit`` returns: iterate it for tokens, or call ``result()``."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.id = request.request_id
+        self.module_key: str | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            kind, payload = self._events.get()
+            if kind == "token":
+                yield payload
+            elif kind == "error":
+                raise payload
+            else:
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    # called by the engine thread
+    def _emit(self, event: TokenEvent) -> None:
+        self._events.put(("token", event))
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._events.put(("done", result))
+        self._done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._events.put(("error", error))
+        self._done.set()
+
+
+class _Row:
+    """A request inside the running batch."""
+
+    def __init__(self, handle: RequestHandle, module: LoadedModule | None, prompt_ids: list[int], stop_ids: set[int]):
+        self.handle = handle
+        self.module = module
+        self.prompt_ids = prompt_ids
+        self.params = handle.request.params
+        self.stop_ids = stop_ids
+        self.generated: list[int] = []
+        self.emitted_text = ""
+        self.next_position = 0
+        self.generator = None
+        if self.params.temperature > 0:
+            self.generator = torch.Generator().manual_seed(
+                self.params.seed if self.params.seed is not None else int(time.time_ns() % (2**63))
+            )
+        self.finish_reason: str | None = None
+
+
+class Engine:
+    """Serve many modules from one base. Thread-safe ``submit``; one background decode loop."""
+
+    def __init__(
+        self,
+        base: LoadedBase,
+        source: ModuleSource | None = None,
+        *,
+        pool_bytes: int = 1 << 30,
+        max_batch: int = 16,
+        max_rank: int = 256,
+        alias_ttl_s: float = 5.0,
+    ):
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.max_batch = max_batch
+        self.state = BatchState()
+        self.layers = patch_linear_layers(self.model, self.state)
+        self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank)
+        self.pool = ModulePool(source or _NoSource(), self.materializer.load, budget_bytes=pool_bytes, alias_ttl_s=alias_ttl_s)
+        self._plans: OrderedDict[tuple, dict] = OrderedDict()
+        self._queue: queue.Queue[RequestHandle] = queue.Queue()
+        self._rows: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask: torch.Tensor | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.steps = 0
+        eos = self.tokenizer.eos_token_id
+        self.default_stop_ids = {eos} if eos is not None else set()
+
+    # --- public API ----------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        request.params.check()
+        handle = RequestHandle(request)
+        self._queue.put(handle)
+        self._ensure_thread()
+        return handle
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)  # type: ignore[arg-type]
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @torch.no_grad()
+    def logits(self, rows: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
+        """Prefill logits of each row's own tokens (virtual tokens excluded), all rows in one pass."""
+        modules = [self.pool.acquire(ref) if ref else None for _, ref in rows]
+        try:
+            with self._lock:
+                out, layout = self._prefill_forward([ids for ids, _ in rows], modules, keep_all=True)
+            result = []
+            for i, (ids, _) in enumerate(rows):
+                start = layout[i]
+                result.append(out.logits[i, start : start + len(ids)].float().clone())
+            return result
+        finally:
+            for module in modules:
+                if module is not None:
+                    self.pool.release(module)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._loop, name="tunehub-engine", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            new = self._take_new(block=not self._rows)
+            try:
+                with self._lock, torch.no_grad():
+                    if new:
+                        self._admit(new)
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # an engine fault fails the rows in flight, never the process
+                log.exception("engine step failed")
+                for row in self._rows:
+                    self._release(row)
+                    row.handle._fail(exc)
+                self._rows, self._kv, self._mask = [], [], None
+
+    def _take_new(self, block: bool) -> list[RequestHandle]:
+        taken: list[RequestHandle] = []
+        room = self.max_batch - len(self._rows)
+        try:
+            if block:
+                item = self._queue.get()
+                if item is None:
+                    return []
+                taken.append(item)
+            while len(taken) < room:
+                item = self._queue.get_nowait()
+                if item is None:
+                    break
+                taken.append(item)
+        except queue.Empty:
+            pass
+        return taken
+
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        rows: list[_Row] = []
+        for handle in handles:
+            if handle.cancelled:
+                handle._fail(RequestCancelled(f"request {handle.id} was cancelled"))
+                continue
+            try:
+                rows.append(self._make_row(handle))
+            except Exception as exc:  # a bad module or prompt fails this request only
+                handle._fail(exc)
+        if not rows:
+            return
+        try:
+            out, _ = self._prefill_forward([r.prompt_ids for r in rows], [r.module for r in rows], rows=rows)
+        except Exception as exc:
+            for row in rows:
+                self._release(row)
+                row.handle._fail(exc)
+            return
+        new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        new_mask = self._prefill_mask
+        self._merge(rows, new_kv, new_mask)
+        self._sample_and_emit(out.logits[:, -1, :], rows)
+
+    def _make_row(self, handle: RequestHandle) -> _Row:
+        request = handle.request
+        if request.input_ids is not None:
+            ids = list(request.input_ids)
+        elif request.prompt is not None:
+            ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            raise ConfigError("a request needs a prompt or input_ids")
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        module = self.pool.acquire(request.module) if request.module else None
+        handle.module_key = module.key if module else None
+        virtual = module.num_virtual_tokens if module else 0
+        if len(ids) + virtual >= self.base.max_positions:
+            if module is not None:
+                self.pool.release(module)
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens{f' plus {virtual} virtual' if virtual else ''};"
+                f" the context holds {self.base.max_positions}"
+            )
+        stop_ids = set(request.params.stop_token_ids) if request.params.stop_token_ids is not None else set(self.default_stop_ids)
+        return _Row(handle, module, ids, stop_ids)
+
+    # --- forward passes ------------------------------------------------------------------------
+    def _plan_for(self, modules: list[LoadedModule | None]) -> dict:
+        key = tuple(m.uid if m is not None else 0 for m in modules)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(modules, self.layers, self.base.device, self.base.dtype)
+            self._plans[key] = plan
+            while len(self._plans) > 16:  # keep a few compositions; evicted modules drop out with them
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _prefill_forward(self, prompts: list[list[int]], modules: list[LoadedModule | None], *, keep_all: bool = False, rows: list[_Row] | None = None):
+        from transformers import DynamicCache
+
+        device, dtype = self.base.device, self.base.dtype
+        embed = self.model.get_input_embeddings()
+        batch = len(prompts)
+        virtual = [m.prompt.shape[0] if (m is not None and m.prompt is not None) else 0 for m in modules]
+        prefix = [m.num_virtual_tokens if (m is not None and m.prefix is not None) else 0 for m in modules]
+        lengths = [v + len(p) for v, p in zip(virtual, prompts)]
+        width = max(lengths)
+        prefix_width = max(prefix)
+        hidden = embed.weight.shape[1]
+        embeds = torch.zeros(batch, width, hidden, dtype=dtype, device=device)
+        positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+        mask = torch.zeros(batch, prefix_width + width, dtype=torch.long, device=device)
+        starts = []
+        for i, (ids, module) in enumerate(zip(prompts, modules)):
+            pad = width - lengths[i]
+            tokens = embed(torch.tensor(ids, device=device)).to(dtype)
+            if virtual[i]:
+                embeds[i, pad : pad + virtual[i]] = module.prompt.to(device=device, dtype=dtype)
+            embeds[i, pad + virtual[i] :] = tokens
+            # PEFT runs prefix rows with the prefix as cache, so their tokens start at position p
+            positions[i, pad:] = torch.arange(prefix[i], prefix[i] + lengths[i], device=device)
+            mask[i, prefix_width - prefix[i] : prefix_width] = 1
+            mask[i, prefix_width + pad :] = 1
+            starts.append(pad + virtual[i])
+            if rows is not None:
+                rows[i].next_position = prefix[i] + lengths[i]
+        cache = DynamicCache()
+        if prefix_width:
+            cache = DynamicCache(ddp_cache_data=self._prefix_cache(modules, prefix, prefix_width))
+        self.state.layers = self._plan_for(modules)
+        try:
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+        finally:
+            self.state.layers = {}
+        self._prefill_mask = mask
+        return out, starts
+
+    def _prefix_cache(self, modules: list[LoadedModule | None], prefix: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        config = self.model.config
+        kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        batch = len(modules)
+        device, dtype = self.base.device, self.base.dtype
+        layers = []
+        for layer in range(config.num_hidden_layers):
+            keys = torch.zeros(batch, kv_heads, width, head_dim, dtype=dtype, device=device)
+            values = torch.zeros_like(keys)
+            for i, module in enumerate(modules):
+                if prefix[i]:
+                    k, v = module.prefix[layer]
+                    keys[i, :, width - prefix[i] :] = k.to(device=device, dtype=dtype)
+                    values[i, :, width - prefix[i] :] = v.to(device=device, dtype=dtype)
+            layers.append((keys, values))
+        return layers
+
+    def _decode_step(self) -> None:
+        from transformers import DynamicCache
+
+        device = self.base.device
+        rows = self._rows
+        last = torch.tensor([[r.generated[-1]] for r in rows], device=device)
+        positions = torch.tensor([[r.next_position] for r in rows], device=device)
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        self.state.layers = self._plan_for([r.module for r in rows])
+        try:
+            out = self.model(
+                input_ids=last, attention_mask=self._mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            )
+        finally:
+            self.state.layers = {}
+        self._kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        for row in rows:
+            row.next_position += 1
+        self.steps += 1
+        self._sample_and_emit(out.logits[:, -1, :], rows)
+
+    # --- batch bookkeeping ---------------------------------------------------------------------
+    def _merge(self, rows: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._kv, self._mask = list(rows), kv, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        old_kv, old_mask = _left_pad(self._kv, self._mask, width)
+        new_kv, new_mask = _left_pad(kv, mask, width)
+        self._kv = [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv)]
+        self._mask = torch.cat([old_mask, new_mask])
+        self._rows = self._rows + list(rows)
+
+    def _retire(self, finished: list[int]) -> None:
+        if not finished:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in set(finished)]
+        if not keep:
+            self._rows, self._kv, self._mask = [], [], None
+            return
+        index = torch.tensor(keep, device=self.base.device)
+        mask = self._mask.index_select(0, index)
+        # drop leading columns no remaining row attends to, so the cache does not grow forever
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        self._mask = mask[:, first:]
+        self._kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in self._kv]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _release(self, row: _Row) -> None:
+        if row.module is not None:
+            self.pool.release(row.module)
+            row.module = None
+
+    # --- sampling ------------------------------------------------------------------------------
+    def _sample_and_emit(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1).tolist()
+        finished = []
+        for i, row in enumerate(rows):
+            if row.params.temperature > 0:
+                token = _sample(logits[i], row.params.temperature, row.params.top_p, row.generator)
+            else:
+                token = greedy[i]
+            self._advance(row, token)
+            if row.finish_reason is not None:
+                finished.append(i)
+        index_of = {id(r): i for i, r in enumerate(self._rows)}
+        finished_rows = [rows[i] for i in finished]
+        for row in finished_rows:
+            self._complete(row)
+        self._retire([index_of[id(r)] for r in finished_rows if id(r) in index_of])
+
+    def _advance(self, row: _Row, token: int) -> None:
+        if row.handle.cancelled:
+            row.finish_reason = "cancelled"
+            return
+        if token in row.stop_ids:
+            row.finish_reason = "stop"
+            return
+        row.generated.append(token)
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        stop_at = _find_stop(text, row.params.stop)
+        if stop_at is not None:
+            text = text[:stop_at]
+            row.finish_reason = "stop"
+        elif len(row.generated) >= row.params.max_tokens or row.next_position + 1 >= self.base.max_positions:
+            row.finish_reason = "length"
+        # hold back text that could still become a stop string
+        safe = len(text) if row.finish_reason else len(text) - _partial_stop(text, row.params.stop)
+        delta = text[len(row.emitted_text) : safe] if safe > len(row.emitted_text) else ""
+        row.emitted_text += delta
+        row.final_text = text
+        row.handle._emit(TokenEvent(token_id=token, text=delta))
+
+    def _complete(self, row: _Row) -> None:
+        self._release(row)
+        text = getattr(row, "final_text", "")
+        if len(text) > len(row.emitted_text) and text.startswith(row.emitted_text):
+            rest = text[len(row.emitted_text) :]
+            row.emitted_text = text
+            row.handle._emit(TokenEvent(token_id=-1, text=rest))
+        row.handle._finish(
+            GenerationResult(
+                request_id=row.handle.id,
+                text=row.emitted_text,
+                token_ids=list(row.generated),
+                finish_reason=row.finish_reason or "stop",
+                module=row.handle.module_key,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.generated),
+            )
+        )
+
+
+def _left_pad(kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int):
+    extra = width - mask.shape[1]
+    if extra <= 0:
+        return kv, mask
+    pad_mask = torch.zeros(mask.shape[0], extra, dtype=mask.dtype, device=mask.device)
+    padded = []
+    for k, v in kv:
+        zeros = torch.zeros(k.shape[0], k.shape[1], extra, k.shape[3], dtype=k.dtype, device=k.device)
+        padded.append((torch.cat([zeros, k], dim=2), torch.cat([zeros, v], dim=2)))
+    return padded, torch.cat([pad_mask, mask], dim=1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(0)
+        keep = cumulative - sorted_probs < top_p  # always keeps the most likely token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s]
+    positions = [p for p in positions if p >= 0]
+    return min(positions) if positions else None
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+class _NoSource:
+    def resolve(self, ref: Any) -> Any:
+        from tunehub.errors import ModuleNotFound
+
+        raise ModuleNotFound(f"no registry is configured; cannot load {ref}")
+
+    def pull(self, ref: Any, dest: Any = None) -> Any:
+        return self.resolve(ref)

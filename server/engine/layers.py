@@ -1,0 +1,158 @@
+"""Linear layers that apply each batch row's own module in one pass.
+
+For row i with module m_i, a patched layer computes (PEFT's equations, batched):
+
+    x_i' = x_i * in_scale_i                                   IA3 on feed-forward inputs
+    y_i  = W x_i' (+ bias)                                    the shared base, one call for all rows
+    y_i  = y_i * out_scale_i                                  IA3 elsewhere
+    d_i  = s_i * B_i A_i x_i                                  LoRA / AdaLoRA, one bmm over rows
+    out  = y_i + d_i                                          LoRA
+    out  = y_i + (g_i - 1) (y_i - bias) + g_i d_i             DoRA, g_i = m_i / ||W + s_i B_i A_i||
+
+Rows without a delta at a layer get zero matrices (ranks are zero-padded to the batch's
+largest), so one bmm serves modules of different ranks and target layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerPlan:
+    in_scale: torch.Tensor | None = None  # (B, 1, in)
+    out_scale: torch.Tensor | None = None  # (B, 1, out)
+    lora_a: torch.Tensor | None = None  # (B, in, R), or (in, R) when every row shares one module
+    lora_b: torch.Tensor | None = None  # (B, R, out), or (R, out)
+    row_scale: torch.Tensor | None = None  # (B, 1, 1): s_i, 0 for rows without a delta here
+    dora_gain: torch.Tensor | None = None  # (B, 1, out): 1 for rows that are not DoRA
+
+
+class BatchState:
+    """The plan of the batch being computed; set by the engine around each forward pass."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerPlan] = {}
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, name: str, base: nn.Module, state: BatchState):
+        super().__init__()
+        self.name = name
+        self.base = base
+        self.state = state
+        weight = base.weight
+        # Linear4bit keeps the logical shape on the module, not on its packed weight
+        self.in_features = int(getattr(base, "in_features", weight.shape[1]))
+        self.out_features = int(getattr(base, "out_features", weight.shape[0]))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense fp32 (out, in) matrix (dequantized for 4-bit/8-bit bases)."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(self.base).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.state.layers.get(self.name)
+        if plan is None:
+            return self.base(x)
+        if plan.in_scale is not None:
+            x = x * plan.in_scale
+        y = self.base(x)
+        if plan.out_scale is not None:
+            y = y * plan.out_scale
+        if plan.lora_a is None:
+            return y
+        if plan.lora_a.dim() == 2:  # one module for every row: plain matmuls
+            delta = (x @ plan.lora_a) @ plan.lora_b
+        else:
+            delta = torch.bmm(torch.bmm(x, plan.lora_a), plan.lora_b)
+        delta = delta * plan.row_scale
+        if plan.dora_gain is None:
+            return y + delta
+        bias = getattr(self.base, "bias", None)
+        plain = y if bias is None else y - bias
+        return y + (plan.dora_gain - 1) * plain + plan.dora_gain * delta
+
+
+def patch_linear_layers(model: nn.Module, state: BatchState) -> dict[str, AdaptedLinear]:
+    """Wrap every linear layer inside the decoder blocks (not the LM head or embeddings)."""
+    targets = []
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}." and ".h." not in f".{name}.":
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            targets.append((name, module))
+    patched = {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapper = AdaptedLinear(name, module, state)
+        setattr(parent, child, wrapper)
+        patched[_peft_name(name)] = wrapper
+    return patched
+
+
+def _peft_name(name: str) -> str:
+    # PEFT keys are relative to the causal LM (model.layers.0...), as named_modules() gives them
+    return name
+
+
+def build_plan(rows: list[Any], layers: dict[str, AdaptedLinear], device: Any, dtype: Any) -> dict[str, LayerPlan]:
+    """Per-layer stacked tensors for a batch whose row i uses module ``rows[i]`` (or None)."""
+    batch = len(rows)
+    modules = [m for m in rows if m is not None]
+    if not modules:
+        return {}
+    touched: set[str] = set()
+    for module in modules:
+        touched.update(module.layers)
+    shared = len({id(m) for m in rows}) == 1  # every row on one module
+    plans: dict[str, LayerPlan] = {}
+    for name in touched:
+        layer = layers[name]
+        deltas = [None if m is None else m.layers.get(name) for m in rows]
+        plan = LayerPlan()
+        if any(d is not None and d.in_scale is not None for d in deltas):
+            scale = torch.ones(batch, 1, layer.in_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.in_scale is not None:
+                    scale[i, 0] = d.in_scale
+            plan.in_scale = scale.to(device=device, dtype=dtype)
+        if any(d is not None and d.out_scale is not None for d in deltas):
+            scale = torch.ones(batch, 1, layer.out_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.out_scale is not None:
+                    scale[i, 0] = d.out_scale
+            plan.out_scale = scale.to(device=device, dtype=dtype)
+        ranks = [d.rank if d is not None else 0 for d in deltas]
+        max_rank = max(ranks)
+        if max_rank:
+            if shared:
+                d = deltas[0]
+                plan.lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
+                plan.lora_b = d.lora_b.t().contiguous().to(device=device, dtype=dtype)
+            else:
+                a = torch.zeros(batch, layer.in_features, max_rank)
+                b = torch.zeros(batch, max_rank, layer.out_features)
+                for i, d in enumerate(deltas):
+                    if d is not None and d.rank:
+                        a[i, :, : d.rank] = d.lora_a.t()
+                        b[i, : d.rank, :] = d.lora_b.t()
+                plan.lora_a = a.to(device=device, dtype=dtype)
+                plan.lora_b = b.to(device=device, dtype=dtype)
+            plan.row_scale = torch.tensor(
+                [d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device
+            ).view(batch, 1, 1)
+            if any(d is not None and d.dora_gain is not None for d in deltas):
+                gain = torch.ones(batch, 1, layer.out_features)
+                for i, d in enumerate(deltas):
+                    if d is not None and d.dora_gain is not None:
+                        gain[i, 0] = d.dora_gain
+                plan.dora_gain = gain.to(device=device, dtype=dtype)
+        plans[name] = plan
+    return plans

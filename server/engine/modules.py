@@ -1,0 +1,288 @@
+"""Materialising a verified module folder into the engine's batched form.
+
+Every kind is reduced at load time to what one mixed forward pass needs:
+
+- lora, dora, adalora: per layer ``A`` (r x in), ``B`` (out x r) and a scale, AdaLoRA's ``E``
+  folded into ``A``; DoRA's per-output magnitude over the row norm of ``W + s B A``
+  precomputed as ``dora_gain`` (PEFT detaches that norm, so it is a constant at inference).
+- ia3: per layer a scaling vector applied to the layer's input (feed-forward layers) or output.
+- prompt, ptuning, multitask_prompt: one matrix of virtual-token embeddings (n x hidden).
+- prefix: per decoder layer a key and a value prefix (kv_heads x n x head_dim).
+
+A kind the engine cannot mix is refused with :class:`UnsupportedModule`, never served wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunehub.errors import IncompatibleBase, IntegrityError, TunehubError
+from tunehub.registry.manifest import Manifest, ModuleKind
+from tunehub.registry.module import LocalModule
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+LOW_RANK_KINDS = {ModuleKind.LORA, ModuleKind.DORA, ModuleKind.ADALORA}
+PROMPT_KINDS = {ModuleKind.PROMPT, ModuleKind.PTUNING, ModuleKind.MULTITASK_PROMPT}
+MIXABLE_KINDS = LOW_RANK_KINDS | PROMPT_KINDS | {ModuleKind.IA3, ModuleKind.PREFIX}
+
+
+class UnsupportedModule(TunehubError, ValueError):
+    """A module the engine cannot apply in a mixed batch (kind, targets or size)."""
+
+    http_status = 422
+
+
+@dataclass
+class LayerDelta:
+    """What one module does to one linear layer."""
+
+    lora_a: Any = None  # (r, in)
+    lora_b: Any = None  # (out, r)
+    scale: float = 0.0
+    dora_gain: Any = None  # (out,): magnitude / ||W + s B A||_row
+    in_scale: Any = None  # (in,): IA3 on feed-forward layers scales the input
+    out_scale: Any = None  # (out,): IA3 elsewhere scales the output
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_a is None else int(self.lora_a.shape[0])
+
+
+@dataclass
+class LoadedModule:
+    key: str  # "repo@version": one key per immutable version
+    kind: ModuleKind
+    manifest: Manifest
+    layers: dict[str, LayerDelta] = field(default_factory=dict)
+    prompt: Any = None  # (n_virtual, hidden)
+    prefix: list[tuple[Any, Any]] | None = None  # per decoder layer (keys, values): (kv_heads, n, head_dim)
+    nbytes: int = 0
+    uid: int = 0  # distinguishes a reload of the same key in plan caches
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        if self.prompt is not None:
+            return int(self.prompt.shape[0])
+        if self.prefix is not None:
+            return int(self.prefix[0][0].shape[1])
+        return 0
+
+    @property
+    def max_rank(self) -> int:
+        return max((d.rank for d in self.layers.values()), default=0)
+
+
+def _tensor_bytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return 0
+
+
+def _load_weights(folder: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise IntegrityError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+
+
+def _layer_and_param(key: str) -> tuple[str, str]:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' ->
+    ('model.layers.0.self_attn.q_proj', 'lora_A')"""
+    name = _PEFT_PREFIX.sub("", key)
+    name = name.removesuffix(".weight")
+    layer, _, param = name.rpartition(".")
+    if param == "default":  # some PEFT versions keep the adapter name in keys
+        layer, _, param = layer.rpartition(".")
+    return layer, param
+
+
+class ModuleMaterializer:
+    """Turns verified module folders into :class:`LoadedModule` for one loaded base."""
+
+    def __init__(self, base: Any, linear_layers: dict[str, Any], *, max_rank: int = 256):
+        self.base = base
+        self.linear_layers = linear_layers  # qualified name -> the patched layer (AdaptedLinear)
+        self.max_rank = max_rank
+        self._uid = 0
+
+    def check_base(self, manifest: Manifest, name: str) -> None:
+        if manifest.base.fingerprint != self.base.fingerprint:
+            raise IncompatibleBase(
+                f"{name} was trained for base {manifest.base.model_id} (fingerprint"
+                f" {manifest.base.fingerprint[:12]}); this server runs {self.base.name}"
+                f" (fingerprint {self.base.fingerprint[:12]})"
+            )
+        if manifest.base.vocab_size not in (None, self.base.vocab_size):
+            raise IncompatibleBase(f"{name} expects a vocabulary of {manifest.base.vocab_size}, the base has {self.base.vocab_size}")
+
+    def load(self, module: LocalModule, key: str) -> LoadedModule:
+        manifest = module.manifest
+        name = module.ref or key
+        # the base check comes first: no tensor of a module for another base is ever read
+        self.check_base(manifest, name)
+        kind = manifest.kind
+        if kind not in MIXABLE_KINDS:
+            raise UnsupportedModule(f"{name}: modules of kind {kind.value} cannot be served in mixed batches yet")
+        weights = _load_weights(module.path)
+        self._uid += 1
+        loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self._uid)
+        if kind in LOW_RANK_KINDS:
+            self._load_low_rank(loaded, weights, name)
+        elif kind is ModuleKind.IA3:
+            self._load_ia3(loaded, weights, name)
+        elif kind in PROMPT_KINDS:
+            self._load_prompt(loaded, weights, name)
+        else:
+            self._load_prefix(loaded, weights, name)
+        loaded.nbytes = sum(
+            _tensor_bytes(t)
+            for delta in loaded.layers.values()
+            for t in (delta.lora_a, delta.lora_b, delta.dora_gain, delta.in_scale, delta.out_scale)
+        ) + _tensor_bytes(loaded.prompt) + sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in loaded.prefix or [])
+        return loaded
+
+    # --- low rank ------------------------------------------------------------------------------
+    def _layer(self, layer: str, name: str) -> Any:
+        target = self.linear_layers.get(layer)
+        if target is None:
+            raise UnsupportedModule(f"{name} adapts {layer}, which is not a linear layer the engine can mix")
+        return target
+
+    def _load_low_rank(self, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        import torch
+
+        params = loaded.manifest.params
+        if params.get("modules_to_save"):
+            raise UnsupportedModule(f"{name} trains whole modules ({params['modules_to_save']}); the engine mixes deltas only")
+        grouped: dict[str, dict[str, Any]] = {}
+        for key, tensor in weights.items():
+            layer, param = _layer_and_param(key)
+            grouped.setdefault(layer, {})[param] = tensor
+        alpha = float(params.get("lora_alpha", 8))
+        alpha_pattern = params.get("alpha_pattern") or {}
+        rslora = bool(params.get("use_rslora", False))
+        adalora = loaded.kind is ModuleKind.ADALORA
+        for layer, tensors in grouped.items():
+            if "lora_A" not in tensors or "lora_B" not in tensors:
+                raise IntegrityError(f"{name}: layer {layer} lacks lora_A or lora_B")
+            target = self._layer(layer, name)
+            a = tensors["lora_A"].float()
+            b = tensors["lora_B"].float()
+            rank = int(a.shape[0])
+            if rank > self.max_rank:
+                raise UnsupportedModule(f"{name}: rank {rank} at {layer} is above this server's maximum of {self.max_rank}")
+            if a.shape[1] != target.in_features or b.shape[0] != target.out_features or b.shape[1] != rank:
+                raise IncompatibleBase(
+                    f"{name}: {layer} has shapes {tuple(a.shape)}/{tuple(b.shape)}, the base layer is"
+                    f" {target.in_features} -> {target.out_features}"
+                )
+            if adalora:
+                e = tensors.get("lora_E")
+                if e is None:
+                    raise IntegrityError(f"{name}: AdaLoRA layer {layer} lacks lora_E")
+                a = a * e.float()  # fold the singular values into A
+                scale = alpha / (float(rank) + 1e-5)  # PEFT divides by the live rank (ranknum)
+            else:
+                # the tensor's own rank is the layer's rank (rank_pattern is already applied to it)
+                layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
+                scale = layer_alpha / (math.sqrt(rank) if rslora else rank)
+            delta = LayerDelta(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
+            magnitude = tensors.get("lora_magnitude_vector")
+            if loaded.kind is ModuleKind.DORA:
+                if magnitude is None:
+                    raise IntegrityError(f"{name}: DoRA layer {layer} lacks its magnitude vector")
+                with torch.no_grad():
+                    weight = target.dense_weight()  # (out, in) fp32, dequantized for 4-bit bases
+                    norm = (weight + scale * (b @ a)).norm(p=2, dim=1)
+                delta.dora_gain = (magnitude.float() / norm).contiguous()
+            loaded.layers[layer] = delta
+
+    # --- ia3 -----------------------------------------------------------------------------------
+    def _load_ia3(self, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        feedforward = set(loaded.manifest.params.get("feedforward_modules") or [])
+        for key, tensor in weights.items():
+            layer, param = _layer_and_param(key)
+            if param != "ia3_l":
+                raise UnsupportedModule(f"{name}: unexpected IA3 tensor {key}")
+            target = self._layer(layer, name)
+            vector = tensor.float().reshape(-1)
+            is_ff = tensor.shape[0] == 1 or _matches(feedforward, layer)
+            if is_ff:
+                if vector.numel() != target.in_features:
+                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer takes {target.in_features}")
+                loaded.layers[layer] = LayerDelta(in_scale=vector.contiguous())
+            else:
+                if vector.numel() != target.out_features:
+                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer gives {target.out_features}")
+                loaded.layers[layer] = LayerDelta(out_scale=vector.contiguous())
+
+    # --- prompt family -------------------------------------------------------------------------
+    def _load_prompt(self, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        prompt = weights.get("prompt_embeddings")
+        if prompt is None:
+            raise IntegrityError(f"{name}: no prompt_embeddings in {WEIGHTS_FILE}")
+        prompt = prompt.float()
+        if loaded.kind is ModuleKind.MULTITASK_PROMPT:
+            cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
+            if cols is None or rows is None:
+                raise IntegrityError(f"{name}: multitask prompt lacks its task factors")
+            task = int(loaded.manifest.params.get("task_id", 0) or 0)
+            if not 0 <= task < cols.shape[0]:
+                raise UnsupportedModule(f"{name}: task_id {task} is outside the module's {cols.shape[0]} tasks")
+            prompt = prompt * (cols[task].float() @ rows[task].float())
+        hidden = self.base.model.get_input_embeddings().weight.shape[1]
+        if prompt.shape[1] != hidden:
+            raise IncompatibleBase(f"{name}: virtual tokens have width {prompt.shape[1]}, the base's embeddings {hidden}")
+        loaded.prompt = prompt.contiguous()
+
+    def _load_prefix(self, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        prompt = weights.get("prompt_embeddings")
+        if prompt is None:
+            raise IntegrityError(f"{name}: no prompt_embeddings in {WEIGHTS_FILE}")
+        params = loaded.manifest.params
+        config = self.base.model.config
+        layers = int(params.get("num_layers") or config.num_hidden_layers)
+        heads = int(params.get("num_attention_heads") or getattr(config, "num_key_value_heads", config.num_attention_heads))
+        token_dim = int(params.get("token_dim") or config.hidden_size)
+        n = int(prompt.shape[0])
+        if layers != config.num_hidden_layers or prompt.shape[1] != layers * 2 * token_dim:
+            raise IncompatibleBase(f"{name}: prefix of shape {tuple(prompt.shape)} does not fit this base")
+        kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if heads != kv_heads or token_dim != heads * head_dim:
+            raise IncompatibleBase(f"{name}: prefix heads {heads} x {token_dim // heads} do not match the base's {kv_heads} x {head_dim}")
+        # PEFT's layout: (n, layers * 2 * heads * head_dim) -> per layer (keys, values) of (heads, n, head_dim)
+        split = prompt.float().view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
+        loaded.prefix = [(split[2 * i].contiguous(), split[2 * i + 1].contiguous()) for i in range(layers)]
+
+
+def _pattern(pattern: dict[str, Any], layer: str, default: Any) -> Any:
+    # PEFT matches rank/alpha patterns by key suffix
+    for key, value in pattern.items():
+        if layer == key or layer.endswith("." + key) or re.fullmatch(key, layer):
+            return value
+    return default
+
+
+def _matches(names: set[str], layer: str) -> bool:
+    return any(layer == n or layer.endswith("." + n) for n in names)
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "adapter_config.json").read_text())

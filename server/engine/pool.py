@@ -1,0 +1,224 @@
+"""The module pool: modules pulled from the registry on first use, verified, materialised, and
+kept under a byte budget with LRU eviction, pins and reference counts.
+
+- A reference with an explicit version is cached forever (versions are immutable). An alias or
+  ``latest`` is re-resolved after ``alias_ttl_s``, so a promotion takes effect without a restart;
+  requests already holding the old version keep it until they release it.
+- A module in use (reference count above zero) or pinned is never evicted. Eviction drops every
+  reference the pool holds, so the module's tensors are freed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from tunehub.errors import ModuleNotFound
+from tunehub.registry.module import LocalModule
+from tunehub.registry.refs import ModuleRef, parse_ref
+from tunehub.server.engine.modules import LoadedModule
+
+
+class ModuleSource(Protocol):
+    """Where modules come from: a registry store (``resolve`` + ``pull``) or anything alike."""
+
+    def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
+
+    def pull(self, ref: str | ModuleRef, dest: Any = None) -> LocalModule: ...
+
+
+@dataclass
+class PoolEntry:
+    module: LoadedModule
+    refcount: int = 0
+    pinned: bool = False
+    hits: int = 0
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    cold_load_seconds: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class ModulePool:
+    def __init__(
+        self,
+        source: ModuleSource,
+        materialize: Callable[[LocalModule, str], LoadedModule],
+        *,
+        budget_bytes: int = 1 << 30,
+        alias_ttl_s: float = 5.0,
+        on_event: Callable[[str, str], None] | None = None,
+    ):
+        self.source = source
+        self.materialize = materialize
+        self.budget_bytes = budget_bytes
+        self.alias_ttl_s = alias_ttl_s
+        self.on_event = on_event or (lambda event, key: None)
+        self.stats = PoolStats()
+        self._entries: OrderedDict[str, PoolEntry] = OrderedDict()  # LRU order: oldest first
+        self._aliases: dict[str, tuple[str, float]] = {}  # ref text -> (key, expires)
+        self._lock = threading.RLock()
+        self._loading: dict[str, threading.Event] = {}
+
+    # --- resolution ----------------------------------------------------------------------------
+    def resolve_key(self, ref: str | ModuleRef) -> str:
+        """``repo@version`` for a reference (aliases resolved, cached for ``alias_ttl_s``)."""
+        parsed = parse_ref(ref)
+        if parsed.version is not None:
+            return str(parsed)
+        text = str(parsed)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._aliases.get(text)
+            if cached and cached[1] > now:
+                return cached[0]
+        info = self.source.resolve(parsed)
+        key = f"{info.repo}@{info.version}"
+        with self._lock:
+            self._aliases[text] = (key, now + self.alias_ttl_s)
+        return key
+
+    def refresh(self) -> None:
+        """Forget cached alias resolutions (an admin 'reload')."""
+        with self._lock:
+            self._aliases.clear()
+
+    # --- acquire / release ---------------------------------------------------------------------
+    def acquire(self, ref: str | ModuleRef) -> LoadedModule:
+        """The loaded module for ``ref``, with its reference count raised; pair with release()."""
+        key = self.resolve_key(ref)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.refcount += 1
+                    entry.hits += 1
+                    self.stats.hits += 1
+                    self._entries.move_to_end(key)
+                    return entry.module
+                waiter = self._loading.get(key)
+                if waiter is None:
+                    self._loading[key] = threading.Event()
+                    break
+            waiter.wait()  # another thread is loading this key; then look again
+        try:
+            started = time.perf_counter()
+            local = self.source.pull(key)
+            module = self.materialize(local, key)
+            elapsed = time.perf_counter() - started
+        except BaseException:
+            with self._lock:
+                self._loading.pop(key).set()
+            raise
+        with self._lock:
+            self.stats.misses += 1
+            self.stats.cold_load_seconds += elapsed
+            self._entries[key] = PoolEntry(module=module, refcount=1)
+            self._loading.pop(key).set()
+            self._evict_over_budget()
+        self.on_event("load", key)
+        return module
+
+    def release(self, module: LoadedModule) -> None:
+        with self._lock:
+            entry = self._entries.get(module.key)
+            if entry is not None and entry.module is module and entry.refcount > 0:
+                entry.refcount -= 1
+            self._evict_over_budget()
+
+    # --- pins and unload -----------------------------------------------------------------------
+    def pin(self, ref: str | ModuleRef) -> str:
+        module = self.acquire(ref)
+        with self._lock:
+            self._entries[module.key].pinned = True
+        self.release(module)
+        return module.key
+
+    def unpin(self, ref: str | ModuleRef) -> str:
+        key = self.resolve_key(ref)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise ModuleNotFound(f"{key} is not loaded")
+            entry.pinned = False
+            self._evict_over_budget()
+        return key
+
+    def unload(self, ref: str | ModuleRef) -> bool:
+        """Drop a module now unless a request uses it (then it goes when released and evicted)."""
+        key = self.resolve_key(ref)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            entry.pinned = False
+            if entry.refcount > 0:
+                return False
+            del self._entries[key]
+            self.stats.evictions += 1
+        self.on_event("evict", key)
+        return True
+
+    # --- accounting ----------------------------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(e.module.nbytes for e in self._entries.values())
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "budget_bytes": self.budget_bytes,
+                "resident_bytes": sum(e.module.nbytes for e in self._entries.values()),
+                "hits": self.stats.hits,
+                "misses": self.stats.misses,
+                "evictions": self.stats.evictions,
+                "hit_rate": self.stats.hit_rate,
+                "modules": [
+                    {
+                        "module": key,
+                        "kind": e.module.kind.value,
+                        "bytes": e.module.nbytes,
+                        "in_use": e.refcount,
+                        "pinned": e.pinned,
+                        "hits": e.hits,
+                    }
+                    for key, e in self._entries.items()
+                ],
+            }
+
+    def _evict_over_budget(self) -> None:
+        total = sum(e.module.nbytes for e in self._entries.values())
+        if total <= self.budget_bytes:
+            return
+        for key in list(self._entries):
+            if total <= self.budget_bytes:
+                break
+            entry = self._entries[key]
+            if entry.refcount or entry.pinned:
+                continue
+            del self._entries[key]
+            total -= entry.module.nbytes
+            self.stats.evictions += 1
+            self.on_event("evict", key)
