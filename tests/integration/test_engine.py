@@ -1,0 +1,273 @@
+"""The engine against PEFT: every kind alone and mixed, fp32 and nf4, generation, continuous
+batching, isolation, and bad input that fails one request only."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tunehub.errors import IncompatibleBase, IntegrityError, ModuleNotFound
+from tunehub.registry.local import LocalStore
+from tunehub.server.engine import (
+    Engine,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+    UnsupportedModule,
+    load_base,
+)
+
+pytestmark = pytest.mark.integration
+KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"]
+PROMPTS = [
+    "the river runs",
+    "she reads a book and then",
+    "seven apples",
+    "a small red house near the",
+    "we",
+    "in the morning the old",
+    "they walked",
+    "someone bought twelve",
+    "base row here",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_llama_path, tmp_path_factory):
+    from tunehub.trainer.testing import make_peft_module
+
+    root = tmp_path_factory.mktemp("engine-registry")
+    store = LocalStore(root / "reg", cache_dir=root / "cache")
+    for i, kind in enumerate(KINDS):
+        make_peft_module(tiny_llama_path, root / kind, kind, seed=i + 1)
+        store.push(root / kind, f"t/{kind}")
+    # a second LoRA of another rank and other target layers, to mix ranks and targets
+    make_peft_module(tiny_llama_path, root / "lora-r8", "lora", seed=42, r=8, target_modules=["q_proj", "v_proj"])
+    store.push(root / "lora-r8", "t/lora-r8")
+    store.module_root = root
+    return store
+
+
+def _peft_model(base_path, store, kind, quantization):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quantization == "nf4":
+        kwargs = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "device_map": {"": "cpu"},
+        }
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    if kind is None:
+        return model
+    return PeftModel.from_pretrained(model, store.module_root / kind).eval()
+
+
+def _peft_logits(model, kind, ids):
+    extra = {"task_ids": torch.tensor([0])} if kind == "multitask_prompt" else {}
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), **extra).logits[0, -len(ids):].float()
+
+
+def _peft_greedy(model, kind, ids, steps):
+    # PEFT's forward is the reference; its generate() mishandles prompt learning with
+    # transformers 5 (it looks for `past_key_values`, now named `cache`), so decode by forward
+    seq = list(ids)
+    for _ in range(steps):
+        seq.append(int(_peft_logits(model, kind, seq)[-1].argmax()))
+    return seq[len(ids):]
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, store):
+    engine = Engine(load_base(tiny_llama_path, quantization=quantization), store)
+    tok = engine.tokenizer
+    refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
+    prompts = PROMPTS + ["another lora with rank eight"]
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(prompts, refs)]
+    logits = engine.logits(rows)
+    requests = [
+        GenerationRequest(input_ids=ids, module=ref, params=SamplingParams(max_tokens=6, stop_token_ids=[]))
+        for ids, ref in rows
+    ]
+    results = engine.generate(requests)
+    tolerance = 1e-4 if quantization == "none" else 1e-3  # nf4 matmuls compute in bf16
+    for (ids, ref), got, result in zip(rows, logits, results):
+        kind = ref.split("/")[1] if ref else None
+        model = _peft_model(tiny_llama_path, store, kind, quantization)
+        torch.testing.assert_close(got, _peft_logits(model, kind, ids), atol=tolerance, rtol=0)
+        assert result.token_ids == _peft_greedy(model, kind, ids, 6), ref
+        assert result.module == (f"{ref}@1" if ref else None)
+        assert result.finish_reason == "length" and result.completion_tokens == 6
+    engine.close()
+
+
+def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    tok = engine.tokenizer
+    rows = [(tok(p)["input_ids"], f"t/{k}") for p, k in zip(PROMPTS, KINDS)]
+    mixed = engine.logits(rows)
+    for row, expected in zip(rows, mixed):
+        torch.testing.assert_close(engine.logits([row])[0], expected, atol=1e-5, rtol=0)
+    engine.close()
+
+
+def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store, max_batch=4)
+    tok = engine.tokenizer
+    specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10])]
+    alone = []
+    for prompt, ref, n in specs:
+        params = SamplingParams(max_tokens=n, stop_token_ids=[])
+        alone.append(engine.generate([GenerationRequest(prompt=prompt, module=ref, params=params)])[0].token_ids)
+    # all at once through a batch of 4: short requests leave, waiting ones join mid-decode
+    handles = [
+        engine.submit(GenerationRequest(prompt=p, module=ref, params=SamplingParams(max_tokens=n, stop_token_ids=[])))
+        for p, ref, n in specs
+    ]
+    for handle, expected in zip(handles, alone):
+        assert handle.result(timeout=60).token_ids == expected
+    streamed = engine.submit(GenerationRequest(prompt=PROMPTS[0], module="t/prefix",
+                                               params=SamplingParams(max_tokens=5, stop_token_ids=[])))
+    events = list(streamed)
+    assert [e.token_id for e in events if e.token_id >= 0] == streamed.result().token_ids
+    assert "".join(e.text for e in events) == streamed.result().text
+    engine.close()
+
+
+def test_sampling_is_seeded_per_request_and_stops(tiny_llama_path, store):
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    params = dict(max_tokens=12, temperature=0.9, top_p=0.9, stop_token_ids=[])
+    a = engine.generate([GenerationRequest(prompt="we", module="t/lora", params=SamplingParams(seed=7, **params))])[0]
+    b, c = engine.generate(
+        [
+            GenerationRequest(prompt="we", module="t/lora", params=SamplingParams(seed=7, **params)),
+            GenerationRequest(prompt="we", module="t/dora", params=SamplingParams(seed=8, **params)),
+        ]
+    )
+    assert a.token_ids == b.token_ids  # same seed, same tokens, whatever else is in the batch
+    assert a.token_ids != c.token_ids
+    full = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop_token_ids=[]))])[0]
+    stop_token = full.token_ids[3]
+    stopped = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop_token_ids=[stop_token]))])[0]
+    assert stopped.token_ids == full.token_ids[:3] and stopped.finish_reason == "stop"
+    stop_text = full.text[len(full.text) // 2:][:3]
+    if stop_text.strip():
+        cut = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop=[stop_text], stop_token_ids=[]))])[0]
+        assert cut.finish_reason == "stop" and stop_text not in cut.text and full.text.startswith(cut.text)
+    engine.close()
+
+
+def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
+    from tunehub.trainer.testing import make_peft_module
+
+    # a module whose rank is above the engine's maximum
+    make_peft_module(tiny_llama_path, tmp_path / "big", "lora", seed=3, r=16)
+    store.push(tmp_path / "big", "t/big-rank")
+    # a corrupt safetensors file, pushed with matching hashes (so only the engine can notice)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(store.module_root / "lora", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    _rehash(corrupt)
+    store.push(corrupt, "t/corrupt")
+    # a kind the engine cannot mix
+    selective = tmp_path / "selective"
+    shutil.copytree(store.module_root / "lora", selective)
+    _rehash(selective, kind="selective")
+    store.push(selective, "t/selective")
+    # a module for another base
+    other = tmp_path / "other"
+    shutil.copytree(store.module_root / "lora", other)
+    _rehash(other, fingerprint="0" * 64)
+    store.push(other, "t/other-base")
+
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store, max_rank=8)
+    params = SamplingParams(max_tokens=4, stop_token_ids=[])
+    cases = {
+        "t/big-rank": (UnsupportedModule, "above this server's maximum"),
+        "t/corrupt": (IntegrityError, "safetensors"),
+        "t/selective": (UnsupportedModule, "selective"),
+        "t/other-base": (IncompatibleBase, "fingerprint"),
+        "t/missing": (ModuleNotFound, "no module"),
+    }
+    handles = {ref: engine.submit(GenerationRequest(prompt="we", module=ref, params=params)) for ref in cases}
+    good = [engine.submit(GenerationRequest(prompt=p, module=f"t/{k}", params=params)) for p, k in zip(PROMPTS, KINDS)]
+    too_long = engine.submit(GenerationRequest(input_ids=[5] * 600, params=params))
+    for ref, (error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            handles[ref].result(timeout=60)
+    with pytest.raises(PromptTooLong, match="context holds 512"):
+        too_long.result(timeout=60)
+    for handle in good:
+        assert handle.result(timeout=60).completion_tokens == 4
+    assert "t/other-base@1" not in engine.pool  # refused before anything was loaded
+    engine.close()
+
+
+def _rehash(folder, kind=None, fingerprint=None):
+    from tunehub.registry.manifest import Manifest
+    from tunehub.registry.module import write_module
+
+    manifest = Manifest.read(folder)
+    changes = {}
+    if kind:
+        changes["kind"] = kind
+    if fingerprint:
+        changes["base"] = {**json.loads(manifest.base.model_dump_json()), "fingerprint": fingerprint}
+    manifest = manifest.with_updates(**changes)
+    if kind:
+        (folder / "adapter_config.json").unlink()
+    write_module(folder, manifest)
+
+
+def test_isolation_modules_trained_to_answer_differently(tiny_llama_path, tmp_path):
+    """Three modules trained to give different answers; in one mixed batch every row gives
+    its own module's answer and the base row gives none of them."""
+    import random
+
+    from tunehub.trainer.config import validate_run_config
+    from tunehub.trainer.run import train
+
+    answers = {"lora": "apple", "dora": "river", "adalora": "stone"}
+    rng = random.Random(0)
+    words = "red blue green small large old new fast slow warm cold dark light".split()
+    store = LocalStore(tmp_path / "reg", cache_dir=tmp_path / "cache")
+    for method, answer in answers.items():
+        data = tmp_path / f"{method}.jsonl"
+        with data.open("w") as handle:
+            for _ in range(64):
+                question = " ".join(rng.sample(words, 3))
+                handle.write(json.dumps({"prompt": f"Q: {question}\nA:", "completion": f" {answer}"}) + "\n")
+        method_cfg = {"name": method, "target_modules": "all-linear"}
+        method_cfg.update({"init_r": 8, "target_r": 4, "tinit": 5, "tfinal": 10} if method == "adalora" else {"r": 8, "alpha": 16})
+        config = validate_run_config({
+            "base": {"path": str(tiny_llama_path)},
+            "method": method_cfg,
+            "objective": {"name": "sft"},
+            "data": {"train": str(data), "max_length": 32, "eval_fraction": 0.0},
+            "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 10},
+            "output": {"dir": str(tmp_path / method), "task": answer},
+        })
+        result = train(config)
+        store.push(result.module_dir, f"answers/{method}")
+
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    params = SamplingParams(max_tokens=4, stop_token_ids=[])
+    refs = ["answers/lora", "answers/dora", "answers/adalora", None] * 2
+    requests = [
+        GenerationRequest(prompt=f"Q: {' '.join(rng.sample(words, 3))}\nA:", module=ref, params=params) for ref in refs
+    ]
+    rng.shuffle(requests)
+    for request, result in zip(requests, engine.generate(requests)):
+        text = result.text.strip()
+        if request.module is None:
+            assert not any(text.startswith(a) for a in answers.values()), text
+        else:
+            assert text.startswith(answers[request.module.split("/")[1]]), (request.module, text)
+            assert result.module == f"{request.module}@1"
+    engine.close()
