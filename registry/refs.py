@@ -15,6 +15,12 @@ from tunehub.errors import InvalidReference
 MAX_NAME_LENGTH = 96
 LATEST = "latest"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit_sha(value: object) -> bool:
+    """A full 40-hex commit id (``name@<sha>`` pins a Hub commit in ``hf://`` stores)."""
+    return isinstance(value, str) and bool(_COMMIT_SHA.fullmatch(value))
 
 
 def validate_name(value: str, what: str = "name") -> str:
@@ -99,6 +105,11 @@ class ModuleRef:
         if self.version is not None:
             return str(self.version)
         return self.alias or LATEST
+
+    @property
+    def commit(self) -> str | None:
+        """The selector when it is a 40-hex commit id (parsed as an alias otherwise), else None."""
+        return self.alias if is_commit_sha(self.alias) else None
 
     def with_version(self, version: int) -> "ModuleRef":
         return ModuleRef(name=self.name, namespace=self.namespace, version=version)

@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Make and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+hub_app = typer.Typer(help="Run a private hub that speaks the Hugging Face Hub API.", no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
 
 RegistryOption = typer.Option(
     None,
@@ -236,6 +238,23 @@ def base_init(
 
     out = build_base(path, preset, seed=seed, overwrite=overwrite)
     typer.echo(f"built {preset} base in {out} (fingerprint {base_fingerprint(out)[:12]})")
+
+
+@hub_app.command("serve")
+def hub_serve(
+    root: Path = typer.Option(..., "--root", help="folder that holds the hub's repos (created if missing)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8787, "--port", help="port to listen on (0 picks a free one)"),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file", help="accepted tokens, one per line; without it anyone may write"
+    ),
+    max_body_bytes: int = typer.Option(1 << 30, "--max-body-bytes", help="largest request body accepted (413 beyond)"),
+    verbose: bool = typer.Option(False, "--verbose", help="log every request to stderr"),
+) -> None:
+    """Serve a local folder over the Hugging Face Hub HTTP API (clients set HF_ENDPOINT and HF_HUB_DISABLE_XET=1)."""
+    from tunehub.registry.hub_server import serve
+
+    serve(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

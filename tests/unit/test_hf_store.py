@@ -1,0 +1,116 @@
+"""The hf:// store's rules that need no hub: names, namespaces, aliases, offline refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunehub.errors import Conflict, InvalidReference, StoreError
+from tunehub.registry.hf import HubStore, _check_state, prepare_environment
+from tunehub.registry.refs import is_commit_sha, parse_ref
+from tunehub.registry.store import open_store
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens there; these tests never reach it
+
+
+@pytest.fixture(autouse=True)
+def _restore_hub_settings(monkeypatch):
+    """HubStore switches Xet off process-wide for private hubs; undo that after each test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", constants.HF_HUB_DISABLE_XET)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEHUB_HOME", str(tmp_path / "home"))
+    return HubStore("acme", endpoint=DEAD_ENDPOINT, cache_dir=tmp_path / "hf")
+
+
+def test_commit_refs_parse_as_pins():
+    ref = parse_ref(f"acme/sum@{SHA}")
+    assert ref.commit == SHA and ref.version is None and str(ref) == f"acme/sum@{SHA}"
+    assert parse_ref("acme/sum@prod").commit is None and parse_ref("sum@3").commit is None
+    assert is_commit_sha(SHA) and not is_commit_sha(SHA[:-1]) and not is_commit_sha(SHA.upper())
+
+
+def test_open_store_dispatches_hf_and_checks_namespaces(store, tmp_path):
+    opened = open_store("hf://acme", endpoint=DEAD_ENDPOINT, cache_dir=tmp_path / "hf")
+    assert isinstance(opened, HubStore) and opened.uri == "hf://acme" and opened.endpoint == DEAD_ENDPOINT
+    for bad in ("", "a/b", "../x", "x..y", "bad name"):
+        with pytest.raises(InvalidReference):
+            HubStore(bad, endpoint=DEAD_ENDPOINT)
+    with pytest.raises(InvalidReference, match="namespace"):
+        store.resolve("other/sum")
+    with pytest.raises(InvalidReference, match="Hub repo name"):
+        store.resolve("acme/a--b")  # a tunehub name the Hub does not accept
+    with pytest.raises(InvalidReference):
+        HubStore("acme", endpoint="ftp://host")
+
+
+def test_endpoint_from_environment_and_xet_switch(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:8787/")
+    assert HubStore("acme").endpoint == "http://127.0.0.1:8787"
+    import os
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    prepare_environment("https://huggingface.co")  # the real Hub keeps Xet
+    assert "HF_HUB_DISABLE_XET" not in os.environ and constants.HF_HUB_DISABLE_XET is False
+    prepare_environment("http://127.0.0.1:8787")
+    assert os.environ["HF_HUB_DISABLE_XET"] == "1" and constants.HF_HUB_DISABLE_XET is True
+
+
+def test_alias_names_and_push_refs_are_checked_before_any_request(store, tmp_path):
+    with pytest.raises(InvalidReference, match="reserved"):
+        store.promote("sum@1", "main")
+    with pytest.raises(InvalidReference, match="reserved"):
+        store.promote("sum@1", SHA)
+    with pytest.raises(Conflict, match="latest"):
+        store.promote("sum@1", "latest")
+    with pytest.raises(Conflict, match="assigned by the registry"):
+        store.push(tmp_path, "acme/sum@2")
+    with pytest.raises(Conflict, match="exact version"):
+        store.yank("sum@prod")
+    with pytest.raises(Conflict, match="not an alias"):
+        store.delete("sum@prod")
+
+
+def test_offline_reads_need_a_cached_state_and_writes_need_the_hub(store, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StoreError, match="never read .* online"):
+        store.resolve("sum")
+    from tests.helpers import make_fake_module
+
+    with pytest.raises(StoreError, match="HF_HUB_OFFLINE"):
+        store.push(make_fake_module(tmp_path / "m"), "sum")
+    with pytest.raises(StoreError, match="HF_HUB_OFFLINE"):
+        store.list()
+
+
+def test_state_from_the_hub_is_validated():
+    good = {
+        "schema": 1,
+        "versions": {
+            "1": {
+                "version": 1,
+                "files": {"manifest.json": "a" * 64, "w.safetensors": "b" * 64},
+                "manifest_sha256": "a" * 64,
+                "kind": "lora",
+                "created_at": "now",
+                "base_fingerprint": "f",
+                "base_model_id": "m",
+            }
+        },
+        "aliases": {"prod": 1},
+    }
+    assert _check_state(good, "acme/x")["aliases"] == {"prod": 1}
+    evil = {**good, "versions": {"1": {**good["versions"]["1"], "files": {"../../etc/x": "a" * 64, "manifest.json": "a" * 64}}}}
+    for broken in (evil, {**good, "schema": 9}, [], {**good, "aliases": {"prod": "1"}}, {**good, "history": [{"x": 1}]}):
+        with pytest.raises(Exception, match="corrupt"):
+            _check_state(broken, "acme/x")

@@ -1,0 +1,213 @@
+"""The hub server's protocol details, against an in-process server on a loopback port (fast)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tunehub.registry.hub_server import (
+    HubError,
+    card_data,
+    check_file_path,
+    check_ref_name,
+    check_repo_part,
+    git_blob_oid,
+    load_tokens,
+    make_server,
+)
+
+TOKEN = "unit-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def hub(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    server = make_server(tmp_path / "root", port=0, token_file=tokens, max_body_bytes=256 * 1024)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client, server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def _commit(client: httpx.Client, repo: str, *lines: dict, rev: str = "main", parent: str | None = None) -> httpx.Response:
+    header = {"summary": "test commit"}
+    if parent:
+        header["parentCommit"] = parent
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in ({"key": "header", "value": header}, *lines))
+    return client.post(f"/api/models/{repo}/commit/{rev}", content=body, headers=AUTH)
+
+
+def _file(path: str, data: bytes) -> dict:
+    return {"key": "file", "value": {"path": path, "content": base64.b64encode(data).decode(), "encoding": "base64"}}
+
+
+def _new_repo(client: httpx.Client, repo: str = "acme/demo") -> str:
+    namespace, name = repo.split("/")
+    answer = client.post("/api/repos/create", json={"name": name, "organization": namespace}, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    return client.get(f"/api/models/{repo}/refs").json()["branches"][0]["targetCommit"]
+
+
+def test_validators_and_helpers(tmp_path):
+    assert git_blob_oid(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+    for bad in ("", "../a", "/abs", "a//b", "a/./b", "a\\b", "a\x00b", ".git/config", "x" * 2000, None, 3):
+        with pytest.raises(HubError):
+            check_file_path(bad)
+    assert check_file_path("dir/file.txt") == "dir/file.txt"
+    for bad in ("..", "a..b", "-x", "x-", "a/b", "a b", "name.git", "", "x" * 97):
+        with pytest.raises(HubError):
+            check_repo_part(bad, "name")
+    assert check_repo_part("Org_1.x", "name") == "Org_1.x"
+    for bad in ("../x", "a..b", "x/", "x.lock", "a" * 40, "", "a b"):
+        with pytest.raises(HubError):
+            check_ref_name(bad)
+    assert check_ref_name("refs/pr/1") == "refs/pr/1"
+    assert card_data("---\nlibrary_name: peft\ntags: [a]\n---\n# x\n") == {"library_name": "peft", "tags": ["a"]}
+    assert card_data("no front matter") is None and card_data("---\n[unclosed\n") is None
+    (tmp_path / "t").write_text("# comment\n\n tok \n")
+    assert load_tokens(tmp_path / "t") == frozenset({"tok"})
+    (tmp_path / "empty").write_text("\n# nothing\n")
+    with pytest.raises(ValueError):
+        load_tokens(tmp_path / "empty")
+
+
+def test_preupload_commit_tree_and_resolve_headers(hub):
+    client, _ = hub
+    initial = _new_repo(client)
+    files = [
+        {"path": "config.json", "size": 10, "sample": base64.b64encode(b'{"a": 1}').decode()},
+        {"path": "w.safetensors", "size": 10, "sample": base64.b64encode(b"{}").decode()},
+        {"path": "blob.dat", "size": 4, "sample": base64.b64encode(b"\x00\x01\x02\x03").decode()},
+        {"path": "empty.txt", "size": 0, "sample": ""},
+    ]
+    modes = client.post("/api/models/acme/demo/preupload/main", json={"files": files}, headers=AUTH).json()["files"]
+    assert [f["uploadMode"] for f in modes] == ["regular", "lfs", "lfs", "regular"]
+    assert all("oid" not in f for f in modes)
+
+    answer = _commit(client, "acme/demo", _file("config.json", b'{"a": 1}\n'), _file("sub/dir/notes.txt", b"hi"),
+                     parent=initial)
+    assert answer.status_code == 200, answer.text
+    head = answer.json()["commitOid"]
+    assert answer.json()["commitUrl"].endswith(f"/acme/demo/commit/{head}")
+    again = client.post("/api/models/acme/demo/preupload/main", json={"files": files[:1]}, headers=AUTH).json()
+    assert again["files"][0]["oid"] == git_blob_oid(b'{"a": 1}\n')  # unchanged files can be skipped
+
+    top = client.get("/api/models/acme/demo/tree/main").json()
+    assert sorted((e["type"], e["path"]) for e in top) == [
+        ("directory", "sub"), ("file", ".gitattributes"), ("file", "config.json")]
+    deep = client.get("/api/models/acme/demo/tree/main", params={"recursive": "true"}).json()
+    assert {e["path"] for e in deep} >= {"sub", "sub/dir", "sub/dir/notes.txt"}
+    inside = client.get("/api/models/acme/demo/tree/main/sub%2Fdir").json()
+    assert [e["path"] for e in inside] == ["sub/dir/notes.txt"]
+
+    head_answer = client.head("/acme/demo/resolve/main/config.json")
+    assert head_answer.status_code == 200
+    assert head_answer.headers["X-Repo-Commit"] == head
+    config_oid = git_blob_oid(b'{"a": 1}\n')
+    assert head_answer.headers["ETag"] == f'"{config_oid}"'
+    assert head_answer.headers["Content-Length"] == "9"
+    assert client.get(f"/acme/demo/resolve/{head}/config.json").content == b'{"a": 1}\n'
+    ranged = client.get("/acme/demo/resolve/main/config.json", headers={"Range": "bytes=2-4"})
+    assert ranged.status_code == 206 and ranged.content == b'a":' and ranged.headers["Content-Range"] == "bytes 2-4/9"
+    assert client.get("/acme/demo/resolve/main/config.json", headers={"Range": "bytes=50-"}).status_code == 416
+    info = client.post("/api/models/acme/demo/paths-info/main", data={"paths": ["config.json", "sub", "nope"]}).json()
+    assert [(i["type"], i["path"]) for i in info] == [("file", "config.json"), ("directory", "sub")]
+    commits = client.get("/api/models/acme/demo/commits/main").json()
+    assert [c["id"] for c in commits] == [head, initial]
+
+    stale = _commit(client, "acme/demo", _file("x.txt", b"x"), parent=initial)
+    assert stale.status_code == 412
+    deleted = _commit(client, "acme/demo", {"key": "deletedFolder", "value": {"path": "sub/"}})
+    assert deleted.status_code == 200
+    assert "sub/dir/notes.txt" not in {e["path"] for e in client.get("/api/models/acme/demo/tree/main?recursive=1").json()}
+    missing = _commit(client, "acme/demo", {"key": "deletedFile", "value": {"path": "nope.txt"}})
+    assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+
+
+def test_lfs_upload_round_trip_and_signature(hub):
+    client, _ = hub
+    _new_repo(client)
+    data = bytes(range(256)) * 40
+    oid = hashlib.sha256(data).hexdigest()
+    batch = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
+                        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).json()
+    action = batch["objects"][0]["actions"]
+    wrong = client.put(action["upload"]["href"], content=data[:-1] + b"!")
+    assert wrong.status_code == 400  # content that does not match its oid never enters the store
+    assert client.put(action["upload"]["href"], content=data).status_code == 200
+    assert client.post(action["verify"]["href"], json={"oid": oid, "size": len(data)}, headers=AUTH).status_code == 200
+    again = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
+                        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).json()
+    assert "actions" not in again["objects"][0]  # already stored: nothing to upload
+    tampered = action["upload"]["href"].replace(f"size={len(data)}", "size=1")
+    assert client.put(tampered, content=b"x").status_code == 403
+    lfs = {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": oid, "size": len(data)}}
+    assert _commit(client, "acme/demo", lfs).status_code == 200
+    got = client.get("/acme/demo/resolve/main/w.safetensors")
+    assert got.content == data and got.headers["ETag"] == f'"{oid}"'  # LFS files: the sha256
+    entry = [e for e in client.get("/api/models/acme/demo/tree/main").json() if e["path"] == "w.safetensors"][0]
+    assert entry["lfs"]["oid"] == oid and entry["size"] == len(data)
+    too_big = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
+                          json={"operation": "upload", "objects": [{"oid": "cd" * 32, "size": 10**9}]}).json()
+    assert too_big["objects"][0]["error"]["code"] == 413
+
+
+def test_refs_listing_card_and_repo_lifecycle(hub):
+    client, _ = hub
+    _new_repo(client)
+    card = b"---\nlibrary_name: peft\nbase_model: org/base\ntags: [tunehub, lora]\n---\n# demo\n"
+    head = _commit(client, "acme/demo", _file("README.md", card)).json()["commitOid"]
+    assert client.post("/api/models/acme/demo/tag/main", json={"tag": "v1"}, headers=AUTH).status_code == 200
+    assert client.post("/api/models/acme/demo/tag/main", json={"tag": "v1"}, headers=AUTH).status_code == 409
+    assert client.post("/api/models/acme/demo/branch/prod", json={"startingPoint": "v1"}, headers=AUTH).status_code == 200
+    assert client.post("/api/models/acme/demo/branch/prod", json={}, headers=AUTH).status_code == 409
+    missing = client.post("/api/models/acme/demo/branch/x", json={"startingPoint": "nope"}, headers=AUTH)
+    assert missing.headers["X-Error-Code"] == "RevisionNotFound"
+    refs = client.get("/api/models/acme/demo/refs").json()
+    assert {b["name"]: b["targetCommit"] for b in refs["branches"]} == {"main": head, "prod": head}
+    assert refs["tags"] == [{"name": "v1", "ref": "refs/tags/v1", "targetCommit": head}]
+    assert _commit(client, "acme/demo", _file("a", b"a"), rev="v1").status_code == 400  # not a branch
+
+    info = client.get("/api/models/acme/demo/revision/v1").json()
+    assert info["sha"] == head and info["library_name"] == "peft"
+    assert set(info["tags"]) >= {"tunehub", "lora", "peft", "base_model:org/base"}
+    assert info["cardData"]["base_model"] == "org/base"
+    _new_repo(client, "other/thing")
+    assert [m["id"] for m in client.get("/api/models", params={"filter": "lora"}).json()] == ["acme/demo"]
+    assert [m["id"] for m in client.get("/api/models", params={"author": "other"}).json()] == ["other/thing"]
+    assert [m["id"] for m in client.get("/api/models", params={"search": "THI"}).json()] == ["other/thing"]
+    assert client.post("/api/validate-yaml", json={"content": "---\n[bad\n---\n"}).status_code == 400
+    assert client.post("/api/validate-yaml", json={"content": card.decode()}).json()["errors"] == []
+    assert client.get("/api/whoami-v2", headers=AUTH).json()["type"] == "user"
+    assert client.get("/api/whoami-v2").status_code == 401
+    assert client.post("/api/models/acme/demo/preupload/main?create_pr=1", json={"files": []}, headers=AUTH).status_code == 400
+
+    assert client.delete("/api/models/acme/demo/branch/prod", headers=AUTH).status_code == 200
+    assert client.delete("/api/models/acme/demo/tag/v1", headers=AUTH).status_code == 200
+    assert client.request("DELETE", "/api/repos/delete", json={"name": "demo", "organization": "acme"},
+                          headers=AUTH).status_code == 200
+    assert client.get("/api/models/acme/demo").headers["X-Error-Code"] == "RepoNotFound"
+    assert client.get("/api/datasets/acme/demo").status_code == 404
+
+
+def test_body_limit_and_keep_alive_after_errors(hub):
+    client, server = hub
+    _new_repo(client)
+    limit = server.config.max_body_bytes
+    assert client.post("/api/models/acme/demo/commit/main", content=b"x" * (limit + 1), headers=AUTH).status_code == 413
+    assert client.post("/api/models/acme/demo/commit/main", content=iter([b"y" * limit, b"y"]), headers=AUTH).status_code == 413
+    # a refused write with a body does not poison the next request on a reused connection
+    for _ in range(3):
+        assert client.post("/api/repos/create", json={"name": "x", "organization": "acme"}).status_code == 401
+        assert client.get("/api/models/acme/demo/refs").status_code == 200
