@@ -585,6 +585,25 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Requests the stdlib refuses before dispatch (bad request line, huge headers) get JSON too."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        data = json.dumps({"error": text}).encode()
+        self.send_response(code, text)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(data)
+
     def _dispatch(self, method: str) -> None:
         self._body_done = False
         self._sent = False
@@ -797,6 +816,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     # --- routing -------------------------------------------------------------------------------
     def _route(self, method: str) -> None:
+        if method not in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+            raise HubError(405, f"method {method} is not supported", headers={"Allow": "GET, HEAD, POST, PUT, DELETE"})
         s = self.segments
         if len(s) >= 1 and s[0] == "api":
             return self._route_api(method, s[1:])

@@ -211,3 +211,33 @@ def test_body_limit_and_keep_alive_after_errors(hub):
     for _ in range(3):
         assert client.post("/api/repos/create", json={"name": "x", "organization": "acme"}).status_code == 401
         assert client.get("/api/models/acme/demo/refs").status_code == 200
+
+
+def test_random_requests_never_get_a_server_error(hub):
+    """Seeded junk over every route: always a 4xx with a JSON error, never a 500."""
+    import random
+
+    client, _ = hub
+    _new_repo(client, "a/r")
+    _commit(client, "a/r", _file("d/f.txt", b"hi"))
+    rng = random.Random(7)
+    pieces = ["a", "r", "..", "%2e%2e", "%2F", "%00", "%5C", "main", "v1", "x" * 300, "%ZZ", "refs%2Fheads%2Fmain",
+              "", "~", "resolve", "tree", "api", "models", "commit", "preupload", "tag", "branch", "refs", "revision",
+              "commits", "paths-info", "r.git", "info", "lfs", "objects", "batch", "verify", "ab" * 32, "0" * 40,
+              "d", "f.txt", "d%2Ff.txt", "repos", "create", "delete", "validate-yaml"]
+    bodies = [b"", b"{}", b"[]", b"null", b"\xff\xfe", b'{"files": [{"path": 1}]}',
+              b'{"files": [{"path": "a", "size": 1, "sample": 5}]}', b'{"name": null}', b'{"tag": 5}',
+              b'{"startingPoint": 5}', b'{"operation": "upload", "objects": [{"oid": 1}]}',
+              b'{"key":"header","value":{"summary":"s"}}\n{"key":"file","value":{"path":"p","content":5}}',
+              b'{"key":"header","value":{"summary":"s"}}\n{"key":"deletedFolder","value":{"path":5}}',
+              b'{"key":"header","value":[]}', b'{"paths": "x"}', b"paths=../x", b'{"content": 5}']
+    queries = ["", "?recursive=1", "?cursor=-1", "?cursor=x", "?limit=99999999999999999999", "?create_pr=1",
+               "?size=1&expires=1&sig=x", "?blobs=1&expand=1"]
+    for _ in range(600):
+        path = "/" + "/".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))) + rng.choice(queries)
+        method = rng.choice(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+        body = rng.choice(bodies) if method not in ("GET", "HEAD") else None
+        answer = client.request(method, path, content=body, headers=AUTH if rng.random() < 0.8 else {})
+        assert answer.status_code < 500, (method, path, answer.text)
+        if answer.status_code >= 400 and method != "HEAD":
+            assert "error" in answer.json(), (method, path)
