@@ -483,6 +483,10 @@ class Engine:
             row.finish_reason = "length"
         # hold back text that could still become a stop string
         safe = len(text) if row.finish_reason else len(text) - _partial_stop(text, row.params.stop)
+        if not row.finish_reason:
+            # a byte-level token can end inside a UTF-8 character (decoded as U+FFFD): hold that
+            # back until the next token completes it, so streamed text equals the full decode
+            safe = min(safe, len(text.rstrip("\ufffd")))
         delta = text[len(row.emitted_text) : safe] if safe > len(row.emitted_text) else ""
         row.emitted_text += delta
         row.final_text = text
