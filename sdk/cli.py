@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Make and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+tenants_app = typer.Typer(help="Manage the tenants of `tunehub serve`.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 hub_app = typer.Typer(help="Run a private hub that speaks the Hugging Face Hub API.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 
@@ -255,6 +257,92 @@ def hub_serve(
     from tunehub.registry.hub_server import serve
 
     serve(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose)
+
+
+@app.command()
+def serve(
+    base: str = typer.Option(..., "--base", help="base model: a local folder or a Hub id"),
+    quantization: str = typer.Option("nf4", "--quantization", help="nf4 (4-bit), int8 or none"),
+    registry: Optional[str] = RegistryOption,
+    tenants: Optional[Path] = typer.Option(
+        None, "--tenants", help="tenants YAML (hashed keys, models, limits); without it: one open tenant, loopback only"
+    ),
+    pool_bytes: int = typer.Option(1 << 30, "--pool-bytes", help="byte budget of the resident modules (LRU beyond)"),
+    max_batch: int = typer.Option(16, "--max-batch", help="most requests decoded together"),
+    host: str = typer.Option("127.0.0.1", "--host", help="127.0.0.1, 0.0.0.0 or :: (the last two need --tenants)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on"),
+    admin_key_file: Optional[Path] = typer.Option(
+        None, "--admin-key-file", help="file holding the admin key (or sha256:<hex>); enables /admin/*"
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="largest request body accepted (413 beyond)"),
+    alias_ttl: float = typer.Option(5.0, "--alias-ttl", help="seconds before an alias (prod, latest) is resolved again"),
+    audit_log: Optional[str] = typer.Option(None, "--audit-log", help="file for the JSON audit lines (default: stderr)"),
+    log_level: str = typer.Option("warning", "--log-level", help="LitServe/uvicorn log level"),
+) -> None:
+    """Serve every module of the registry from one base over an OpenAI-compatible HTTP API."""
+    from tunehub.server.serve import ServeConfig
+    from tunehub.server.serve import serve as run_server
+
+    config = ServeConfig(
+        base=base, quantization=quantization, registry=registry, tenants=str(tenants) if tenants else None,
+        pool_bytes=pool_bytes, max_batch=max_batch, host=host, port=port,
+        admin_key_file=str(admin_key_file) if admin_key_file else None, max_body_bytes=max_body_bytes,
+        alias_ttl_s=alias_ttl, audit_log=audit_log, log_level=log_level,
+    )
+    raise typer.Exit(run_server(config))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt (with --chat: the user's message)"),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="TUNEHUB_URL", help="the tunehub server"),
+    model: str = typer.Option(..., "--model", "-m", help="module reference (acme/sum@prod) or the base's name"),
+    chat: bool = typer.Option(False, "--chat", help="use the chat endpoint (the base's chat template)"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they come"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="most tokens to generate"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNEHUB_API_KEY", help="tenant API key"),
+) -> None:
+    """Ask a running `tunehub serve` for a completion; the module version that answered goes to stderr."""
+    from tunehub.sdk.client import Client
+
+    options = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with Client(url, api_key) as client:
+        if stream:
+            with (client.stream_chat(model, prompt, **options) if chat else client.stream_complete(model, prompt, **options)) as s:
+                for chunk in s:
+                    typer.echo(chunk.text, nl=False)
+            typer.echo()
+            result = s.completion
+        else:
+            result = client.chat(model, prompt, **options) if chat else client.complete(model, prompt, **options)
+            typer.echo(result.text)
+    fingerprint = (result.base_fingerprint or "")[:12]
+    typer.echo(
+        f"[{result.model}, base {fingerprint}, {result.finish_reason}, {result.prompt_tokens} prompt +"
+        f" {result.completion_tokens} completion tokens]",
+        err=True,
+    )
+
+
+@tenants_app.command("hash-key")
+def tenants_hash_key(
+    key: Optional[str] = typer.Argument(None, help="the key to hash, '-' to read it from stdin; omit to make a new key"),
+) -> None:
+    """Print the sha256 form of an API key for a tenants file (or make a new key and print both)."""
+    from tunehub.server.tenants import hash_key, new_key
+
+    if key is None:
+        key = new_key()
+        typer.echo(f"key:  {key}")
+        typer.echo(f"hash: {hash_key(key)}")
+        return
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    if not key:
+        raise typer.BadParameter("the key is empty")
+    typer.echo(hash_key(key))
 
 
 def main(argv: list[str] | None = None) -> int:

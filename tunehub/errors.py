@@ -100,6 +100,51 @@ class StoreError(TunehubError):
     http_status = 503
 
 
+# --- errors a tunehub server answers with (the SDK raises them from HTTP statuses) -------------
+
+
+class InvalidRequest(TunehubError, ValueError):
+    """A request the server refuses as malformed or out of bounds (bad JSON, a missing field,
+    ``max_tokens`` above the tenant's limit, a prompt longer than the context)."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body larger than the server accepts."""
+
+    http_status = 413
+
+
+class Unauthorized(TunehubError, PermissionError):
+    """No API key, or one the server does not know."""
+
+    http_status = 401
+
+
+class Forbidden(TunehubError, PermissionError):
+    """A known key that may not do this (e.g. a tenant key on an admin endpoint)."""
+
+    http_status = 403
+
+
+class RateLimited(TunehubError):
+    """Over a request or token limit; ``retry_after`` says how many seconds to wait."""
+
+    http_status = 429
+
+    def __init__(self, message: str = "rate limited", retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerError(TunehubError):
+    """The server failed to answer (5xx) or could not be reached."""
+
+    http_status = 500
+
+
 __all__ = [
     "TunehubError",
     "InvalidReference",
@@ -115,4 +160,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "StoreError",
+    "InvalidRequest",
+    "PayloadTooLarge",
+    "Unauthorized",
+    "Forbidden",
+    "RateLimited",
+    "ServerError",
 ]

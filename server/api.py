@@ -1,0 +1,326 @@
+"""The inference side of ``tunehub serve``: one LitServe worker holding the base and the engine.
+
+LitServe runs this ``LitAPI`` in its own process (``workers_per_device=1``) with
+``enable_async=True``: every request becomes an asyncio task in the worker, which submits it to
+the engine at once and awaits its own handle. Requests that arrive together therefore reach the
+engine together, and the engine batches them (continuous batching, mixed modules).
+
+The HTTP side (``spec.py``) sends small dict messages through LitServe's request queue:
+
+- ``generate``: run one request; answers ``start`` (first token, streaming only), ``text``
+  pieces (streaming only), then ``done`` or ``error``;
+- ``cancel``: the client went away, cancel that request's engine handle;
+- ``admin``: load, unload, pin, unpin, reload, status of the module pool;
+- ``info``: the base's name, fingerprint and context size.
+
+Errors are answered as ``{"type": "error", "status": ..., "error": ..., "message": ...}``
+messages, never raised into LitServe (which would turn them into a 500).
+Nothing here imports torch at module level: the LitServe main and HTTP processes import this
+module too, and only the worker needs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator
+
+import litserve as ls
+
+from tunehub.errors import InvalidRequest, TunehubError
+
+log = logging.getLogger("tunehub.server")
+
+#: how long a cancel for a request the worker has not seen yet is remembered
+_EARLY_CANCEL_TTL_S = 120.0
+
+
+@dataclass
+class WorkerSettings:
+    """What the worker needs to build the engine (plain values: LitServe pickles this)."""
+
+    base: str
+    quantization: str = "nf4"
+    registry: str | None = None
+    pool_bytes: int = 1 << 30
+    max_batch: int = 16
+    alias_ttl_s: float = 5.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def error_message(exc: BaseException) -> dict[str, Any]:
+    """The wire form of an error: tunehub errors keep their class and HTTP status."""
+    if isinstance(exc, TunehubError):
+        return {"type": "error", "status": exc.http_status, "error": type(exc).__name__, "message": str(exc)}
+    log.error("unexpected error in the inference worker: %r", exc, exc_info=exc)
+    return {"type": "error", "status": 500, "error": "ServerError", "message": f"internal error ({type(exc).__name__})"}
+
+
+class TunehubAPI(ls.LitAPI):
+    """LitServe API whose ``predict`` drives the tunehub engine (see module docstring)."""
+
+    def __init__(self, settings: WorkerSettings, spec: ls.specs.base.LitSpec):
+        super().__init__(spec=spec, enable_async=True)
+        self.settings = settings
+
+    # --- LitServe hooks (run in the worker process) ---------------------------------------------
+    def setup(self, device: str) -> None:
+        from tunehub.registry.store import open_store
+        from tunehub.server.engine import Engine, load_base
+
+        s = self.settings
+        base = load_base(s.base, quantization=s.quantization, device=device)  # type: ignore[arg-type]
+        self.engine = Engine(
+            base, open_store(s.registry), pool_bytes=s.pool_bytes, max_batch=s.max_batch, alias_ttl_s=s.alias_ttl_s
+        )
+        self._loads: dict[str, int] = {}
+        self._evictions: dict[str, int] = {}
+        self.engine.pool.on_event = self._on_pool_event
+        # one thread loads modules: cold loads stay off the engine's decode loop, and module
+        # materialisation never runs twice at once
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunehub-load")
+        self._active: dict[str, Any] = {}
+        self._early_cancels: dict[str, float] = {}
+        self._cancelled = 0  # requests whose client went away before the end
+        self._warm_up()
+        log.info("engine ready: base %s (%s, %s) on %s", base.name, base.fingerprint[:12], base.quantization, device)
+
+    async def decode_request(self, request: dict, context: dict | None = None) -> dict:
+        return request
+
+    async def predict(self, request: dict, context: dict | None = None) -> AsyncIterator[dict]:
+        op = request.get("op") if isinstance(request, dict) else None
+        try:
+            if op == "generate":
+                async for message in self._generate(request):
+                    yield message
+            elif op == "cancel":
+                self._cancel(str(request.get("request_id")))
+                yield {"type": "result", "data": {}}
+            elif op == "admin":
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(self._loader, self._admin, request.get("action"), request.get("model"))
+                yield {"type": "result", "data": data}
+            elif op == "info":
+                yield {"type": "result", "data": self._info()}
+            else:
+                yield error_message(InvalidRequest(f"unknown worker operation {op!r}"))
+        except Exception as exc:  # every failure becomes an error message, never a dead worker
+            yield error_message(exc)
+
+    async def encode_response(self, output: AsyncIterator[dict], context: dict | None = None) -> AsyncIterator[dict]:
+        async for message in output:
+            yield message
+
+    def health(self) -> bool:
+        return True
+
+    # --- generation -----------------------------------------------------------------------------
+    async def _generate(self, request: dict) -> AsyncIterator[dict]:
+        from tunehub.server.engine import GenerationRequest, SamplingParams
+
+        loop = asyncio.get_running_loop()
+        request_id = str(request["request_id"])
+        stream = bool(request.get("stream"))
+        module = None
+        cold = False
+        handle = None
+        finished = False
+        try:
+            if request.get("model"):
+                # acquire here and hold it for the whole request: the engine then always finds the
+                # module resident, and an alias moved meanwhile does not matter. A resident exact
+                # version is taken at once; anything that may load or ask the registry goes to the
+                # load thread, off this event loop
+                module = self._acquire_resident(request["model"])
+                if module is None:
+                    module, cold = await loop.run_in_executor(self._loader, self._acquire, request["model"])
+            input_ids = request.get("input_ids")
+            if request.get("messages") is not None:
+                input_ids = self._chat_ids(request["messages"])
+            params = self._sampling(SamplingParams, dict(request.get("params", {})))
+            handle = self.engine.submit(
+                GenerationRequest(
+                    prompt=request.get("prompt") if input_ids is None else None,
+                    input_ids=input_ids,
+                    module=module.key if module is not None else None,
+                    params=params,
+                    request_id=request_id,
+                )
+            )
+            self._active[request_id] = handle
+            if self._early_cancels.pop(request_id, None) is not None:
+                handle.cancel()
+            events: asyncio.Queue = asyncio.Queue()
+            threading.Thread(
+                target=_pump, args=(handle, loop, events, stream), name=f"pump-{request_id[:8]}", daemon=True
+            ).start()
+            started = False
+            while True:
+                batch = [await events.get()]
+                while not events.empty():  # send every token that is ready as one message
+                    batch.append(events.get_nowait())
+                text = "".join(p.text for kind, p in batch if kind == "token")
+                tokens = sum(1 for kind, _ in batch if kind == "token")
+                final = next(((k, p) for k, p in batch if k != "token"), None)
+                if final is not None and final[0] == "error":
+                    finished = True
+                    yield error_message(final[1])
+                    return
+                if stream and not started and tokens:
+                    started = True
+                    yield {"type": "start", "module": handle.module_key, "cold_load": cold}
+                if stream and text:
+                    yield {"type": "text", "text": text}
+                if final is not None:
+                    finished = True
+                    result = final[1]
+                    yield {
+                        "type": "done",
+                        "module": result.module,
+                        "text": None if stream else result.text,
+                        "finish_reason": result.finish_reason,
+                        "prompt_tokens": result.prompt_tokens,
+                        "completion_tokens": result.completion_tokens,
+                        "cold_load": cold,
+                    }
+                    return
+        except Exception as exc:
+            yield error_message(exc)
+        finally:
+            if handle is not None and not finished:
+                handle.cancel()  # the stream was abandoned: free the engine slot
+            self._active.pop(request_id, None)
+            if module is not None:
+                self.engine.pool.release(module)
+
+    def _sampling(self, cls: Any, params: dict[str, Any]) -> Any:
+        # stop_token_ids add to eos, as in vLLM; ignore_eos drops it
+        ignore_eos = bool(params.pop("ignore_eos", False))
+        if params.get("stop_token_ids") is not None or ignore_eos:
+            ids = set(params.get("stop_token_ids") or [])
+            if not ignore_eos:
+                ids |= self.engine.default_stop_ids
+            params["stop_token_ids"] = sorted(ids)
+        return cls(**params)
+
+    def _acquire_resident(self, ref: str) -> Any:
+        from tunehub.registry.refs import parse_ref
+
+        parsed = parse_ref(ref)
+        if parsed.version is None or str(parsed) not in self.engine.pool:
+            return None
+        return self.engine.pool.acquire(parsed)  # a hit: no I/O (evicted meanwhile: a rare inline load)
+
+    def _acquire(self, ref: str) -> tuple[Any, bool]:
+        pool = self.engine.pool
+        misses = pool.stats.misses
+        module = pool.acquire(ref)
+        # only this thread loads, so a change in misses is this request's cold load
+        return module, pool.stats.misses > misses
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(f"the base {self.engine.base.name} has no chat template; use /v1/completions")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises on roles the template refuses
+            raise InvalidRequest(f"the chat template refused these messages: {exc}") from None
+        # the template writes the special tokens (bos, eos) itself
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _cancel(self, request_id: str) -> None:
+        handle = self._active.get(request_id)
+        if handle is not None:
+            handle.cancel()
+            self._cancelled += 1
+            return
+        now = time.monotonic()
+        self._early_cancels[request_id] = now
+        for rid, at in list(self._early_cancels.items()):
+            if at < now - _EARLY_CANCEL_TTL_S:
+                del self._early_cancels[rid]
+
+    def _warm_up(self) -> None:
+        # the first forward pass initialises lazy kernels; pay it before /health says ready
+        from tunehub.server.engine import GenerationRequest, SamplingParams
+
+        bos = self.engine.tokenizer.bos_token_id
+        ids = [bos if bos is not None else 0, 5, 6]
+        self.engine.generate([GenerationRequest(input_ids=ids, params=SamplingParams(max_tokens=2, stop_token_ids=[]))])
+
+    # --- admin and info -------------------------------------------------------------------------
+    def _on_pool_event(self, event: str, key: str) -> None:
+        counts = self._loads if event == "load" else self._evictions
+        counts[key] = counts.get(key, 0) + 1
+
+    def _admin(self, action: Any, model: Any) -> dict[str, Any]:
+        pool = self.engine.pool
+        if action == "status":
+            return self._status()
+        if action == "reload":
+            pool.refresh()
+            return {"reloaded": True}
+        if action == "load":
+            module = pool.acquire(model)
+            pool.release(module)
+            return {"module": module.key, "loaded": True}
+        if action == "unload":
+            key = pool.resolve_key(model)
+            in_pool = key in pool
+            unloaded = pool.unload(model)
+            # a module in use stays until its requests release it; then LRU eviction may drop it
+            return {"module": key, "loaded": in_pool, "unloaded": unloaded, "in_use": in_pool and not unloaded}
+        if action == "pin":
+            return {"module": pool.pin(model), "pinned": True}
+        if action == "unpin":
+            return {"module": pool.unpin(model), "pinned": False}
+        raise InvalidRequest(f"unknown admin action {action!r}")
+
+    def _status(self) -> dict[str, Any]:
+        status = self.engine.pool.status()
+        status["cold_load_seconds"] = round(self.engine.pool.stats.cold_load_seconds, 4)
+        status["loads_by_module"] = dict(self._loads)
+        status["evictions_by_module"] = dict(self._evictions)
+        status["active_requests"] = len(self._active)
+        status["cancelled_requests"] = self._cancelled
+        status["engine_rows"] = len(self.engine._rows)  # rows in the running batch
+        status["engine_steps"] = self.engine.steps
+        return status
+
+    def _info(self) -> dict[str, Any]:
+        base = self.engine.base
+        return {
+            "base": base.name,
+            "base_fingerprint": base.fingerprint,
+            "quantization": base.quantization,
+            "max_positions": base.max_positions,
+            "device": str(base.device),
+            "chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
+        }
+
+
+def _pump(handle: Any, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool) -> None:
+    """Move one engine handle's events (a blocking iterator) onto the worker's event loop; without
+    streaming only the result travels (one wake-up of the loop per request, not per token)."""
+
+    def put(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the worker is shutting down
+            pass
+
+    try:
+        if stream:
+            for event in handle:
+                put(("token", event))
+        put(("done", handle.result()))
+    except BaseException as exc:  # noqa: BLE001 - forwarded to the request, never lost
+        put(("error", exc))

@@ -1,0 +1,376 @@
+"""``tunehub serve``: check the configuration, run LitServe in a supervised child, stop cleanly.
+
+Process layout::
+
+    tunehub serve (supervisor: this module's ``serve``; no torch, no LitServe)
+      └─ python -m tunehub.server.serve   (own process group; LitServer.run)
+           ├─ LitServe API server (uvicorn, forked): HTTP, tenants, metrics, audit  (spec.py)
+           ├─ LitServe inference worker (spawned): base model + engine            (api.py)
+           └─ multiprocessing manager / resource tracker
+
+Why a supervisor: LitServe shuts down cleanly on SIGINT, but a SIGTERM kills its main process
+and leaves the worker processes running. The child translates SIGTERM and SIGINT into LitServe's
+own shutdown (it sets the server's shutdown event, so uvicorn drains in-flight requests, then the
+workers stop); the supervisor forwards the signal, and if anything is still alive after the grace
+period, or once the child has exited, it kills the child's whole process group. Nothing the server
+started outlives ``tunehub serve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tunehub.errors import ConfigError
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+LITSERVE_HOSTS = {"127.0.0.1", "0.0.0.0", "::"}  # the hosts LitServe accepts
+QUANTIZATIONS = ("nf4", "int8", "none")
+GRACE_S = 8.0  # SIGTERM -> every process gone well within 10 s
+UVICORN_DRAIN_S = 4  # how long in-flight requests may take to finish after SIGTERM
+
+
+@dataclass
+class ServeConfig:
+    base: str
+    quantization: str = "nf4"
+    registry: str | None = None
+    tenants: str | None = None
+    pool_bytes: int = 1 << 30
+    max_batch: int = 16
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key_file: str | None = None
+    max_body_bytes: int = 1 << 20
+    alias_ttl_s: float = 5.0
+    audit_log: str | None = None
+    log_level: str = "warning"
+
+
+@dataclass
+class _Resolved:
+    config: ServeConfig
+    admin_key_hash: str | None
+
+
+def read_admin_key(path: str | Path) -> str:
+    """The sha256 hex digest of the admin key in ``path``: the key itself, or ``sha256:<hex>``."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"cannot read the admin key file {path}: {exc.strerror or exc}") from None
+    if not lines:
+        raise ConfigError(f"the admin key file {path} is empty")
+    key = lines[0]
+    if key.startswith("sha256:") and len(key) == 71 and all(c in "0123456789abcdef" for c in key[7:]):
+        return key[7:]
+    if len(key) < 16:
+        raise ConfigError(f"the admin key in {path} is shorter than 16 characters")
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def resolve_base(base: str) -> str:
+    """A local model folder for ``base``: a path, or a Hub id fetched into the HF cache."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a model folder (no config.json)")
+        return str(path.resolve())
+    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(
+                base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+            )
+        except Exception as exc:  # offline, gated, missing: one clear line
+            raise ConfigError(f"cannot fetch base {base!r} from the Hub: {exc}") from None
+    raise ConfigError(f"base {base!r} is neither a model folder nor a Hub id (namespace/name)")
+
+
+def check_config(config: ServeConfig) -> _Resolved:
+    """Validate everything that can be checked before loading a model; all problems at once."""
+    from tunehub.server.tenants import parse_tenants_file
+
+    problems: list[str] = []
+    if config.quantization not in QUANTIZATIONS:
+        problems.append(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
+    host = "127.0.0.1" if config.host == "localhost" else config.host
+    if host not in LITSERVE_HOSTS:
+        problems.append(f"--host must be 127.0.0.1 (loopback), 0.0.0.0 or :: (LitServe binds only these), got {config.host!r}")
+    elif host not in LOOPBACK_HOSTS and not config.tenants:
+        problems.append(
+            f"refusing to listen on {host} without --tenants: with no tenants file anyone could use every"
+            " module; give a tenants file, or serve on 127.0.0.1"
+        )
+    if not 1024 <= config.port <= 65535:
+        problems.append(f"--port must be from 1024 to 65535, got {config.port}")
+    for name, value, low in (("--pool-bytes", config.pool_bytes, 1), ("--max-batch", config.max_batch, 1),
+                             ("--max-body-bytes", config.max_body_bytes, 256)):
+        if value < low:
+            problems.append(f"{name} must be at least {low}, got {value}")
+    if config.alias_ttl_s < 0:
+        problems.append("--alias-ttl must be >= 0")
+    if config.tenants:
+        try:
+            parse_tenants_file(config.tenants)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    admin_hash = None
+    if config.admin_key_file:
+        try:
+            admin_hash = read_admin_key(config.admin_key_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if config.registry:
+        try:
+            from tunehub.registry.store import open_store
+
+            open_store(config.registry)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    resolved = ServeConfig(**{**asdict(config), "host": host, "base": resolve_base(config.base)})
+    for name in ("tenants", "admin_key_file", "audit_log"):
+        value = getattr(resolved, name)
+        if value and value != "-":
+            setattr(resolved, name, str(Path(value).resolve()))
+    if resolved.registry and "://" not in resolved.registry:
+        resolved.registry = str(Path(resolved.registry).resolve())
+    return _Resolved(resolved, admin_hash)
+
+
+# --- supervisor -----------------------------------------------------------------------------------
+
+
+def serve(config: ServeConfig, *, echo: Any = None) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit code. Blocks."""
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    resolved = check_config(config)
+    cfg = resolved.config
+    payload = {"config": asdict(cfg), "admin_key_hash": resolved.admin_key_hash}
+    env = dict(os.environ)
+    env.pop("LIT_SERVER_API_KEY", None)  # LitServe would add its own X-API-Key check on top of ours
+    # OpenMP threads that spin while idle starve the worker's Python threads (engine loop, token
+    # pumps, LitServe's queue reader): on 2 CPU cores a 400-token decode took 5x longer
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["TUNEHUB_SERVE_CONFIG"] = json.dumps(payload)
+    _become_subreaper()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tunehub.server.serve"], env=env, start_new_session=True, preexec_fn=_parent_death_signal()
+    )
+    display = "[::1]" if cfg.host == "::" else ("127.0.0.1" if cfg.host == "0.0.0.0" else cfg.host)
+    say(f"tunehub serve: starting on http://{cfg.host}:{cfg.port} (base {cfg.base}, {cfg.quantization}; pid {child.pid})")
+    stopping: dict[str, float] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if "at" not in stopping:
+            stopping["at"] = time.monotonic()
+            _signal_group(child.pid, signal.SIGTERM, leader_only=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ready = False
+    code = 0
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if "at" in stopping:
+                if time.monotonic() - stopping["at"] > GRACE_S:
+                    say("tunehub serve: shutdown is taking too long; killing the server's processes")
+                    _signal_group(child.pid, signal.SIGKILL)
+            elif not ready and _healthy(display, cfg.port):
+                ready = True
+                say(f"tunehub serve: ready on http://{display}:{cfg.port}")
+    finally:
+        _sweep(child.pid)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "at" in stopping:
+        say("tunehub serve: stopped")
+        return 0
+    say(f"tunehub serve: the server exited with code {code}")
+    return code or 1
+
+
+def _healthy(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=0.5) as response:
+            return response.status == 200
+    except Exception:
+        return False
+
+
+def _signal_group(pgid: int, sig: int, *, leader_only: bool = False) -> None:
+    try:
+        if leader_only:
+            os.kill(pgid, sig)
+        else:
+            os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _sweep(pgid: int) -> None:
+    """Make sure nothing of the server's process group survives: TERM, a moment, then KILL."""
+    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap()
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is still in the group; Linux /proc, else kill(0)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _become_subreaper() -> None:
+    # orphans of the server (its children, once their parent is gone) are re-parented to us, so
+    # the sweep can reap them instead of leaving zombies under a container's init
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _parent_death_signal() -> Any:
+    """A preexec_fn that has the child get SIGTERM if this supervisor dies (even by SIGKILL), so
+    the server then shuts itself down instead of running on unsupervised. Linux only."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: nothing to import after it
+    except OSError:
+        return None
+
+    def set_signal() -> None:
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return set_signal
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# --- the LitServe child -------------------------------------------------------------------------
+
+
+def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
+    """The LitServer for a checked config (one API server process, one inference worker)."""
+    import litserve as ls
+
+    from tunehub import __version__
+    from tunehub.server.api import TunehubAPI, WorkerSettings
+    from tunehub.server.spec import HttpSettings, TunehubSpec
+
+    spec = TunehubSpec(HttpSettings(
+        tenants_file=config.tenants, admin_key_hash=admin_key_hash, registry=config.registry,
+        max_body_bytes=config.max_body_bytes, audit_log=config.audit_log,
+    ))
+    api = TunehubAPI(
+        WorkerSettings(base=config.base, quantization=config.quantization, registry=config.registry,
+                       pool_bytes=config.pool_bytes, max_batch=config.max_batch, alias_ttl_s=config.alias_ttl_s),
+        spec,
+    )
+    server = ls.LitServer(
+        api, accelerator="auto", devices=1, workers_per_device=1, timeout=False,
+        model_metadata={"server": "tunehub", "version": __version__}, disable_openapi_url=True,
+    )
+    server.uvicorn_graceful_timeout = UVICORN_DRAIN_S
+    return server
+
+
+def _install_shutdown_handlers(server: Any) -> None:
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked helper inherited this handler: act as the default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        event = getattr(server, "_shutdown_event", None)
+        if event is None:  # not started yet: nothing to drain
+            raise KeyboardInterrupt
+        # set LitServe's shutdown event from a thread: the main thread is inside a call on the
+        # same manager connection (event.wait()), which a signal handler must not reenter
+        threading.Thread(target=_set_event, args=(event,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _set_event(event: Any) -> None:
+    try:
+        event.set()
+    except Exception:  # the manager is already gone: the server is stopping anyway
+        pass
+
+
+def _child_main() -> int:
+    payload = json.loads(os.environ.pop("TUNEHUB_SERVE_CONFIG"))
+    config = ServeConfig(**payload["config"])
+    server = build_server(config, payload["admin_key_hash"])
+    _install_shutdown_handlers(server)
+    try:
+        server.run(
+            host=config.host, port=config.port, num_api_servers=1, log_level=config.log_level,
+            generate_client_file=False, access_log=False,
+        )
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -1,0 +1,219 @@
+"""Tenants: who may call the server, which modules each may use, and how much.
+
+A tenants file is YAML::
+
+    tenants:
+      acme:
+        keys: ["sha256:9f86d081884c7d65..."]   # `tunehub tenants hash-key` prints these
+        models: ["acme/*", "shared/summarize", "tiny-llama"]   # names or glob patterns
+        requests_per_minute: 60      # optional; absent = unlimited
+        tokens_per_minute: 20000     # prompt + completion tokens; optional
+        max_tokens: 256              # largest max_tokens one request may ask for; optional
+
+Keys are stored as sha256 hashes only. Patterns match a module's ``namespace/name`` (every
+version and alias of a matching name is allowed) and the base model's name, which a tenant must
+be granted like any module. Without a tenants file the server runs one open tenant with no
+limits, and then refuses to listen on anything but the loopback interface.
+
+This module imports neither torch nor LitServe: the HTTP process and the CLI use it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import re
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunehub.errors import ConfigError, RateLimited
+
+_HASH = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_TENANT_KEYS = {"keys", "models", "requests_per_minute", "tokens_per_minute", "max_tokens"}
+WINDOW_S = 60.0
+OPEN_TENANT = "default"
+
+
+def hash_key(key: str) -> str:
+    """The form a tenants file stores a key in: ``sha256:<64 hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random API key (``th-`` + 43 URL-safe characters, 256 bits)."""
+    return "th-" + secrets.token_urlsafe(32)
+
+
+@dataclass
+class Tenant:
+    name: str
+    key_hashes: tuple[str, ...] = ()  # bare hex digests
+    models: tuple[str, ...] = ("*",)
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_tokens: int | None = None
+
+    def may_use(self, name: str) -> bool:
+        """Whether a module name (``namespace/name``, no selector) or the base's name is granted."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+
+
+@dataclass
+class _Usage:
+    requests: deque = field(default_factory=deque)  # monotonic times
+    tokens: deque = field(default_factory=deque)  # (monotonic time, tokens)
+    token_total: int = 0
+
+
+class Tenants:
+    """The tenants a server knows, looked up by API key, with their sliding-window usage.
+
+    Usage lives in the (single) HTTP process; it is not shared between servers."""
+
+    def __init__(self, tenants: list[Tenant], *, open_mode: bool = False):
+        self.open_mode = open_mode
+        self.tenants = {t.name: t for t in tenants}
+        self._by_hash = {h: t for t in tenants for h in t.key_hashes}
+        self._usage: dict[str, _Usage] = {t.name: _Usage() for t in tenants}
+
+    @classmethod
+    def open(cls) -> "Tenants":
+        return cls([Tenant(OPEN_TENANT)], open_mode=True)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Tenants":
+        if path is None:
+            return cls.open()
+        return cls(parse_tenants_file(path))
+
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        """The tenant a key belongs to, or None. In open mode every caller is the open tenant."""
+        if self.open_mode:
+            return self.tenants[OPEN_TENANT]
+        if not api_key:
+            return None
+        digest = hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+        return self._by_hash.get(digest)
+
+    # --- limits --------------------------------------------------------------------------------
+    def admit(self, tenant: Tenant, now: float | None = None) -> None:
+        """Count one request against the tenant's limits, or raise RateLimited with Retry-After."""
+        now = time.monotonic() if now is None else now
+        usage = self._usage.setdefault(tenant.name, _Usage())
+        self._expire(usage, now)
+        if tenant.requests_per_minute is not None and len(usage.requests) >= tenant.requests_per_minute:
+            wait = usage.requests[0] + WINDOW_S - now
+            raise RateLimited(
+                f"tenant {tenant.name!r} is over its limit of {tenant.requests_per_minute} requests per minute",
+                retry_after=_ceil_seconds(wait),
+            )
+        if tenant.tokens_per_minute is not None and usage.token_total >= tenant.tokens_per_minute:
+            # wait until enough of the window's tokens age out to drop below the limit
+            excess = usage.token_total - tenant.tokens_per_minute + 1
+            wait = WINDOW_S
+            for at, tokens in usage.tokens:
+                excess -= tokens
+                if excess <= 0:
+                    wait = at + WINDOW_S - now
+                    break
+            raise RateLimited(
+                f"tenant {tenant.name!r} is over its limit of {tenant.tokens_per_minute} tokens per minute",
+                retry_after=_ceil_seconds(wait),
+            )
+        usage.requests.append(now)
+
+    def charge_tokens(self, tenant: Tenant, tokens: int, now: float | None = None) -> None:
+        """Record the tokens a finished request used (prompt + completion)."""
+        if tokens <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        usage = self._usage.setdefault(tenant.name, _Usage())
+        usage.tokens.append((now, tokens))
+        usage.token_total += tokens
+
+    @staticmethod
+    def _expire(usage: _Usage, now: float) -> None:
+        while usage.requests and usage.requests[0] <= now - WINDOW_S:
+            usage.requests.popleft()
+        while usage.tokens and usage.tokens[0][0] <= now - WINDOW_S:
+            usage.token_total -= usage.tokens.popleft()[1]
+
+
+def _ceil_seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+def parse_tenants_file(path: str | Path) -> list[Tenant]:
+    """Read and validate a tenants YAML file; every problem is reported at once."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"tenants file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tenants file {path} is not valid YAML: {exc}") from None
+    return parse_tenants(data, source=str(path))
+
+
+def parse_tenants(data: Any, *, source: str = "tenants") -> list[Tenant]:
+    problems: list[str] = []
+    if not isinstance(data, dict) or set(data) != {"tenants"} or not isinstance(data["tenants"], dict):
+        raise ConfigError(f"{source}: expected a mapping with one key, 'tenants', mapping tenant names to settings")
+    if not data["tenants"]:
+        raise ConfigError(f"{source}: no tenants defined")
+    tenants: list[Tenant] = []
+    seen_hashes: dict[str, str] = {}
+    for name, settings in data["tenants"].items():
+        where = f"{source}: tenant {name!r}"
+        if not isinstance(name, str) or not _TENANT_NAME.fullmatch(name):
+            problems.append(f"{where}: names are letters, digits, '.', '_', '-' (at most 64)")
+            continue
+        if not isinstance(settings, dict):
+            problems.append(f"{where}: settings must be a mapping")
+            continue
+        unknown = sorted(set(settings) - _TENANT_KEYS)
+        if unknown:
+            problems.append(f"{where}: unknown keys {unknown}; known: {sorted(_TENANT_KEYS)}")
+        keys = settings.get("keys")
+        hashes: list[str] = []
+        if not isinstance(keys, list) or not keys:
+            problems.append(f"{where}: 'keys' must be a non-empty list of 'sha256:<hex>' key hashes")
+        else:
+            for key in keys:
+                match = _HASH.fullmatch(key) if isinstance(key, str) else None
+                if match is None:
+                    problems.append(
+                        f"{where}: {str(key)[:12]!r}... is not a key hash; store 'sha256:<64 hex>'"
+                        " (`tunehub tenants hash-key`), never the key itself"
+                    )
+                    continue
+                digest = match.group(1)
+                if digest in seen_hashes:
+                    problems.append(f"{where}: a key hash is also listed for tenant {seen_hashes[digest]!r}")
+                seen_hashes[digest] = name
+                hashes.append(digest)
+        models = settings.get("models")
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            problems.append(f"{where}: 'models' must be a non-empty list of module names or glob patterns")
+            models = []
+        elif any("@" in m for m in models):
+            problems.append(f"{where}: 'models' name modules without '@version': every version of a granted name is allowed")
+        limits: dict[str, int | None] = {}
+        for limit in ("requests_per_minute", "tokens_per_minute", "max_tokens"):
+            value = settings.get(limit)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{where}: {limit} must be a positive integer")
+                value = None
+            limits[limit] = value
+        tenants.append(Tenant(name=name, key_hashes=tuple(hashes), models=tuple(models), **limits))
+    if problems:
+        raise ConfigError(problems)
+    return tenants
