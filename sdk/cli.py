@@ -227,6 +227,18 @@ def train(
         typer.echo(f"pushed {result.pushed.ref}")
 
 
+@app.command()
+def quickstart(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="where everything is written (default ./tunehub-quickstart)"),
+    keep: bool = typer.Option(False, "--keep", help="keep what an earlier run left in the work folder"),
+    fast: bool = typer.Option(False, "--fast", help="smallest sizes (about 2 minutes); accuracy is not the point"),
+) -> None:
+    """Build a base, train UFT and SFT modules on it in 4-bit, version them, serve them, and check them."""
+    from tunehub.sdk.quickstart import run_quickstart
+
+    run_quickstart(workdir, fast=fast, keep=keep)
+
+
 @base_app.command("init")
 def base_init(
     path: Path = typer.Argument(..., help="folder to create"),
