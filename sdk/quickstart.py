@@ -49,7 +49,7 @@ class Sizes:
 
 
 FULL = Sizes(preset="small", clm_steps=60, sft_steps=150, train_size=1200, heldout_size=40, rank=16, corpus_chars=400_000)
-FAST = Sizes(preset="tiny", clm_steps=8, sft_steps=30, train_size=200, heldout_size=8, rank=8, corpus_chars=40_000)
+FAST = Sizes(preset="tiny", clm_steps=4, sft_steps=12, train_size=96, heldout_size=4, rank=8, corpus_chars=20_000)
 
 
 def stdlib_corpus(max_chars: int) -> str:
