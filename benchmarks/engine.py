@@ -4,7 +4,9 @@
     python benchmarks/engine.py                      # full run (bench-100m, fp32, CPU), ~10-15 min on 2 cores
     python benchmarks/engine.py --quick              # 'small' preset, fewer tokens, about a minute
     python benchmarks/engine.py --quantization nf4   # both sides on the 4-bit (bitsandbytes NF4) base
-    python benchmarks/engine.py --profile            # also print per-decode-step op profiles
+    python benchmarks/engine.py --profile            # also print per-decode-step op and cold-load profiles
+    python benchmarks/engine.py --profile-only       # only the profiles (a few minutes), no verdict
+    python benchmarks/engine.py --threads 1          # one torch thread per worker: steadier on a busy machine
 
 What is measured (each part in its own process, so that no part inherits another's allocator
 state or resident memory):
@@ -27,11 +29,16 @@ Decode tokens/s: the time from the first generated token of a batch (prefill don
 over rows x (new tokens - 1). The same cut is made on both sides: tunehub's first streamed token
 event, PEFT's first logits-processor call (both happen right after the prefill's forward pass).
 
-The machine's two cores are shared with other processes, which slows a timed run several-fold
-when they run (OpenMP threads wait on each other whenever one is descheduled). So sides are
-interleaved round by round (each round runs every side once, in a rotated order), each timed run
-waits for the CPUs to be quiet first, and a run disturbed anyway is repeated; the least disturbed
-attempt is kept. Warm-up round first, then the median of 3 rounds per side.
+The machine's two cores may be shared with other processes. With two torch threads, a batched
+matmul then slows down several-fold while a batch-1 one hardly does (the two OpenMP threads wait
+on each other whenever one is descheduled, and batch-1 GEMVs barely use the second thread), so a
+busy neighbour biases the ratios against batching. Hence: sides are interleaved round by round
+(each round runs every side once, in a rotated order), each timed run first waits (within a time
+budget) for the CPUs to be quiet, a disturbed run is repeated while that budget lasts, and the
+share of the CPUs other processes used is reported per side. Warm-up round first, then the median
+of 3 rounds per side. A second view, less sensitive to neighbours, goes in the figures: tokens/s
+from the quickest quarter of all decode steps ("p25-step"). ``--threads 1`` removes the OpenMP
+effect altogether (then every side gets the same share of one core).
 
 The last stdout line is one line of JSON: ``{"benchmark": "engine", "ratios": {...}, "figures": {...}}``.
 """
@@ -939,6 +946,7 @@ def summarize(sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[s
         "max_others_cpu_share_in_timed_runs": {k: round(s["max_disturbed"], 3) for k, s in thr["sides"].items()},
         "same_greedy_tokens_share": thr["same_tokens"],
         "kinds_batch_rows": list(KIND_ROWS),
+        "torch_threads": thr["torch_threads"],
         "split_batches_retried": thr["split_batches_retried"],
         "gate_waited_s": thr["gate_waited_s"],
         "disturbed_runs_repeated": thr["disturbed_runs_repeated"],
@@ -1001,8 +1009,9 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
     console.print(verdicts)
     shares = fig["max_others_cpu_share_in_timed_runs"]
     if max(shares.values()) > 0.10:
-        console.print(f"note: other processes used up to {max(shares.values()):.0%} of the CPUs during some timed runs"
-                      " (least disturbed of 3 attempts kept); treat the ratios with that in mind")
+        console.print(f"note: other processes used up to {max(shares.values()):.0%} of the CPUs during the timed runs;"
+                      " batched sides suffer more from that than batch-1 ones"
+                      + ("" if fig["torch_threads"] == 1 else " (with 2+ torch threads; --threads 1 is steadier)"))
     if fig["sizes"] == "quick":
         console.print(f"note: --quick runs the '{fig['model']}' preset with {fig['new_tokens']} new tokens; the targets are set for bench-100m")
     print_profiles(profiles, cold_profile)
