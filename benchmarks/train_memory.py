@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         memory = bench_memory(work, sizes, args.gradient_checkpointing)
-        gate = QuietGate(budget_s=60 if args.quick else 300)
+        gate = QuietGate(budget_s=60 if args.quick else 600)
         speed = bench_speed(work, gate, sizes.speed_preset, sizes, sizes.speed_steps, sizes.speed_rounds)
         small = None
         if sizes.small_speed_steps:
