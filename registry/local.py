@@ -30,7 +30,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tunehub.errors import (
     AliasNotFound,
@@ -43,13 +43,14 @@ from tunehub.errors import (
 )
 from tunehub.registry.files import (
     fsync_dir,
+    is_sha256,
     read_json,
     sha256_file,
     verify_files,
     write_json_atomic,
 )
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, verify_module
+from tunehub.registry.module import LocalModule, ModuleContent, check_content, check_files, verify_module
 from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, validate_alias
 from tunehub.registry.store import (
     AliasMove,
@@ -335,6 +336,34 @@ class LocalStore(ModuleStore):
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return LocalModule(path=dest, manifest=module.manifest, ref=info.ref, version=info.version)
+
+    def read(
+        self,
+        ref: str | ModuleRef,
+        files: list[str] | None = None,
+        *,
+        check: Callable[[Manifest], None] | None = None,
+    ) -> ModuleContent:
+        """Read straight from the blobs: one read per file, hashed on the bytes returned."""
+        ref = parse_ref(ref)
+        info = self.resolve(ref)
+        record = self._record(self._module_dir(ref), info.version)
+        digests: dict[str, str] = record["files"]
+        wanted = [rel for rel in digests if rel != MANIFEST_FILE] if files is None else [rel for rel in files if rel in digests]
+        where = f"{info.ref} in {self.uri}"
+        manifest_bytes = self._read_blob(digests.get(MANIFEST_FILE, ""), info.ref)
+        manifest = check_content(manifest_bytes, {}, digests, where)
+        if check is not None:
+            check(manifest)
+        data = {rel: self._read_blob(digests[rel], info.ref) for rel in wanted}
+        check_files(manifest, data, where)
+        return ModuleContent(manifest=manifest, files=data, ref=info.ref, version=info.version)
+
+    def _read_blob(self, digest: str, ref: str) -> bytes:
+        try:
+            return self._blob_path(digest).read_bytes() if is_sha256(digest) else b""
+        except FileNotFoundError:
+            raise IntegrityError(f"{ref}: blob {digest[:12]}... is missing from {self.uri}") from None
 
     @staticmethod
     def _verified_copy(dest: Path, files: dict[str, str]) -> Manifest | None:

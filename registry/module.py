@@ -88,6 +88,51 @@ class LocalModule:
     version: int | None = None
 
 
+@dataclass(frozen=True)
+class ModuleContent:
+    """A verified module held in memory: its manifest and the bytes of the files that were read.
+
+    What a server needs to activate a module: one read of each file, hashed on the same bytes
+    that are then parsed, so no file is copied, hashed twice or read again after its check."""
+
+    manifest: Manifest
+    files: dict[str, bytes]
+    ref: str | None = None
+    version: int | None = None
+
+
+def check_content(manifest_bytes: bytes, files: dict[str, bytes], expected: dict[str, str] | None, where: str) -> Manifest:
+    """Validate a module read into memory: the manifest parses, ``files`` are files it lists and
+    each one's bytes match its sha256; ``expected`` (a store's record of every file, manifest
+    included) must agree with the manifest. Raises like verify_module."""
+    from tunehub.registry.files import sha256_bytes
+
+    if expected is not None and sha256_bytes(manifest_bytes) != expected.get(MANIFEST_FILE):
+        raise IntegrityError(f"{where}: {MANIFEST_FILE} does not match its recorded sha256")
+    manifest = Manifest.from_json(manifest_bytes, f"{where}/{MANIFEST_FILE}")
+    if expected is not None and dict(manifest.files) != {k: v for k, v in expected.items() if k != MANIFEST_FILE}:
+        raise IntegrityError(f"{where}: the manifest's file list disagrees with the store's record")
+    if manifest.adapter_config() is not None and ADAPTER_CONFIG_FILE not in manifest.files:
+        raise IntegrityError(f"{where}: a {manifest.kind.value} module must carry {ADAPTER_CONFIG_FILE}")
+    check_files(manifest, files, where)
+    return manifest
+
+
+def check_files(manifest: Manifest, files: dict[str, bytes], where: str) -> None:
+    """Every file in ``files`` is listed in ``manifest``, safe to load and matches its sha256."""
+    from tunehub.registry.files import check_relative_path, is_pickle_name, sha256_bytes
+
+    for rel, data in files.items():
+        check_relative_path(rel)
+        if is_pickle_name(rel):
+            raise UnsafeFile(f"{where}: {rel} is a pickle file; tunehub loads safetensors only")
+        digest = manifest.files.get(rel)
+        if digest is None:
+            raise IntegrityError(f"{where}: {rel} is not listed in the manifest")
+        if sha256_bytes(data) != digest:
+            raise IntegrityError(f"{where}: {rel} is damaged: its content does not match its sha256")
+
+
 def verify_module(folder: str | Path) -> LocalModule:
     """Read and validate ``folder``'s manifest and check every file against its hash.
 
@@ -106,4 +151,4 @@ def verify_module(folder: str | Path) -> LocalModule:
     return LocalModule(path=folder, manifest=manifest)
 
 
-__all__ = ["model_card", "write_module", "verify_module", "LocalModule", "UnsafeFile"]
+__all__ = ["model_card", "write_module", "verify_module", "check_content", "check_files", "LocalModule", "ModuleContent", "UnsafeFile"]

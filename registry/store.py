@@ -7,11 +7,11 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunehub.errors import ConfigError, Conflict
 from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule
+from tunehub.registry.module import LocalModule, ModuleContent, check_content
 from tunehub.registry.refs import ModuleRef
 
 
@@ -114,6 +114,35 @@ class ModuleStore(ABC):
     @abstractmethod
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
         """Materialise ``ref`` in a local folder whose every file was checked against its hash."""
+
+    def read(
+        self,
+        ref: str | ModuleRef,
+        files: list[str] | None = None,
+        *,
+        check: Callable[[Manifest], None] | None = None,
+    ) -> ModuleContent:
+        """``ref``'s verified manifest and the bytes of ``files`` (default: every listed file).
+
+        Each file is hashed on the very bytes returned. ``check`` sees the verified manifest before
+        any other file is read (a server refuses a module for another base there). This default
+        pulls into the local cache and reads from there; a store that can read its objects
+        directly overrides it."""
+        from tunehub.registry.manifest import MANIFEST_FILE
+
+        if check is not None:
+            check(self.manifest(ref))
+        local = self.pull(ref)
+        wanted = list(local.manifest.files) if files is None else list(files)
+        try:
+            manifest_bytes = (local.path / MANIFEST_FILE).read_bytes()
+            data = {rel: (local.path / rel).read_bytes() for rel in wanted if rel in local.manifest.files}
+        except OSError as exc:
+            from tunehub.errors import IntegrityError
+
+            raise IntegrityError(f"{local.ref}: could not read the pulled module: {exc}") from None
+        manifest = check_content(manifest_bytes, data, None, str(local.ref or local.path))
+        return ModuleContent(manifest=manifest, files=data, ref=local.ref, version=local.version)
 
     @abstractmethod
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:

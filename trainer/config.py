@@ -27,7 +27,11 @@ class BaseModelConfig(_Section):
     revision: str | None = Field(default=None, description="hub revision (hub ids only)")
     quantization: Literal["nf4", "int8", "none"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="weights dtype for unquantized bases; compute dtype is bf16 for nf4"
+        default="float32", description="weights dtype for unquantized bases"
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="what nf4 layers compute in; auto: bf16 (QLoRA) where the hardware does bf16 natively, else fp32",
     )
 
 
@@ -70,7 +74,9 @@ class TrainingConfig(_Section):
     save_steps: int | None = Field(default=None, gt=0, description="checkpoint interval; default: at eval time")
     save_total_limit: int = Field(default=2, gt=0)
     logging_steps: int = Field(default=10, gt=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="recompute activations in backward; default: on for nf4/int8 bases (QLoRA), off otherwise"
+    )
     seed: int = 0
 
 
@@ -172,6 +178,8 @@ def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     if problems:
         raise ConfigError(problems)
     assert config is not None  # no problems means it validated
+    if config.training.gradient_checkpointing is None:  # resolved here, so the manifest records it
+        config.training.gradient_checkpointing = config.base.quantization != "none"
     return config
 
 

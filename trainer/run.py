@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunehub.devices import device_type, load_quantized, resolve_compute_dtype
 from tunehub.errors import ConfigError, TunehubError
 from tunehub.registry.manifest import Manifest
 from tunehub.registry.store import VersionInfo
@@ -62,12 +63,6 @@ def resolve_base(config: RunConfig) -> Path:
         ) from None
 
 
-def device_type() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BitsAndBytesConfig
@@ -88,7 +83,7 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=resolve_compute_dtype(config.base.compute_dtype),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -97,7 +92,10 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     else:
         kwargs["dtype"] = getattr(torch, config.base.dtype)
     try:
-        model = model_cls.from_pretrained(base_dir, **kwargs)
+        if quantization != "none":
+            model = load_quantized(model_cls, base_dir, **kwargs)
+        else:
+            model = model_cls.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base.path: could not load {base_dir} as a model: {exc}") from None
     if quantization != "none":

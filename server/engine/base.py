@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tunehub.devices import ComputeDtype, load_quantized, resolve_compute_dtype
 from tunehub.errors import ConfigError
 from tunehub.registry.fingerprint import base_fingerprint
 
@@ -37,9 +38,11 @@ def load_base(
     quantization: Quantization = "nf4",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     device: str | None = None,
+    compute_dtype: ComputeDtype = "auto",
 ) -> LoadedBase:
-    """Load a causal LM folder once for serving. ``dtype`` is the activation dtype; for nf4 the
-    4-bit matmuls compute in bf16, as QLoRA trains them."""
+    """Load a causal LM folder once for serving. ``dtype`` is the activation dtype; 4-bit
+    matmuls compute in ``compute_dtype`` (auto: bf16 where the hardware does it natively, as
+    QLoRA trains them; fp32 on CPUs without native bf16, where it is the faster of the two)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -54,13 +57,16 @@ def load_base(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=resolve_compute_dtype(compute_dtype, device),
         )
         kwargs["device_map"] = {"": device}
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = load_quantized(AutoModelForCausalLM, path, **kwargs)
     if quantization == "none":
         model.to(device)
     model.eval()

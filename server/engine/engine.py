@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from tunehub.errors import ConfigError, TunehubError
 from tunehub.server.engine.base import LoadedBase
@@ -168,23 +169,35 @@ class Engine:
         max_batch: int = 16,
         max_rank: int = 256,
         alias_ttl_s: float = 5.0,
+        gather_s: float = 0.002,
     ):
+        """``gather_s``: when the engine is idle and a request arrives, how long it waits for
+        more to start them in the same prefill (requests sent together then share batches)."""
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.max_batch = max_batch
-        self.state = BatchState()
-        self.layers = patch_linear_layers(self.model, self.state)
+        # the patched layers live on the model: engines built on one loaded base share them, and
+        # share the lock that keeps their forward passes (each sets the batch's plan) apart
+        shared = getattr(self.model, "_tunehub_adapted", None)
+        if shared is None:
+            state = BatchState()
+            shared = (state, patch_linear_layers(self.model, state), threading.Lock())
+            self.model._tunehub_adapted = shared
+        self.state, self.layers, self._lock = shared
         self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank)
-        self.pool = ModulePool(source or _NoSource(), self.materializer.load, budget_bytes=pool_bytes, alias_ttl_s=alias_ttl_s)
+        self.pool = ModulePool(
+            source or _NoSource(), self.materializer.load, check=self.materializer.admit, budget_bytes=pool_bytes, alias_ttl_s=alias_ttl_s
+        )
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
         self._queue: queue.Queue[RequestHandle] = queue.Queue()
         self._rows: list[_Row] = []
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cache: Any = None  # the running batch's key/value cache (growing layers)
         self._mask: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()  # never held during a forward: submit() must not wait for one
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self.gather_s = gather_s
         self.steps = 0
         eos = self.tokenizer.eos_token_id
         self.default_stop_ids = {eos} if eos is not None else set()
@@ -226,7 +239,7 @@ class Engine:
 
     # --- the loop ------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
-        with self._lock:
+        with self._thread_lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._loop, name="tunehub-engine", daemon=True)
@@ -246,7 +259,7 @@ class Engine:
                 for row in self._rows:
                     self._release(row)
                     row.handle._fail(exc)
-                self._rows, self._kv, self._mask = [], [], None
+                self._rows, self._cache, self._mask = [], None, None
 
     def _take_new(self, block: bool) -> list[RequestHandle]:
         taken: list[RequestHandle] = []
@@ -257,6 +270,12 @@ class Engine:
                 if item is None:
                     return []
                 taken.append(item)
+                deadline = time.monotonic() + self.gather_s
+                while len(taken) < room and (left := deadline - time.monotonic()) > 0:
+                    item = self._queue.get(timeout=left)
+                    if item is None:
+                        return taken
+                    taken.append(item)
             while len(taken) < room:
                 item = self._queue.get_nowait()
                 if item is None:
@@ -392,22 +411,19 @@ class Engine:
         return layers
 
     def _decode_step(self) -> None:
-        from transformers import DynamicCache
-
         device = self.base.device
         rows = self._rows
         last = torch.tensor([[r.generated[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.next_position] for r in rows], device=device)
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
-        cache = DynamicCache(ddp_cache_data=self._kv)
         self.state.layers = self._plan_for([r.module for r in rows])
         try:
+            # the cache's layers write the new keys and values in place (no copy of the cache)
             out = self.model(
-                input_ids=last, attention_mask=self._mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+                input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache, use_cache=True, logits_to_keep=1
             )
         finally:
             self.state.layers = {}
-        self._kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         for row in rows:
             row.next_position += 1
         self.steps += 1
@@ -416,22 +432,31 @@ class Engine:
     # --- batch bookkeeping ---------------------------------------------------------------------
     def _merge(self, rows: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         if not self._rows:
-            self._rows, self._kv, self._mask = list(rows), kv, mask
+            self._rows, self._mask = list(rows), mask
+            self._cache = _growing_cache(kv, self._room())
             return
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
-        old_kv, old_mask = _left_pad(self._kv, self._mask, width)
+        old_kv, old_mask = _left_pad(_cache_tensors(self._cache), self._mask, width)
         new_kv, new_mask = _left_pad(kv, mask, width)
-        self._kv = [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv)]
         self._mask = torch.cat([old_mask, new_mask])
         self._rows = self._rows + list(rows)
+        self._cache = _growing_cache(
+            [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv)], self._room()
+        )
+
+    def _room(self) -> int:
+        """Cache slots to reserve past the current length: what the rows may still generate,
+        at most 256 at a time (layers grow by doubling when a batch runs longer)."""
+        left = max((r.params.max_tokens - len(r.generated) for r in self._rows), default=1)
+        return max(1, min(left, 256))
 
     def _retire(self, finished: list[int]) -> None:
         if not finished:
             return
         keep = [i for i in range(len(self._rows)) if i not in set(finished)]
         if not keep:
-            self._rows, self._kv, self._mask = [], [], None
+            self._rows, self._cache, self._mask = [], None, None
             return
         index = torch.tensor(keep, device=self.base.device)
         mask = self._mask.index_select(0, index)
@@ -439,8 +464,9 @@ class Engine:
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else 0
         self._mask = mask[:, first:]
-        self._kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in self._kv]
+        kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in _cache_tensors(self._cache)]
         self._rows = [self._rows[i] for i in keep]
+        self._cache = _growing_cache(kv, self._room())
 
     def _release(self, row: _Row) -> None:
         if row.module is not None:
@@ -510,6 +536,59 @@ class Engine:
                 completion_tokens=len(row.generated),
             )
         )
+
+
+class _GrowingLayer(DynamicLayer):
+    """A key/value cache layer with reserved room: a decode step writes its keys and values in
+    place, where transformers' DynamicLayer concatenates (copying the whole layer every step).
+    ``keys``/``values`` are views of the filled part, so attention and masks see the usual shapes."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        batch, heads, length, dim = keys.shape
+        self._keys = keys.new_empty(batch, heads, length + room, dim)
+        self._values = values.new_empty(batch, heads, length + room, values.shape[-1])
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self._length = length
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        new = key_states.shape[-2]
+        end = self._length + new
+        if end > self._keys.shape[2]:
+            capacity = max(end, 2 * self._keys.shape[2])
+            for name in ("_keys", "_values"):
+                old = getattr(self, name)
+                grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                grown[:, :, : self._length] = old[:, :, : self._length]
+                setattr(self, name, grown)
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+
+def _growing_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(k, v, room) for k, v in kv]
+    return cache
+
+
+def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _left_pad(kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int):

@@ -23,7 +23,7 @@ from typing import Any
 
 from tunehub.errors import IncompatibleBase, IntegrityError, TunehubError
 from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule
+from tunehub.registry.module import LocalModule, ModuleContent
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 LOW_RANK_KINDS = {ModuleKind.LORA, ModuleKind.DORA, ModuleKind.ADALORA}
@@ -85,17 +85,26 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _load_weights(folder: Path) -> dict[str, Any]:
+def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, Any]:
+    """The module's tensors, parsed from bytes that were hashed when read (one read, no mmap:
+    a pool that loads and evicts thousands of modules must not keep file mappings around)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise IntegrityError(f"{folder} has no {WEIGHTS_FILE}")
+    if isinstance(module, ModuleContent):
+        data = module.files.get(WEIGHTS_FILE)
+        if data is None:
+            raise IntegrityError(f"{name} has no {WEIGHTS_FILE}")
+    else:
+        path = module.path / WEIGHTS_FILE
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise IntegrityError(f"{name} has no readable {WEIGHTS_FILE}") from None
     try:
-        return load_file(str(path), device="cpu")
+        return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise IntegrityError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
 
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
@@ -131,15 +140,19 @@ class ModuleMaterializer:
         if manifest.base.vocab_size not in (None, self.base.vocab_size):
             raise IncompatibleBase(f"{name} expects a vocabulary of {manifest.base.vocab_size}, the base has {self.base.vocab_size}")
 
-    def load(self, module: LocalModule, key: str) -> LoadedModule:
+    def admit(self, manifest: Manifest, name: str) -> None:
+        """Refuse, from the manifest alone, a module this engine cannot serve."""
+        self.check_base(manifest, name)
+        if manifest.kind not in MIXABLE_KINDS:
+            raise UnsupportedModule(f"{name}: modules of kind {manifest.kind.value} cannot be served in mixed batches yet")
+
+    def load(self, module: LocalModule | ModuleContent, key: str) -> LoadedModule:
         manifest = module.manifest
         name = module.ref or key
         # the base check comes first: no tensor of a module for another base is ever read
-        self.check_base(manifest, name)
+        self.admit(manifest, name)
         kind = manifest.kind
-        if kind not in MIXABLE_KINDS:
-            raise UnsupportedModule(f"{name}: modules of kind {kind.value} cannot be served in mixed batches yet")
-        weights = _load_weights(module.path)
+        weights = _load_weights(module, name)
         self._uid += 1
         loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self._uid)
         if kind in LOW_RANK_KINDS:

@@ -17,17 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from tunehub.errors import ModuleNotFound
-from tunehub.registry.module import LocalModule
+from tunehub.registry.module import LocalModule, ModuleContent
 from tunehub.registry.refs import ModuleRef, parse_ref
-from tunehub.server.engine.modules import LoadedModule
+from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule
 
 
 class ModuleSource(Protocol):
-    """Where modules come from: a registry store (``resolve`` + ``pull``) or anything alike."""
+    """Where modules come from: a registry store (``resolve`` + ``read``) or anything alike.
+
+    A source without ``read`` (only ``pull``, which gives a verified folder) works too."""
 
     def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
 
-    def pull(self, ref: str | ModuleRef, dest: Any = None) -> LocalModule: ...
+    def read(self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None) -> ModuleContent: ...
 
 
 @dataclass
@@ -56,14 +58,16 @@ class ModulePool:
     def __init__(
         self,
         source: ModuleSource,
-        materialize: Callable[[LocalModule, str], LoadedModule],
+        materialize: Callable[[LocalModule | ModuleContent, str], LoadedModule],
         *,
+        check: Callable[[Any, str], None] | None = None,
         budget_bytes: int = 1 << 30,
         alias_ttl_s: float = 5.0,
         on_event: Callable[[str, str], None] | None = None,
     ):
         self.source = source
         self.materialize = materialize
+        self.check = check  # check(manifest, key) before any weights are read
         self.budget_bytes = budget_bytes
         self.alias_ttl_s = alias_ttl_s
         self.on_event = on_event or (lambda event, key: None)
@@ -116,8 +120,12 @@ class ModulePool:
             waiter.wait()  # another thread is loading this key; then look again
         try:
             started = time.perf_counter()
-            local = self.source.pull(key)
-            module = self.materialize(local, key)
+            read = getattr(self.source, "read", None)
+            if read is not None:
+                content: LocalModule | ModuleContent = read(key, [WEIGHTS_FILE], check=self._checker(key))
+            else:
+                content = self.source.pull(key)
+            module = self.materialize(content, key)
             elapsed = time.perf_counter() - started
         except BaseException:
             with self._lock:
@@ -131,6 +139,12 @@ class ModulePool:
             self._evict_over_budget()
         self.on_event("load", key)
         return module
+
+    def _checker(self, key: str) -> Callable[[Any], None] | None:
+        check = self.check
+        if check is None:
+            return None
+        return lambda manifest: check(manifest, key)
 
     def release(self, module: LoadedModule) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from tunehub.devices import resolve_compute_dtype
 from tunehub.errors import IncompatibleBase, IntegrityError, ModuleNotFound
 from tunehub.registry.local import LocalStore
 from tunehub.server.engine import (
@@ -58,7 +59,7 @@ def _peft_model(base_path, store, kind, quantization):
         kwargs = {
             "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=resolve_compute_dtype("auto"),  # what the engine picks here
             ),
             "device_map": {"": "cpu"},
         }
@@ -138,6 +139,19 @@ def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
     assert [e.token_id for e in events if e.token_id >= 0] == streamed.result().token_ids
     assert "".join(e.text for e in events) == streamed.result().text
     engine.close()
+
+
+def test_two_engines_share_one_loaded_base(tiny_llama_path, store):
+    base = load_base(tiny_llama_path, quantization="none")
+    first = Engine(base, store)
+    request = lambda: GenerationRequest(prompt=PROMPTS[1], module="t/dora", params=SamplingParams(max_tokens=6, stop_token_ids=[]))  # noqa: E731
+    expected = first.generate([request()])[0].token_ids
+    second = Engine(base, store)  # the layers are patched once; the second engine reuses them
+    assert second.layers is first.layers
+    assert second.generate([request()])[0].token_ids == expected
+    assert first.generate([request()])[0].token_ids == expected
+    first.close()
+    second.close()
 
 
 def test_sampling_is_seeded_per_request_and_stops(tiny_llama_path, store):

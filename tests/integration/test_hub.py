@@ -193,6 +193,8 @@ def test_push_promote_rollback_list_and_pull_by_version_alias_and_commit(hub, tm
     by_commit = reg.pull(f"acme/sum@{commits[2]}", tmp_path / "out3")
     assert by_commit.version == 3 and payload(by_commit.path) == payload(modules[2])
     assert reg.manifest("sum@3").task == "summarize"
+    content = reg.store.read("sum@prod", ["adapter_model.safetensors"])  # what a server activates
+    assert content.version == 2 and content.files == {"adapter_model.safetensors": payload(modules[1])}
 
     # the alias branch is readable by the plain client, as PEFT or vLLM would read it
     from huggingface_hub import hf_hub_download

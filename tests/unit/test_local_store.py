@@ -76,6 +76,43 @@ def test_tampered_blob_detected_on_pull(store, module, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written is left
 
 
+def test_read_returns_verified_bytes_without_a_copy(store, module, tmp_path):
+    store.push(module, "acme/sum")
+    content = store.read("acme/sum", ["adapter_model.safetensors"])
+    assert content.ref == "acme/sum@1" and content.version == 1 and content.manifest.task == "demo"
+    assert content.files == {"adapter_model.safetensors": (module / "adapter_model.safetensors").read_bytes()}
+    assert not (tmp_path / "cache").exists()  # read straight from the blobs, nothing copied
+    everything = store.read("acme/sum@1")
+    assert set(everything.files) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+
+
+def test_read_detects_tampering_and_checks_before_weights(store, module):
+    info = store.push(module, "acme/sum")
+    seen = []
+
+    def refuse(manifest):
+        seen.append(manifest.base.model_id)
+        raise Conflict("wrong base")
+
+    digest = json.loads((module / "manifest.json").read_text())["files"]["adapter_model.safetensors"]
+    blob = store.root / "blobs" / "sha256" / digest[:2] / digest
+    original = blob.read_bytes()
+    blob.unlink()  # if read() touched the weights before the check, this would be an IntegrityError
+    with pytest.raises(Conflict, match="wrong base"):
+        store.read(info.ref, check=refuse)
+    assert seen == ["tiny-base"]
+    with pytest.raises(IntegrityError, match="missing"):
+        store.read(info.ref)
+    blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.read(info.ref)
+    manifest_blob = store.root / "blobs" / "sha256" / info.manifest_sha256[:2] / info.manifest_sha256
+    blob.write_bytes(original)
+    manifest_blob.write_text(manifest_blob.read_text().replace("demo", "dem0"))
+    with pytest.raises(IntegrityError, match="recorded sha256"):
+        store.read(info.ref)
+
+
 def test_tampered_cached_copy_is_replaced(store, module, tmp_path):
     store.push(module, "acme/sum")
     first = store.pull("acme/sum@1")
