@@ -81,11 +81,13 @@ class PeftSetAdapterAPI(ls.LitAPI):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+        from tunehub.devices import resolve_compute_dtype
+
         kwargs = {}
-        if self.quantization == "nf4":
+        if self.quantization == "nf4":  # the compute dtype tunehub's engine picks on this hardware
             kwargs = {"quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": device}}
+                bnb_4bit_compute_dtype=resolve_compute_dtype("auto", str(device))), "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(self.base, **kwargs)
         if self.quantization == "none":
             model.to(device)

@@ -3,14 +3,15 @@
 
     python benchmarks/train_memory.py            # full run (bench-300m for memory), ~15-20 min on 2 CPU cores
     python benchmarks/train_memory.py --quick    # 'small' preset everywhere, a few minutes at most
-    python benchmarks/train_memory.py --gradient-checkpointing   # memory runs with checkpointing on
+    python benchmarks/train_memory.py --no-gradient-checkpointing   # memory runs without checkpointing
 
 Every measured run is its own process (this script re-run with a hidden ``--_worker`` flag), so
 that no run inherits another's allocator state, page cache mappings or imported kernels:
 
 1. memory: the same LoRA run (rank 16, all-linear, clm, 2 x 256 tokens a step, gradient
-   checkpointing off as in tunehub's defaults) through tunehub's ``train()`` on an nf4 base
-   (QLoRA), a bf16 base and an fp32 base, all loaded from one bf16 checkpoint of bench-300m;
+   checkpointing on as QLoRA's recipe has it and the lean CPU allocator, in all three runs alike)
+   through tunehub's ``train()`` on an nf4 base (QLoRA; tunehub's defaults for nf4), a bf16 base
+   and an fp32 base, all loaded from one bf16 checkpoint of bench-300m;
 2. throughput: tunehub's ``train()`` against a plain ``transformers.Trainer`` + PEFT script
    written below, on the identical model (bench-100m; 'small' as an extra figure), LoRA config,
    data, order, batch, steps and optimizer; the per-step losses come out equal;
@@ -594,6 +595,7 @@ def tunehub_config(
     packing: bool = False,
     save_steps: int | None = None,
     gradient_checkpointing: bool = False,
+    cpu_allocator: str = "default",
 ) -> dict[str, Any]:
     training: dict[str, Any] = {
         "batch_size": batch,
@@ -602,6 +604,7 @@ def tunehub_config(
         "logging_steps": 1,
         "seed": 0,
         "gradient_checkpointing": gradient_checkpointing,
+        "cpu_allocator": cpu_allocator,
     }
     if steps:
         training["max_steps"] = steps
@@ -703,7 +706,9 @@ def model_params(base: Path) -> int:
 def bench_memory(work: Path, sizes: Sizes, gradient_checkpointing: bool) -> dict[str, Any]:
     from tunehub.trainer.base import build_base
 
-    base = build_base(work / f"base-{sizes.memory_preset}-bf16", sizes.memory_preset, dtype="bfloat16")
+    base = work / f"base-{sizes.memory_preset}-bf16"
+    if not base.exists():
+        build_base(base, sizes.memory_preset, dtype="bfloat16")
     data = write_clm_text(base, work / "memory.txt", blocks=64, block_size=sizes.memory_seq)
     runs = {}
     for label, quantization, dtype in (("nf4", "nf4", "float32"), ("bf16", "none", "bfloat16"), ("fp32", "none", "float32")):
@@ -712,6 +717,7 @@ def bench_memory(work: Path, sizes: Sizes, gradient_checkpointing: bool) -> dict
             batch=sizes.memory_batch, steps=sizes.memory_steps, quantization=quantization, dtype=dtype,
             save_steps=10**6,  # only the final checkpoint, after on_train_end: not in the window
             gradient_checkpointing=gradient_checkpointing,
+            cpu_allocator="lean",  # the same allocator policy in all three runs (nf4's default)
         )
         runs[label] = spawn(work, f"memory {label}", "tunehub", config, memory=True)
     return {"preset": sizes.memory_preset, "params": model_params(base), "runs": runs}
@@ -940,9 +946,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (memory on the 'small' preset)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (bases, logs, results)")
     parser.add_argument(
-        "--gradient-checkpointing", action="store_true",
-        help="memory runs with gradient checkpointing (default off, as tunehub's training default)",
+        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+        help="memory runs without gradient checkpointing (default on, as tunehub does for quantized bases)",
     )
+    parser.add_argument("--only", choices=("memory", "throughput", "packing"), help="run one part (no verdict)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -951,15 +958,35 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tunehub-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    def part(name: str, run: Any) -> Any:
+        """A part's result; with --keep, a part already measured in DIR is reused (said on stderr)."""
+        saved = work / f"part-{name}.json"
+        if args.keep and saved.exists():
+            print(f"[reuse] {name}: {saved} (delete it to measure again)", file=sys.stderr, flush=True)
+            return json.loads(saved.read_text())
+        result = run()
+        saved.write_text(json.dumps(result, default=float))
+        return result
+
+    gate = QuietGate(budget_s=60 if args.quick else 600)
+    parts = {
+        "memory": lambda: bench_memory(work, sizes, args.gradient_checkpointing),
+        "throughput": lambda: bench_speed(work, gate, sizes.speed_preset, sizes, sizes.speed_steps, sizes.speed_rounds),
+        "throughput_small": (
+            (lambda: bench_speed(work, gate, "small", sizes, sizes.small_speed_steps, sizes.speed_rounds))
+            if sizes.small_speed_steps else None
+        ),
+        "packing": lambda: bench_packing(work, sizes, gate),
+    }
     try:
-        memory = bench_memory(work, sizes, args.gradient_checkpointing)
-        gate = QuietGate(budget_s=60 if args.quick else 600)
-        speed = bench_speed(work, gate, sizes.speed_preset, sizes, sizes.speed_steps, sizes.speed_rounds)
-        small = None
-        if sizes.small_speed_steps:
-            small = bench_speed(work, gate, "small", sizes, sizes.small_speed_steps, sizes.speed_rounds)
-        packing = bench_packing(work, sizes, gate)
-        report = summarize(sizes, memory, speed, small, packing, gate, args.gradient_checkpointing)
+        if args.only:
+            print(json.dumps({"benchmark": BENCHMARK, "part": args.only, "result": part(args.only, parts[args.only])}, default=float))
+            return 0
+        results = {name: (part(name, run) if run is not None else None) for name, run in parts.items()}
+        report = summarize(
+            sizes, results["memory"], results["throughput"], results["throughput_small"], results["packing"],
+            gate, args.gradient_checkpointing,
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -77,6 +77,11 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool | None = Field(
         default=None, description="recompute activations in backward; default: on for nf4/int8 bases (QLoRA), off otherwise"
     )
+    cpu_allocator: Literal["auto", "lean", "default"] = Field(
+        default="auto",
+        description="CPU training only: lean returns freed activation memory to the OS (lower peak, some speed);"
+        " auto: lean for nf4/int8 bases (QLoRA is for memory), default otherwise",
+    )
     seed: int = 0
 
 
@@ -178,8 +183,11 @@ def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     if problems:
         raise ConfigError(problems)
     assert config is not None  # no problems means it validated
+    quantized = config.base.quantization != "none"
     if config.training.gradient_checkpointing is None:  # resolved here, so the manifest records it
-        config.training.gradient_checkpointing = config.base.quantization != "none"
+        config.training.gradient_checkpointing = quantized
+    if config.training.cpu_allocator == "auto":
+        config.training.cpu_allocator = "lean" if quantized else "default"
     return config
 
 

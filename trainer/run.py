@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunehub.devices import device_type, load_quantized, resolve_compute_dtype
+from tunehub.devices import device_type, load_quantized, resolve_compute_dtype, use_lean_cpu_allocator
 from tunehub.errors import ConfigError, TunehubError
 from tunehub.registry.manifest import Manifest
 from tunehub.registry.store import VersionInfo
@@ -299,6 +299,8 @@ def train(
     prepared = prepare_data(config, tokenizer)
 
     tcfg = config.training
+    if tcfg.cpu_allocator == "lean" and device_type() == "cpu":
+        use_lean_cpu_allocator()  # before the model loads: the load's buffers are large too
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(len(prepared.train) / (tcfg.batch_size * tcfg.gradient_accumulation_steps * world)))
     total_steps = tcfg.max_steps or max(1, math.ceil(steps_per_epoch * tcfg.epochs))

@@ -49,6 +49,19 @@ def test_valid_config_fills_defaults(fake_base):
     assert resolved["data"]["train"] == [str(fake_base.parent / "x.jsonl")]
 
 
+def test_qlora_defaults_resolve_into_the_recorded_config(fake_base):
+    plain = validate_run_config(_raw(fake_base)).resolved()
+    assert plain["training"]["gradient_checkpointing"] is False and plain["training"]["cpu_allocator"] == "default"
+    qlora = validate_run_config(_raw(fake_base, base={"path": str(fake_base), "quantization": "nf4"})).resolved()
+    assert qlora["training"]["gradient_checkpointing"] is True and qlora["training"]["cpu_allocator"] == "lean"
+    assert qlora["base"]["compute_dtype"] == "auto"
+    chosen = validate_run_config(_raw(
+        fake_base, base={"path": str(fake_base), "quantization": "nf4"},
+        training={"gradient_checkpointing": False, "cpu_allocator": "default"},
+    )).resolved()
+    assert chosen["training"]["gradient_checkpointing"] is False and chosen["training"]["cpu_allocator"] == "default"
+
+
 def test_every_problem_is_reported_at_once(fake_base):
     raw = _raw(
         fake_base,
