@@ -44,3 +44,22 @@ def test_lean_allocator_returns_freed_activation_memory():
         freed[mode] = int(out.stdout.strip())
     assert freed["lean"] >= 120 * 1024 * 1024  # the 128 MiB went back to the OS
     assert freed["default"] < 16 * 1024 * 1024  # glibc's default keeps them resident
+
+
+def test_quantizing_load_reads_tensor_by_tensor_and_equals_the_plain_load(tiny_llama_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def nf4():
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
+    lean = devices.load_quantized(AutoModelForCausalLM, tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
+    assert type(lean) is type(plain) and type(lean.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    ids = torch.arange(4, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(lean(ids).logits, plain(ids).logits)
+    # no parameter lives in a file mapping: nothing keeps the checkpoint's pages resident
+    maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps.splitlines() if line.endswith(".safetensors")]
+    assert not any(lo <= p.data_ptr() < hi for p in lean.parameters() for lo, hi in spans)
