@@ -607,6 +607,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     from tunehub.registry.manifest import Manifest
     from tunehub.server.engine.base import load_base
     from tunehub.server.engine.engine import Engine
+    from tunehub.server.engine.modules import parse_weights
 
     sizes = Sizes(**spec["sizes"])
     work = Path(spec["work"])
@@ -672,7 +673,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
                 one_pass_s.append(time.perf_counter() - started)
 
     # where the pool's time goes: the same steps the pool takes, timed one by one on fresh versions
-    steps: dict[str, list[float]] = {"resolve": [], "read (blobs read once + sha256)": [], "materialize": []}
+    steps: dict[str, list[float]] = {"resolve": [], "read + sha256 (parsing overlapped)": [], "materialize": []}
     for name in names:
         all_blobs, _ = blobs(Path(folders[name]))
         ref = fresh_version(name)
@@ -680,7 +681,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         store.resolve(ref)
         t1 = time.perf_counter()
-        content = store.read(ref, ["adapter_model.safetensors"], check=lambda m: engine.materializer.admit(m, ref))
+        content = store.read(ref, ["adapter_model.safetensors"], check=lambda m: engine.materializer.admit(m, ref), parse=parse_weights)
         t2 = time.perf_counter()
         engine.materializer.load(content, ref)
         t3 = time.perf_counter()

@@ -50,7 +50,7 @@ from tunehub.registry.files import (
     write_json_atomic,
 )
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content, check_files, verify_module
+from tunehub.registry.module import LocalModule, ModuleContent, check_content, parse_verified, verify_module
 from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, validate_alias
 from tunehub.registry.store import (
     AliasMove,
@@ -343,6 +343,7 @@ class LocalStore(ModuleStore):
         files: list[str] | None = None,
         *,
         check: Callable[[Manifest], None] | None = None,
+        parse: Callable[[dict[str, bytes]], Any] | None = None,
     ) -> ModuleContent:
         """Read straight from the blobs: one read per file, hashed on the bytes returned."""
         ref = parse_ref(ref)
@@ -356,8 +357,8 @@ class LocalStore(ModuleStore):
         if check is not None:
             check(manifest)
         data = {rel: self._read_blob(digests[rel], info.ref) for rel in wanted}
-        check_files(manifest, data, where)
-        return ModuleContent(manifest=manifest, files=data, ref=info.ref, version=info.version)
+        parsed = parse_verified(manifest, data, where, parse)
+        return ModuleContent(manifest=manifest, files=data, ref=info.ref, version=info.version, parsed=parsed)
 
     def _read_blob(self, digest: str, ref: str) -> bytes:
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -99,6 +101,7 @@ class ModuleContent:
     files: dict[str, bytes]
     ref: str | None = None
     version: int | None = None
+    parsed: Any = None  # what the reader's ``parse`` made of ``files`` (see ModuleStore.read)
 
 
 def check_content(manifest_bytes: bytes, files: dict[str, bytes], expected: dict[str, str] | None, where: str) -> Manifest:
@@ -116,6 +119,29 @@ def check_content(manifest_bytes: bytes, files: dict[str, bytes], expected: dict
         raise IntegrityError(f"{where}: a {manifest.kind.value} module must carry {ADAPTER_CONFIG_FILE}")
     check_files(manifest, files, where)
     return manifest
+
+
+def parse_verified(manifest: Manifest, files: dict[str, bytes], where: str, parse: Callable[[dict[str, bytes]], Any] | None) -> Any:
+    """Check ``files`` against ``manifest`` and return ``parse(files)`` (None without ``parse``).
+
+    The hashing runs in a helper thread while ``parse`` runs in this one (hashlib releases the
+    GIL), so a cold load costs about the longer of the two instead of their sum. What ``parse``
+    made is returned only if every hash matched: a damaged file raises IntegrityError, and its
+    parsed form is dropped unused."""
+    if parse is None:
+        check_files(manifest, files, where)
+        return None
+    hashing = _HASHER.submit(check_files, manifest, files, where)
+    try:
+        parsed = parse(files)
+    except BaseException:
+        hashing.result()  # a damaged file is reported as damaged, not as unparseable
+        raise
+    hashing.result()
+    return parsed
+
+
+_HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tunehub-sha256")
 
 
 def check_files(manifest: Manifest, files: dict[str, bytes], where: str) -> None:
@@ -151,4 +177,4 @@ def verify_module(folder: str | Path) -> LocalModule:
     return LocalModule(path=folder, manifest=manifest)
 
 
-__all__ = ["model_card", "write_module", "verify_module", "check_content", "check_files", "LocalModule", "ModuleContent", "UnsafeFile"]
+__all__ = ["model_card", "write_module", "verify_module", "check_content", "check_files", "parse_verified", "LocalModule", "ModuleContent", "UnsafeFile"]

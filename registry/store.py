@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from tunehub.errors import ConfigError, Conflict
 from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content
+from tunehub.registry.module import LocalModule, ModuleContent, check_content, parse_verified
 from tunehub.registry.refs import ModuleRef
 
 
@@ -121,13 +121,16 @@ class ModuleStore(ABC):
         files: list[str] | None = None,
         *,
         check: Callable[[Manifest], None] | None = None,
+        parse: Callable[[dict[str, bytes]], Any] | None = None,
     ) -> ModuleContent:
         """``ref``'s verified manifest and the bytes of ``files`` (default: every listed file).
 
         Each file is hashed on the very bytes returned. ``check`` sees the verified manifest before
-        any other file is read (a server refuses a module for another base there). This default
-        pulls into the local cache and reads from there; a store that can read its objects
-        directly overrides it."""
+        any other file is read (a server refuses a module for another base there). ``parse``
+        turns the bytes into what the caller needs (tensors); it may run while the bytes are
+        still being hashed, and its result (``.parsed``) is returned only if they matched. This
+        default pulls into the local cache and reads from there; a store that can read its
+        objects directly overrides it."""
         from tunehub.registry.manifest import MANIFEST_FILE
 
         if check is not None:
@@ -141,8 +144,10 @@ class ModuleStore(ABC):
             from tunehub.errors import IntegrityError
 
             raise IntegrityError(f"{local.ref}: could not read the pulled module: {exc}") from None
-        manifest = check_content(manifest_bytes, data, None, str(local.ref or local.path))
-        return ModuleContent(manifest=manifest, files=data, ref=local.ref, version=local.version)
+        where = str(local.ref or local.path)
+        manifest = check_content(manifest_bytes, {}, None, where)
+        parsed = parse_verified(manifest, data, where, parse)
+        return ModuleContent(manifest=manifest, files=data, ref=local.ref, version=local.version, parsed=parsed)
 
     @abstractmethod
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:

@@ -85,26 +85,31 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, Any]:
-    """The module's tensors, parsed from bytes that were hashed when read (one read, no mmap:
-    a pool that loads and evicts thousands of modules must not keep file mappings around)."""
+def parse_weights(files: dict[str, bytes], name: str = "module") -> dict[str, Any]:
+    """The module's tensors from the bytes of its files (no mmap: a pool that loads and evicts
+    thousands of modules must not keep file mappings around)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    if isinstance(module, ModuleContent):
-        data = module.files.get(WEIGHTS_FILE)
-        if data is None:
-            raise IntegrityError(f"{name} has no {WEIGHTS_FILE}")
-    else:
-        path = module.path / WEIGHTS_FILE
-        try:
-            data = path.read_bytes()
-        except OSError:
-            raise IntegrityError(f"{name} has no readable {WEIGHTS_FILE}") from None
+    data = files.get(WEIGHTS_FILE)
+    if data is None:
+        raise IntegrityError(f"{name} has no {WEIGHTS_FILE}")
     try:
         return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise IntegrityError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
+
+
+def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, Any]:
+    if isinstance(module, ModuleContent):
+        if module.parsed is not None:  # parsed by the reader, after its hashes matched
+            return module.parsed
+        return parse_weights(module.files, name)
+    try:
+        data = (module.path / WEIGHTS_FILE).read_bytes()
+    except OSError:
+        raise IntegrityError(f"{name} has no readable {WEIGHTS_FILE}") from None
+    return parse_weights({WEIGHTS_FILE: data}, name)
 
 
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 from tunehub.errors import ModuleNotFound
 from tunehub.registry.module import LocalModule, ModuleContent
 from tunehub.registry.refs import ModuleRef, parse_ref
-from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule
+from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule, parse_weights
 
 
 class ModuleSource(Protocol):
@@ -29,7 +29,7 @@ class ModuleSource(Protocol):
 
     def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
 
-    def read(self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None) -> ModuleContent: ...
+    def read(self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None, parse: Any = None) -> ModuleContent: ...
 
 
 @dataclass
@@ -122,7 +122,10 @@ class ModulePool:
             started = time.perf_counter()
             read = getattr(self.source, "read", None)
             if read is not None:
-                content: LocalModule | ModuleContent = read(key, [WEIGHTS_FILE], check=self._checker(key))
+                # tensors are parsed while the bytes are hashed, and kept only if the hashes match
+                content: LocalModule | ModuleContent = read(
+                    key, [WEIGHTS_FILE], check=self._checker(key), parse=lambda files: parse_weights(files, key)
+                )
             else:
                 content = self.source.pull(key)
             module = self.materialize(content, key)

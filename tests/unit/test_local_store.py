@@ -106,8 +106,12 @@ def test_read_detects_tampering_and_checks_before_weights(store, module):
     blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
     with pytest.raises(IntegrityError, match="damaged"):
         store.read(info.ref)
-    manifest_blob = store.root / "blobs" / "sha256" / info.manifest_sha256[:2] / info.manifest_sha256
+    parsed = []  # a parse that runs while the bytes are hashed never hands out damaged content
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.read(info.ref, parse=lambda files: parsed.append(len(files)) or "tensors")
     blob.write_bytes(original)
+    assert store.read(info.ref, parse=lambda files: sorted(files)).parsed == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    manifest_blob = store.root / "blobs" / "sha256" / info.manifest_sha256[:2] / info.manifest_sha256
     manifest_blob.write_text(manifest_blob.read_text().replace("demo", "dem0"))
     with pytest.raises(IntegrityError, match="recorded sha256"):
         store.read(info.ref)
