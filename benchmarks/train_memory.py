@@ -950,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         help="memory runs without gradient checkpointing (default on, as tunehub does for quantized bases)",
     )
     parser.add_argument("--only", choices=("memory", "throughput", "packing"), help="run one part (no verdict)")
+    parser.add_argument("--max-wait", type=float, help="seconds timed runs may wait in all for quiet CPUs (default 600, quick 60)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -968,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         saved.write_text(json.dumps(result, default=float))
         return result
 
-    gate = QuietGate(budget_s=60 if args.quick else 600)
+    gate = QuietGate(budget_s=args.max_wait if args.max_wait is not None else (60 if args.quick else 600))
     parts = {
         "memory": lambda: bench_memory(work, sizes, args.gradient_checkpointing),
         "throughput": lambda: bench_speed(work, gate, sizes.speed_preset, sizes, sizes.speed_steps, sizes.speed_rounds),
