@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from tunehub.sdk.quickstart_tasks import TASKS
+from tunehub.registry.fingerprint import base_fingerprint
+from tunehub.sdk.quickstart import FAST, FULL
+from tunehub.sdk.quickstart_tasks import TASKS, exact_match, write_task_data
 from tunehub.sdk.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -22,17 +24,46 @@ def test_quickstart_fast(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((work / "quickstart.json").read_text())
-    assert {row["task"] for row in report["tasks"]} == set(TASKS)
+    assert [row["task"] for row in report["tasks"]] == list(TASKS)
     assert len({row["kind"] for row in report["tasks"]}) >= 2
     registry = Registry(report["registry"])
+    served_base = base_fingerprint(report["base"])
     for row in report["tasks"]:
         # the module in the table is in the registry, promoted to prod, and it alone answered
         info = registry.resolve(f"quickstart/{row['task']}@prod")
         assert row["module"] == info.ref
         assert row["answered_by"] == [info.ref]
-        assert registry.manifest(info.ref).base.quantization == "nf4"
-        assert 0.0 <= row["base_accuracy"] <= 1.0 and 0.0 <= row["module_accuracy"] <= 1.0
+        manifest = registry.manifest(info.ref)
+        assert manifest.kind.value == row["kind"] == TASKS[row["task"]].kind
+        assert manifest.base.quantization == "nf4"
+        assert info.base_fingerprint == served_base  # trained on the base the server ran
+        # accuracies are hit counts over the held-out examples
+        n = row["heldout_examples"]
+        assert n == FAST.heldout_size
+        for accuracy in (row["base_accuracy"], row["module_accuracy"]):
+            assert 0.0 <= accuracy <= 1.0 and abs(accuracy * n - round(accuracy * n)) < 1e-9
         assert 0 < row["trainable_share"] < 1 and row["size_kib"] > 0 and row["train_seconds"] > 0
     assert registry.resolve("quickstart/stdlib-clm").version == 1  # the continued pretraining run
     assert "module acc" in proc.stdout and "quickstart/sentiment@prod" in proc.stdout  # the table and the how-to
     assert report["wall_seconds"] > 0  # speed is measured by a benchmark, not asserted here
+
+
+def test_heldout_examples_differ_from_training(tmp_path):
+    for task in TASKS.values():
+        train_path, heldout = write_task_data(task, tmp_path, train_size=FULL.train_size, heldout_size=200)
+        train = [json.loads(line) for line in train_path.read_text().splitlines()]
+        train_prompts = {example["prompt"] for example in train}
+        train_answers = {example["completion"].strip() for example in train}
+        assert len(train) == FULL.train_size and all(example["completion"].endswith("\n") for example in train)
+        assert not train_prompts & {example["prompt"] for example in heldout}, task.name
+        # every held-out answer was taught, and each of them is asked
+        assert {example["answer"] for example in heldout} == train_answers, task.name
+        # the same seed gives the same data
+        assert write_task_data(task, tmp_path / "again", train_size=FULL.train_size, heldout_size=200)[1] == heldout
+
+
+def test_exact_match_reads_the_first_line():
+    assert exact_match(" positive\nReview: more", "positive")
+    assert not exact_match(" positive and more", "positive")
+    assert not exact_match("", "positive")
+
