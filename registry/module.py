@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,16 @@ def parse_verified(manifest: Manifest, files: dict[str, bytes], where: str, pars
     if parse is None:
         check_files(manifest, files, where)
         return None
-    hashing = _HASHER.submit(check_files, manifest, files, where)
+    started = threading.Event()
+
+    def check() -> None:
+        started.set()
+        check_files(manifest, files, where)
+
+    hashing = _HASHER.submit(check)
+    # parse only once the hasher runs: a parse that holds the GIL (safetensors does) would
+    # otherwise keep the hashing thread from starting until the interpreter's switch interval
+    started.wait()
     try:
         parsed = parse(files)
     except BaseException:
