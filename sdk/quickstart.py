@@ -291,7 +291,7 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
         "  tunehub pull quickstart/sentiment@prod --dest ./sentiment\n"
         f"  tunehub serve --base {base} --quantization nf4 --port 8000 &\n"
         "  tunehub generate --url http://127.0.0.1:8000 --model quickstart/sentiment@prod "
-        "\"Review: the meal was lovely.\\nSentiment:\"\n",
+        "$'Review: the meal was lovely.\\nSentiment:'\n",  # bash $'...' quoting: the prompt's newline
         flush=True,
     )
     return report
