@@ -288,6 +288,7 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
         "\nTry it again yourself:\n"
         f"  export TUNEHUB_REGISTRY={registry_uri}\n"
         "  tunehub ls\n"
+        f"  tunehub push {work / 'runs' / 'sentiment' / 'module'} quickstart/sentiment   # a new version\n"
         "  tunehub pull quickstart/sentiment@prod --dest ./sentiment\n"
         f"  tunehub serve --base {base} --quantization nf4 --port 8000 &\n"
         "  tunehub generate --url http://127.0.0.1:8000 --model quickstart/sentiment@prod "
