@@ -204,18 +204,6 @@ class MemoryProbe:
 # --- bf16 matmuls on CPUs without native bf16 (inside the memory workers) -------------------------
 
 
-def cpu_has_native_bf16() -> bool:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        return True  # unknown: leave torch alone
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def bf16_matmul_mode() -> Any:
     """A dispatch mode that runs CPU bf16 ``mm`` as fp32 GEMMs on bounded tiles.
 
@@ -384,13 +372,14 @@ def _import_training_stack() -> None:
 def worker_tunehub(spec: dict[str, Any]) -> dict[str, Any]:
     _import_training_stack()
     _quiet_transformers()
+    from tunehub.devices import cpu_has_fast_bf16
     from tunehub.trainer.config import validate_run_config
     from tunehub.trainer.run import train
 
     config = validate_run_config(spec["config"])
     clock = StepClock(probe=MemoryProbe() if spec.get("memory") else None)
     # only where it is needed, and in all three memory runs alike (it passes fp32 through)
-    bf16_mode = bf16_matmul_mode() if spec.get("memory") and not cpu_has_native_bf16() else None
+    bf16_mode = bf16_matmul_mode() if spec.get("memory") and not cpu_has_fast_bf16() else None
     if clock.probe is not None:
         clock.probe.start()
     with bf16_mode if bf16_mode is not None else contextlib.nullcontext():

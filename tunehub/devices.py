@@ -63,15 +63,15 @@ def load_quantized(model_cls: Any, path: str | Path, **kwargs: Any) -> Any:
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
-    config = kwargs.pop("config", None)
     if not files or kwargs.get("state_dict") is not None:
-        return model_cls.from_pretrained(path, config=config, **kwargs) if config else model_cls.from_pretrained(path, **kwargs)
+        return model_cls.from_pretrained(path, **kwargs)
     try:
         from safetensors import safe_open
 
         handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     except TypeError:  # safetensors without the backend argument
-        return model_cls.from_pretrained(path, config=config, **kwargs) if config else model_cls.from_pretrained(path, **kwargs)
+        return model_cls.from_pretrained(path, **kwargs)
+    config = kwargs.pop("config", None)
     state_dict = {}
     for handle in handles:
         for key in handle.keys():
