@@ -30,7 +30,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from tunehub.errors import (
     AliasNotFound,
@@ -50,7 +50,7 @@ from tunehub.registry.files import (
     write_json_atomic,
 )
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content, parse_verified, verify_module
+from tunehub.registry.module import LocalModule, ModuleContent, check_content, read_verified, verify_module
 from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, validate_alias
 from tunehub.registry.store import (
     AliasMove,
@@ -304,11 +304,14 @@ class LocalStore(ModuleStore):
         raise StoreError(f"could not claim a version number in {versions_dir}")
 
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
-        ref = parse_ref(ref)
+        return self._resolve_record(parse_ref(ref))[0]
+
+    def _resolve_record(self, ref: ModuleRef) -> tuple[VersionInfo, dict[str, Any]]:
         module_dir, live, deleted = self._require_module(ref)
         state = self._state(module_dir)
         version = self._resolve_version(ref, live, deleted, state)
-        return self._info(self._record(module_dir, version), ref.repo, state)
+        record = self._record(module_dir, version)
+        return self._info(record, ref.repo, state), record
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
         ref = parse_ref(ref)
@@ -343,12 +346,10 @@ class LocalStore(ModuleStore):
         files: list[str] | None = None,
         *,
         check: Callable[[Manifest], None] | None = None,
-        parse: Callable[[dict[str, bytes]], Any] | None = None,
+        parse: Callable[[Manifest, dict[str, memoryview]], Any] | None = None,
     ) -> ModuleContent:
-        """Read straight from the blobs: one read per file, hashed on the bytes returned."""
-        ref = parse_ref(ref)
-        info = self.resolve(ref)
-        record = self._record(self._module_dir(ref), info.version)
+        """Read straight from the blobs: one read per file, hashed while it is read."""
+        info, record = self._resolve_record(parse_ref(ref))
         digests: dict[str, str] = record["files"]
         wanted = [rel for rel in digests if rel != MANIFEST_FILE] if files is None else [rel for rel in files if rel in digests]
         where = f"{info.ref} in {self.uri}"
@@ -356,8 +357,14 @@ class LocalStore(ModuleStore):
         manifest = check_content(manifest_bytes, {}, digests, where)
         if check is not None:
             check(manifest)
-        data = {rel: self._read_blob(digests[rel], info.ref) for rel in wanted}
-        parsed = parse_verified(manifest, data, where, parse)
+
+        def open_blob(rel: str) -> BinaryIO:
+            try:
+                return open(self._blob_path(digests[rel]), "rb", buffering=0)
+            except FileNotFoundError:
+                raise IntegrityError(f"{info.ref}: blob {digests[rel][:12]}... of {rel} is missing from {self.uri}") from None
+
+        data, parsed = read_verified(manifest, wanted, open_blob, where, parse)
         return ModuleContent(manifest=manifest, files=data, ref=info.ref, version=info.version, parsed=parsed)
 
     def _read_blob(self, digest: str, ref: str) -> bytes:

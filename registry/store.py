@@ -5,13 +5,13 @@ from __future__ import annotations
 import getpass
 import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
-from tunehub.errors import ConfigError, Conflict
-from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content, parse_verified
+from tunehub.errors import ConfigError, Conflict, IntegrityError
+from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
+from tunehub.registry.module import LocalModule, ModuleContent, check_content, read_verified
 from tunehub.registry.refs import ModuleRef
 
 
@@ -121,32 +121,33 @@ class ModuleStore(ABC):
         files: list[str] | None = None,
         *,
         check: Callable[[Manifest], None] | None = None,
-        parse: Callable[[dict[str, bytes]], Any] | None = None,
+        parse: Callable[[Manifest, dict[str, memoryview]], Any] | None = None,
     ) -> ModuleContent:
         """``ref``'s verified manifest and the bytes of ``files`` (default: every listed file).
 
         Each file is hashed on the very bytes returned. ``check`` sees the verified manifest before
-        any other file is read (a server refuses a module for another base there). ``parse``
-        turns the bytes into what the caller needs (tensors); it may run while the bytes are
-        still being hashed, and its result (``.parsed``) is returned only if they matched. This
-        default pulls into the local cache and reads from there; a store that can read its
+        any other file is read (a server refuses a module for another base there).
+        ``parse(manifest, files)`` turns the bytes into what the caller needs (tensors, a loaded
+        module); it may run while the bytes are still being hashed, and its result (``.parsed``)
+        is returned only if they matched. This default pulls into the local cache and reads from there; a store that can read its
         objects directly overrides it."""
-        from tunehub.registry.manifest import MANIFEST_FILE
-
         if check is not None:
             check(self.manifest(ref))
         local = self.pull(ref)
-        wanted = list(local.manifest.files) if files is None else list(files)
-        try:
-            manifest_bytes = (local.path / MANIFEST_FILE).read_bytes()
-            data = {rel: (local.path / rel).read_bytes() for rel in wanted if rel in local.manifest.files}
-        except OSError as exc:
-            from tunehub.errors import IntegrityError
-
-            raise IntegrityError(f"{local.ref}: could not read the pulled module: {exc}") from None
+        wanted = list(local.manifest.files) if files is None else [rel for rel in files if rel in local.manifest.files]
         where = str(local.ref or local.path)
-        manifest = check_content(manifest_bytes, {}, None, where)
-        parsed = parse_verified(manifest, data, where, parse)
+        try:
+            manifest = check_content((local.path / MANIFEST_FILE).read_bytes(), {}, None, where)
+        except OSError as exc:
+            raise IntegrityError(f"{where}: could not read the pulled module: {exc}") from None
+
+        def open_pulled(rel: str) -> BinaryIO:
+            try:
+                return open(local.path / rel, "rb", buffering=0)
+            except OSError as exc:
+                raise IntegrityError(f"{where}: could not read {rel} of the pulled module: {exc}") from None
+
+        data, parsed = read_verified(manifest, wanted, open_pulled, where, parse)
         return ModuleContent(manifest=manifest, files=data, ref=local.ref, version=local.version, parsed=parsed)
 
     @abstractmethod

@@ -9,7 +9,6 @@ steps, and finished rows leave it, so requests come and go without waiting for e
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading

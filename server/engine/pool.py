@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 from tunehub.errors import ModuleNotFound
 from tunehub.registry.module import LocalModule, ModuleContent
 from tunehub.registry.refs import ModuleRef, parse_ref
-from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule, parse_weights
+from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule
 
 
 class ModuleSource(Protocol):
@@ -122,13 +122,10 @@ class ModulePool:
             started = time.perf_counter()
             read = getattr(self.source, "read", None)
             if read is not None:
-                # tensors are parsed while the bytes are hashed, and kept only if the hashes match
-                content: LocalModule | ModuleContent = read(
-                    key, [WEIGHTS_FILE], check=self._checker(key), parse=lambda files: parse_weights(files, key)
-                )
+                # materialised while the bytes are still being hashed, and kept only if they match
+                module = read(key, [WEIGHTS_FILE], check=self._checker(key), parse=self._materializer(key)).parsed
             else:
-                content = self.source.pull(key)
-            module = self.materialize(content, key)
+                module = self.materialize(self.source.pull(key), key)
             elapsed = time.perf_counter() - started
         except BaseException:
             with self._lock:
@@ -142,6 +139,9 @@ class ModulePool:
             self._evict_over_budget()
         self.on_event("load", key)
         return module
+
+    def _materializer(self, key: str) -> Callable[[Any, dict[str, memoryview]], LoadedModule]:
+        return lambda manifest, files: self.materialize(ModuleContent(manifest=manifest, files=files, ref=key), key)
 
     def _checker(self, key: str) -> Callable[[Any], None] | None:
         check = self.check

@@ -108,13 +108,47 @@ def test_read_detects_tampering_and_checks_before_weights(store, module):
         store.read(info.ref)
     parsed = []  # a parse that runs while the bytes are hashed never hands out damaged content
     with pytest.raises(IntegrityError, match="damaged"):
-        store.read(info.ref, parse=lambda files: parsed.append(len(files)) or "tensors")
+        store.read(info.ref, parse=lambda manifest, files: parsed.append(len(files)) or "tensors")
     blob.write_bytes(original)
-    assert store.read(info.ref, parse=lambda files: sorted(files)).parsed == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert store.read(info.ref, parse=lambda manifest, files: sorted(files)).parsed == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     manifest_blob = store.root / "blobs" / "sha256" / info.manifest_sha256[:2] / info.manifest_sha256
     manifest_blob.write_text(manifest_blob.read_text().replace("demo", "dem0"))
     with pytest.raises(IntegrityError, match="recorded sha256"):
         store.read(info.ref)
+
+
+def test_read_of_a_file_larger_than_its_chunks_is_exact_and_checked_in_every_chunk(store, tmp_path):
+    # 2.5 MiB: a small first chunk, then 1 MiB chunks hashed while the next one is read
+    payload = os.urandom((5 << 20) // 2)
+    info = store.push(make_fake_module(tmp_path / "big", payload=payload), "acme/big")
+    parsed = store.read(info.ref, ["adapter_model.safetensors"], parse=lambda manifest, files: (manifest.task, len(files["adapter_model.safetensors"])))
+    assert parsed.files["adapter_model.safetensors"] == payload and parsed.parsed == ("demo", len(payload))
+    digest = json.loads((tmp_path / "big" / "manifest.json").read_text())["files"]["adapter_model.safetensors"]
+    blob = store.root / "blobs" / "sha256" / digest[:2] / digest
+    for position in (0, (1 << 20) + 5, len(payload) - 1):  # first, a middle and the last chunk
+        damaged = bytearray(payload)
+        damaged[position] ^= 0x01
+        blob.write_bytes(bytes(damaged))
+        with pytest.raises(IntegrityError, match="damaged"):  # the parse's result is never handed out
+            store.read(info.ref, parse=lambda manifest, files: "tensors")
+    blob.write_bytes(payload + b"x")  # a file whose size changed is damaged too
+    with pytest.raises(IntegrityError):
+        store.read(info.ref)
+    blob.write_bytes(payload)
+    assert store.read(info.ref).files["adapter_model.safetensors"] == payload
+
+
+def test_read_reports_damage_before_a_parse_error(store, tmp_path):
+    info = store.push(make_fake_module(tmp_path / "m"), "acme/m")
+    digest = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]["adapter_model.safetensors"]
+    blob = store.root / "blobs" / "sha256" / digest[:2] / digest
+    blob.write_bytes(b"not what was pushed")
+
+    def parse(manifest, files):
+        raise ValueError("unparseable")
+
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.read(info.ref, parse=parse)
 
 
 def test_tampered_cached_copy_is_replaced(store, module, tmp_path):
