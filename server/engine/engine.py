@@ -16,11 +16,12 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from tunehub.devices import use_reusing_cpu_allocator
 from tunehub.errors import ConfigError, TunehubError
 from tunehub.server.engine.base import LoadedBase
 from tunehub.server.engine.layers import BatchState, build_plan, patch_linear_layers
@@ -169,9 +170,18 @@ class Engine:
         max_rank: int = 256,
         alias_ttl_s: float = 5.0,
         gather_s: float = 0.002,
+        cpu_allocator: Literal["auto", "reuse", "default"] = "auto",
     ):
         """``gather_s``: when the engine is idle and a request arrives, how long it waits for
-        more to start them in the same prefill (requests sent together then share batches)."""
+        more to start them in the same prefill (requests sent together then share batches).
+        ``cpu_allocator``: "reuse" (what "auto" picks for a base on the CPU) makes glibc keep
+        freed memory for the next decode step and the next module instead of faulting in fresh
+        pages (:func:`tunehub.devices.use_reusing_cpu_allocator`; it applies to the whole
+        process); "default" leaves the allocator alone."""
+        if cpu_allocator not in ("auto", "reuse", "default"):
+            raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
+        if cpu_allocator == "reuse" or (cpu_allocator == "auto" and base.device.type == "cpu"):
+            use_reusing_cpu_allocator()
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer

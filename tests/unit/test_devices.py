@@ -46,6 +46,35 @@ def test_lean_allocator_returns_freed_activation_memory():
     assert freed["default"] < 16 * 1024 * 1024  # glibc's default keeps them resident
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reusing_allocator_keeps_freed_blocks_for_the_next_ones():
+    # in a child process: mallopt changes the allocator for the rest of the process
+    script = textwrap.dedent("""
+        import sys, torch
+        from tunehub.devices import use_reusing_cpu_allocator
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        if sys.argv[1] == "reuse":
+            assert use_reusing_cpu_allocator()
+        # no warm-up: glibc's default maps these 2 MiB blocks on their own and unmaps them when freed
+        blocks = [torch.ones(512 * 1024) for _ in range(64)]
+        pin = torch.ones(512 * 1024)
+        before = rss()
+        del blocks
+        after_free = rss()
+        again = [torch.ones(512 * 1024) for _ in range(64)]  # the next step's blocks
+        print(before - after_free, rss() - after_free)
+    """)
+    seen = {}
+    for mode in ("reuse", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        seen[mode] = [int(x) for x in out.stdout.split()]
+    assert seen["default"][0] >= 120 * 1024 * 1024  # glibc's default returned the 128 MiB ...
+    assert seen["default"][1] >= 120 * 1024 * 1024  # ... and faulted it in again for the next blocks
+    assert seen["reuse"][0] < 16 * 1024 * 1024  # kept ...
+    assert seen["reuse"][1] < 16 * 1024 * 1024  # ... and reused: no fresh pages for the next blocks
+
+
 def test_quantizing_load_reads_tensor_by_tensor_and_equals_the_plain_load(tiny_llama_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
