@@ -71,7 +71,12 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "auto"
     eval_steps: int | None = Field(default=None, gt=0, description="default: about 5 evaluations per run")
-    save_steps: int | None = Field(default=None, gt=0, description="checkpoint interval; default: at eval time")
+    save_steps: int | None = Field(
+        default=None, gt=0, description="checkpoint interval; default: at evaluations, at most one per checkpoint_minutes"
+    )
+    checkpoint_minutes: float = Field(
+        default=10.0, gt=0, description="with save_steps unset: the least time between two checkpoints (one process runs)"
+    )
     save_total_limit: int = Field(default=2, gt=0)
     logging_steps: int = Field(default=10, gt=0)
     gradient_checkpointing: bool | None = Field(

@@ -573,7 +573,12 @@ class _FirstFit:
 def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
     """Pack whole tokenized examples into blocks of at most ``block_size`` tokens.
 
-    Greedy first-fit in the examples' order; an example longer than ``block_size`` is truncated.
+    First-fit decreasing: the longest examples are placed first, each in the first block with
+    room (ties keep the examples' order). Blocks come out nearly full (about 98% on lengths
+    uniform in [16, 512], against 91% for first-fit in the examples' order), so fewer padded
+    positions are computed; TRL's default best-fit-decreasing packs alike. The trainer shuffles
+    the blocks, so the order of lengths does not become the order of training. An example longer
+    than ``block_size`` is truncated.
     Each block has ``input_ids``, ``labels`` and ``position_ids`` restarting at 0 at each example.
     Labels are carried over, except that each example's first label becomes -100: the loss shifts
     labels by one, so that label would be predicted from the previous example's last token (alone,
@@ -584,7 +589,8 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
     fit = _FirstFit(len(examples), block_size)
     blocks: list[dict] = []
     dropped = 0
-    for example in examples:
+    longest_first = sorted(examples, key=lambda example: -min(len(example["input_ids"]), block_size))  # stable
+    for example in longest_first:
         ids = list(example["input_ids"][:block_size])
         labels = list(example["labels"][:block_size])
         if len(ids) != len(labels):

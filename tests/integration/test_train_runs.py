@@ -80,6 +80,16 @@ def test_cli_train_and_push(tiny_llama_path, tmp_path):
     assert _cli("train", config, "--check").returncode == 0
 
 
+def test_default_checkpoints_come_at_evaluations_at_most_once_per_interval(tiny_llama_path, tmp_path):
+    # save_steps unset: checkpoints at evaluations (steps 3 and 6), paced by checkpoint_minutes
+    rare = train(validate_run_config(_raw(tiny_llama_path, tmp_path / "rare", save_steps=None)))
+    assert rare.metrics["steps"] == 6
+    assert not list((tmp_path / "rare" / "checkpoints").glob("checkpoint-*"))  # a short run: none
+    every = train(validate_run_config(_raw(tiny_llama_path, tmp_path / "every", save_steps=None, checkpoint_minutes=1e-6)))
+    assert sorted(p.name for p in (tmp_path / "every" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert every.manifest.config["training"]["checkpoint_minutes"] == 1e-6  # resolved into the manifest
+
+
 def test_resume_without_checkpoint_is_refused(tiny_llama_path, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_raw(tiny_llama_path, tmp_path / "out")))

@@ -333,24 +333,25 @@ def _examples(lengths, prompt_len=2):
     return out
 
 
-def test_pack_examples_first_fit_positions_and_labels():
+def test_pack_examples_first_fit_decreasing_positions_and_labels():
     examples = _examples([6, 6, 3, 4, 12])
     blocks = pack_examples(examples, block_size=10)
-    # first fit in order: [6, 3] [6, 4] [10 (12 truncated)]
-    assert [len(b["input_ids"]) for b in blocks] == [9, 10, 10]
-    assert blocks[0]["input_ids"] == examples[0]["input_ids"] + examples[2]["input_ids"]
-    assert blocks[0]["position_ids"] == list(range(6)) + list(range(3))
+    # longest first, each into the first block with room: [10 (12 truncated)] [6, 4] [6, 3]
+    assert [len(b["input_ids"]) for b in blocks] == [10, 10, 9]
+    assert blocks[1]["input_ids"] == examples[0]["input_ids"] + examples[3]["input_ids"]
+    assert blocks[2]["input_ids"] == examples[1]["input_ids"] + examples[2]["input_ids"]
+    assert blocks[0]["position_ids"] == list(range(10))
     assert blocks[1]["position_ids"] == list(range(6)) + list(range(4))
-    assert blocks[2]["position_ids"] == list(range(10))
+    assert blocks[2]["position_ids"] == list(range(6)) + list(range(3))
     assert all(len(b["labels"]) == len(b["input_ids"]) == len(b["position_ids"]) <= 10 for b in blocks)
     # prompt tokens stay -100, completion tokens keep their ids
     prompt = [IGNORE_INDEX] * 2
-    assert blocks[1]["labels"] == prompt + examples[1]["input_ids"][2:] + prompt + examples[3]["input_ids"][2:]
+    assert blocks[1]["labels"] == prompt + examples[0]["input_ids"][2:] + prompt + examples[3]["input_ids"][2:]
     with pytest.raises(ConfigError, match="block_size"):
         pack_examples(examples, block_size=1)
 
 
-def test_pack_examples_matches_naive_first_fit():
+def test_pack_examples_matches_naive_first_fit_decreasing_and_fills_blocks():
     import random
 
     rng = random.Random(0)
@@ -358,8 +359,9 @@ def test_pack_examples_matches_naive_first_fit():
     blocks = pack_examples(_examples(lengths, prompt_len=0), block_size=32)
     free: list[int] = []
     expected: list[list[int]] = []
-    for n, length in enumerate(lengths):
-        length = min(length, 32)
+    in_order_free: list[int] = []
+    for n in sorted(range(len(lengths)), key=lambda n: -min(lengths[n], 32)):
+        length = min(lengths[n], 32)
         if length < 2:  # a 1-token example has no target left once its first label is masked
             continue
         index = next((i for i, f in enumerate(free) if f >= length), len(free))
@@ -368,9 +370,15 @@ def test_pack_examples_matches_naive_first_fit():
             expected.append([])
         free[index] -= length
         expected[index].append(n)
+    for length in (min(x, 32) for x in lengths if x >= 2):
+        index = next((i for i, f in enumerate(in_order_free) if f >= length), len(in_order_free))
+        if index == len(in_order_free):
+            in_order_free.append(32)
+        in_order_free[index] -= length
     assert [len(b["input_ids"]) for b in blocks] == [32 - f for f in free]
     firsts = [[b["input_ids"][i] for i, p in enumerate(b["position_ids"]) if p == 0] for b in blocks]
     assert firsts == [[10 + n * 20 for n in members] for members in expected]
+    assert len(blocks) < len(in_order_free)  # fuller blocks than first-fit in the examples' order
 
 
 def test_prompt_masking_survives_packing(llama_tok):
