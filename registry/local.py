@@ -354,7 +354,7 @@ class LocalStore(ModuleStore):
         wanted = [rel for rel in digests if rel != MANIFEST_FILE] if files is None else [rel for rel in files if rel in digests]
         where = f"{info.ref} in {self.uri}"
         manifest_bytes = self._read_blob(digests.get(MANIFEST_FILE, ""), info.ref)
-        manifest = check_content(manifest_bytes, {}, digests, where)
+        manifest = check_content(manifest_bytes, digests, where)
         if check is not None:
             check(manifest)
 

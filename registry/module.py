@@ -109,10 +109,10 @@ class ModuleContent:
     parsed: Any = None  # what the reader's ``parse`` made of ``files`` (see ModuleStore.read)
 
 
-def check_content(manifest_bytes: bytes, files: dict[str, bytes], expected: dict[str, str] | None, where: str) -> Manifest:
-    """Validate a module read into memory: the manifest parses, ``files`` are files it lists and
-    each one's bytes match its sha256; ``expected`` (a store's record of every file, manifest
-    included) must agree with the manifest. Raises like verify_module."""
+def check_content(manifest_bytes: bytes, expected: dict[str, str] | None, where: str) -> Manifest:
+    """Validate a manifest read into memory: it parses, and ``expected`` (a store's record of every
+    file, manifest included) agrees with it. The other files are checked as they are read
+    (:func:`read_verified`). Raises like verify_module."""
     from tunehub.registry.files import sha256_bytes
 
     if expected is not None and sha256_bytes(manifest_bytes) != expected.get(MANIFEST_FILE):
@@ -122,7 +122,6 @@ def check_content(manifest_bytes: bytes, files: dict[str, bytes], expected: dict
         raise IntegrityError(f"{where}: the manifest's file list disagrees with the store's record")
     if manifest.adapter_config() is not None and ADAPTER_CONFIG_FILE not in manifest.files:
         raise IntegrityError(f"{where}: a {manifest.kind.value} module must carry {ADAPTER_CONFIG_FILE}")
-    check_files(manifest, files, where)
     return manifest
 
 
@@ -251,16 +250,6 @@ def _check_listed(manifest: Manifest, rel: str, where: str) -> None:
         raise IntegrityError(f"{where}: {rel} is not listed in the manifest")
 
 
-def check_files(manifest: Manifest, files: dict[str, bytes], where: str) -> None:
-    """Every file in ``files`` is listed in ``manifest``, safe to load and matches its sha256."""
-    from tunehub.registry.files import sha256_bytes
-
-    for rel, data in files.items():
-        _check_listed(manifest, rel, where)
-        if sha256_bytes(data) != manifest.files[rel]:
-            raise IntegrityError(f"{where}: {rel} is damaged: its content does not match its sha256")
-
-
 def verify_module(folder: str | Path) -> LocalModule:
     """Read and validate ``folder``'s manifest and check every file against its hash.
 
@@ -279,4 +268,4 @@ def verify_module(folder: str | Path) -> LocalModule:
     return LocalModule(path=folder, manifest=manifest)
 
 
-__all__ = ["model_card", "write_module", "verify_module", "check_content", "check_files", "read_verified", "LocalModule", "ModuleContent", "UnsafeFile"]
+__all__ = ["model_card", "write_module", "verify_module", "check_content", "read_verified", "LocalModule", "ModuleContent", "UnsafeFile"]

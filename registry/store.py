@@ -137,7 +137,7 @@ class ModuleStore(ABC):
         wanted = list(local.manifest.files) if files is None else [rel for rel in files if rel in local.manifest.files]
         where = str(local.ref or local.path)
         try:
-            manifest = check_content((local.path / MANIFEST_FILE).read_bytes(), {}, None, where)
+            manifest = check_content((local.path / MANIFEST_FILE).read_bytes(), None, where)
         except OSError as exc:
             raise IntegrityError(f"{where}: could not read the pulled module: {exc}") from None
 

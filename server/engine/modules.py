@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,8 +176,11 @@ def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, A
         if module.parsed is not None:  # parsed by the reader, after its hashes matched
             return module.parsed
         return parse_weights(module.files, name)
-    try:
-        data = (module.path / WEIGHTS_FILE).read_bytes()
+    try:  # into a writable buffer, which the tensors then view (bytes would be copied once more)
+        with open(module.path / WEIGHTS_FILE, "rb", buffering=0) as stream:
+            data = bytearray(os.fstat(stream.fileno()).st_size)
+            if stream.readinto(data) != len(data):
+                raise OSError("short read")
     except OSError:
         raise IntegrityError(f"{name} has no readable {WEIGHTS_FILE}") from None
     return parse_weights({WEIGHTS_FILE: data}, name)
