@@ -436,6 +436,8 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         "gate_waited_s": round(gate.waited_s, 1),
         "disturbed_runs_repeated": repeated,
         "torch_threads": torch.get_num_threads(),
+        # OneDNNLinear on an fp32 CPU base (Engine's cpu_linear="auto"); PEFT runs torch's Linear
+        "tunehub_base_linear": type(next(iter(engine.layers.values())).base).__name__,
     }
     if spec.get("profile"):
         result["profile"] = profile_decode(engine, peft, prompts, loras, pad_id)
@@ -975,6 +977,7 @@ def summarize(sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[s
         "same_greedy_tokens_share": thr["same_tokens"],
         "kinds_batch_rows": list(KIND_ROWS),
         "torch_threads": thr["torch_threads"],
+        "tunehub_base_linear": thr["tunehub_base_linear"],
         "split_batches_retried": thr["split_batches_retried"],
         "gate_waited_s": thr["gate_waited_s"],
         "disturbed_runs_repeated": thr["disturbed_runs_repeated"],

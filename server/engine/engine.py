@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer
 from tunehub.devices import use_reusing_cpu_allocator
 from tunehub.errors import ConfigError, TunehubError
 from tunehub.server.engine.base import LoadedBase
-from tunehub.server.engine.layers import BatchState, build_plan, patch_linear_layers
+from tunehub.server.engine.layers import BatchState, build_plan, onednn_linear_works, patch_linear_layers, use_onednn_linears
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
 from tunehub.server.engine.pool import ModulePool, ModuleSource
 
@@ -171,15 +171,24 @@ class Engine:
         alias_ttl_s: float = 5.0,
         gather_s: float = 0.002,
         cpu_allocator: Literal["auto", "reuse", "default"] = "auto",
+        cpu_linear: Literal["auto", "onednn", "default"] = "auto",
     ):
         """``gather_s``: when the engine is idle and a request arrives, how long it waits for
         more to start them in the same prefill (requests sent together then share batches).
         ``cpu_allocator``: "reuse" (what "auto" picks for a base on the CPU) makes glibc keep
         freed memory for the next decode step and the next module instead of faulting in fresh
         pages (:func:`tunehub.devices.use_reusing_cpu_allocator`; it applies to the whole
-        process); "default" leaves the allocator alone."""
+        process); "default" leaves the allocator alone.
+        ``cpu_linear``: "onednn" (what "auto" picks for an fp32 base on the CPU where this torch
+        build has it) serves the base's linear layers through oneDNN with each weight reordered
+        once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
+        torch's linear. Engines built on one loaded base share its layers: the first decides."""
         if cpu_allocator not in ("auto", "reuse", "default"):
             raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
+        if cpu_linear not in ("auto", "onednn", "default"):
+            raise ConfigError(f"cpu_linear must be auto, onednn or default, not {cpu_linear!r}")
+        if cpu_linear == "onednn" and not onednn_linear_works():
+            raise ConfigError("cpu_linear='onednn': this torch build has no working oneDNN linear (use auto or default)")
         if cpu_allocator == "reuse" or (cpu_allocator == "auto" and base.device.type == "cpu"):
             use_reusing_cpu_allocator()
         self.base = base
@@ -191,6 +200,8 @@ class Engine:
         shared = getattr(self.model, "_tunehub_adapted", None)
         if shared is None:
             state = BatchState()
+            if cpu_linear != "default" and base.quantization == "none" and onednn_linear_works():
+                use_onednn_linears(self.model)  # fp32 CPU layers only; others keep their own
             shared = (state, patch_linear_layers(self.model, state), threading.Lock())
             self.model._tunehub_adapted = shared
         self.state, self.layers, self._lock = shared

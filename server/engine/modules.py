@@ -300,8 +300,7 @@ class ModuleMaterializer:
                 if magnitude is None:
                     raise IntegrityError(f"{name}: DoRA layer {layer} lacks its magnitude vector")
                 with torch.no_grad():
-                    weight = target.dense_weight()  # (out, in) fp32, dequantized for 4-bit bases
-                    norm = (weight + scale * (b @ a)).norm(p=2, dim=1)
+                    norm = target.dora_norms(a, b, scale)
                 delta.dora_gain = (magnitude.float() / norm).contiguous()
             loaded.layers[layer] = delta
 

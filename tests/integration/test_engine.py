@@ -285,3 +285,56 @@ def test_isolation_modules_trained_to_answer_differently(tiny_llama_path, tmp_pa
             assert text.startswith(answers[request.module.split("/")[1]]), (request.module, text)
             assert result.module == f"{request.module}@1"
     engine.close()
+
+
+def test_fp32_cpu_base_serves_through_onednn_linears_with_the_same_logits(tiny_llama_path, store):
+    from tunehub.server.engine.layers import OneDNNLinear, onednn_linear_works
+
+    if not onednn_linear_works():
+        pytest.skip("this torch build has no oneDNN linear")
+    packed = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    plain = Engine(load_base(tiny_llama_path, quantization="none"), store, cpu_linear="default")
+    decoder = [layer.base for layer in packed.layers.values()]
+    assert decoder and all(isinstance(m, OneDNNLinear) for m in decoder)
+    assert isinstance(packed.model.get_output_embeddings(), OneDNNLinear)
+    assert not any(isinstance(layer.base, OneDNNLinear) for layer in plain.layers.values())
+    # the dense weights are gone (not held twice); embeddings and norms remain parameters
+    names = [n for n, _ in packed.model.named_parameters()]
+    assert not any(n.endswith(("proj.weight", "lm_head.weight")) for n in names) and names
+    tok = packed.tokenizer
+    refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS + ["rank eight"], refs)]
+    for got, expected in zip(packed.logits(rows), plain.logits(rows)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    packed.close()
+    plain.close()
+
+
+def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
+    from torch import nn
+
+    from tunehub.server.engine.layers import AdaptedLinear, BatchState, OneDNNLinear, onednn_linear_works
+
+    if not onednn_linear_works():
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    for bias in (True, False):
+        dense = nn.Linear(48, 40, bias=bias)
+        packed = OneDNNLinear(dense)
+        assert (packed.in_features, packed.out_features) == (48, 40)
+        with torch.no_grad():
+            for x in (torch.randn(5, 48), torch.randn(3, 7, 48), torch.randn(4, 96)[:, ::2], torch.randn(0, 48)):
+                torch.testing.assert_close(packed(x), dense(x), atol=1e-5, rtol=1e-5)
+            a, b = torch.randn(6, 48), torch.randn(40, 6)
+            for scale in (0.0, 0.5, 2.0):
+                expected = (dense.weight + scale * (b @ a)).norm(p=2, dim=1)
+                for base in (dense, packed):
+                    got = AdaptedLinear("x", base, BatchState()).dora_norms(a, b, scale)
+                    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_cpu_linear_is_refused(tiny_llama_path):
+    from tunehub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cpu_linear"):
+        Engine(load_base(tiny_llama_path, quantization="none"), cpu_linear="mkl")
