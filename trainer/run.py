@@ -98,6 +98,10 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
             model = model_cls.from_pretrained(base_dir, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base.path: could not load {base_dir} as a model: {exc}") from None
+    if config.data.packing and objective == "sft":
+        from tunehub.trainer.attention import use_segment_attention
+
+        use_segment_attention(model)  # each packed example attends to itself, computed alone
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
