@@ -120,7 +120,6 @@ def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):
 
 def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store, max_batch=4)
-    tok = engine.tokenizer
     specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10])]
     alone = []
     for prompt, ref, n in specs:
