@@ -179,9 +179,9 @@ class Engine:
         freed memory for the next decode step and the next module instead of faulting in fresh
         pages (:func:`tunehub.devices.use_reusing_cpu_allocator`; it applies to the whole
         process); "default" leaves the allocator alone.
-        ``cpu_linear``: "onednn" (what "auto" picks for an fp32 base on the CPU where this torch
-        build has it) serves the base's linear layers through oneDNN with each weight reordered
-        once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
+        ``cpu_linear``: "onednn" (what "auto" picks where this torch build has it) serves the
+        base's fp32 linear layers on the CPU (of a 4-bit base: its LM head) through oneDNN, each
+        weight reordered once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
         torch's linear. Engines built on one loaded base share its layers: the first decides."""
         if cpu_allocator not in ("auto", "reuse", "default"):
             raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
@@ -200,8 +200,8 @@ class Engine:
         shared = getattr(self.model, "_tunehub_adapted", None)
         if shared is None:
             state = BatchState()
-            if cpu_linear != "default" and base.quantization == "none" and onednn_linear_works():
-                use_onednn_linears(self.model)  # fp32 CPU layers only; others keep their own
+            if cpu_linear != "default" and onednn_linear_works():
+                use_onednn_linears(self.model)  # fp32 CPU nn.Linear only (of a 4-bit base: its LM head)
             shared = (state, patch_linear_layers(self.model, state), threading.Lock())
             self.model._tunehub_adapted = shared
         self.state, self.layers, self._lock = shared

@@ -54,7 +54,7 @@ class OneDNNLinear(nn.Module):
         self.out_features = int(weight.shape[0])
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.row_norms_squared = weight.double().pow(2).sum(dim=1).float()
+        self.row_norms_squared = torch.linalg.vector_norm(weight, dim=1).square()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

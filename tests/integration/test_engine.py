@@ -309,6 +309,17 @@ def test_fp32_cpu_base_serves_through_onednn_linears_with_the_same_logits(tiny_l
     plain.close()
 
 
+def test_nf4_base_keeps_its_4bit_layers_and_packs_only_its_fp32_head(tiny_llama_path):
+    from tunehub.server.engine.layers import OneDNNLinear, onednn_linear_works
+
+    if not onednn_linear_works():
+        pytest.skip("this torch build has no oneDNN linear")
+    engine = Engine(load_base(tiny_llama_path, quantization="nf4"))
+    assert {type(layer.base).__name__ for layer in engine.layers.values()} == {"Linear4bit"}
+    assert isinstance(engine.model.get_output_embeddings(), OneDNNLinear)
+    engine.close()
+
+
 def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
     from torch import nn
 
