@@ -651,6 +651,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if not self._body_done and self._has_body():
             # an unread request body would be taken for the next request: close instead
             self.close_connection = True
+        if self.close_connection:
+            # say so: a client that reuses a connection we close silently races our close
             self.send_header("Connection", "close")
         self.end_headers()
         self._sent = True
