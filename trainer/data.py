@@ -19,7 +19,9 @@ batches without ``attention_mask``, pads each row with one dummy segment (positi
 0, labels -100), and the model must run with ``use_cache=False`` (``transformers.Trainer`` sets
 ``model.config.use_cache = args.use_cache``, which defaults to False). Flash attention 2/3 take
 another path (``_is_packed_sequence``) that only sees packing in a batch of one row: use
-``SFTCollator(flatten=True)`` there.
+``SFTCollator(flatten=True)`` there. tunehub's trainer runs packed SFT with its own
+``tunehub_segments`` attention (:mod:`tunehub.trainer.attention`), which reads the same
+``position_ids`` and computes each example alone.
 """
 
 from __future__ import annotations
