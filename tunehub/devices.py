@@ -122,6 +122,47 @@ def use_reusing_cpu_allocator() -> bool:
     return _mallopt((_M_MMAP_THRESHOLD, REUSING_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, REUSING_TRIM_THRESHOLD))
 
 
+_MADV_PAGEOUT = 21  # Linux 5.4+
+_PAGE = 4096
+
+
+def release_file_pages(tensor: Any) -> bool:
+    """If ``tensor``'s bytes lie in a file mapping (a checkpoint mapped zero-copy), ask the kernel
+    to reclaim the whole pages only they occupy (``MADV_PAGEOUT``: the pages are clean, so they
+    are dropped, and read again from the file if ever touched). For a weight copied into another
+    layout while its checkpoint stays mapped for other tensors: every page read while copying
+    would otherwise stay resident. Anonymous memory is left alone (it is freed with the tensor,
+    and paging it out would write it to swap). True if the kernel took the advice."""
+    if sys.platform != "linux" or tensor.device.type != "cpu":
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
+    last = end // _PAGE * _PAGE
+    if last <= first or not _in_file_mapping(first, last):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _in_file_mapping(first: int, last: int) -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= first and last <= high:
+                    # a file mapping has an inode; anonymous and [heap]-like ones have 0
+                    return fields[4] != "0" and len(fields) == 6 and not fields[5].startswith("[")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _mallopt(*settings: tuple[int, int]) -> bool:
     if sys.platform != "linux":
         return False

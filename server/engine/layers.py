@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunehub.devices import release_file_pages
+
 
 @dataclass
 class LayerPlan:
@@ -94,6 +96,9 @@ def use_onednn_linears(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, OneDNNLinear(module))
+        # the dense weight may live in a mapped checkpoint that stays mapped for the embeddings:
+        # the pages read while reordering would otherwise stay resident
+        release_file_pages(module.weight)
     return len(targets)
 
 

@@ -92,3 +92,25 @@ def test_quantizing_load_reads_tensor_by_tensor_and_equals_the_plain_load(tiny_l
     maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
     spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps.splitlines() if line.endswith(".safetensors")]
     assert not any(lo <= p.data_ptr() < hi for p in lean.parameters() for lo, hi in spans)
+
+
+def _rss_file_kib() -> int:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["RssFile"].split()[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc")
+def test_release_file_pages_drops_a_mapped_weights_pages_and_keeps_its_content(tmp_path):
+    path = tmp_path / "weights.bin"
+    expected = torch.arange(16 * 1024 * 1024, dtype=torch.float32)  # 64 MiB
+    expected.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=expected.numel(), dtype=torch.float32)
+    assert torch.equal(mapped, expected)  # every page read: resident and mapped
+    before = _rss_file_kib()
+    if not devices.release_file_pages(mapped):
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    assert before - _rss_file_kib() >= 48 * 1024  # most of the 64 MiB left the process
+    assert torch.equal(mapped, expected)  # read back from the file when touched again
+    # anonymous memory is not paged out (it is freed with the tensor; paging would write swap)
+    anonymous = torch.ones(1024 * 1024)
+    assert not devices.release_file_pages(anonymous) and bool((anonymous == 1).all())
