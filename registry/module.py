@@ -142,9 +142,9 @@ def read_verified(
     Returns the bytes read and ``parse(manifest, files)`` (None without ``parse``). A cold load
     is bound by sha256 (about 1.4 GB/s with SHA-NI), so nothing else waits for it: a helper thread
     hashes what has been read while the next chunk is read (reads and hashlib both release the
-    GIL), and ``parse`` runs on the complete bytes while the hashing finishes. Everything is hashed on the very bytes returned,
-    and what ``parse`` made is returned only if every hash matched: a damaged file raises
-    IntegrityError and its parsed form is dropped unused."""
+    GIL), and ``parse`` runs on the complete bytes while the hashing finishes. Everything is
+    hashed on the very bytes returned, and what ``parse`` made is returned only if every hash
+    matched: a damaged file raises IntegrityError and its parsed form is dropped unused."""
     for rel in rels:
         _check_listed(manifest, rel, where)
     progress: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -129,8 +129,8 @@ class ModuleStore(ABC):
         any other file is read (a server refuses a module for another base there).
         ``parse(manifest, files)`` turns the bytes into what the caller needs (tensors, a loaded
         module); it may run while the bytes are still being hashed, and its result (``.parsed``)
-        is returned only if they matched. This default pulls into the local cache and reads from there; a store that can read its
-        objects directly overrides it."""
+        is returned only if they matched. This default pulls into the local cache and reads from
+        there; a store that can read its objects directly overrides it."""
         if check is not None:
             check(self.manifest(ref))
         local = self.pull(ref)

@@ -83,6 +83,14 @@ def _sentence(rng: random.Random, heldout: bool, phrases: dict[bool, tuple[str, 
     return text[0].upper() + text[1:]
 
 
+def _labelled(
+    rng: random.Random, heldout: bool, words: dict[str, tuple[str, ...]], phrases: dict[bool, tuple[str, ...]]
+) -> tuple[str, str]:
+    """A label, and a sentence around one of the words that decide it."""
+    label = rng.choice(tuple(words))
+    return label, _sentence(rng, heldout, phrases, rng.choice(words[label]))
+
+
 # --- sentiment -----------------------------------------------------------------------------------
 
 _OPINIONS = {
@@ -98,8 +106,7 @@ _OPINION_PHRASES = _split(
 
 
 def _sentiment(rng: random.Random, heldout: bool) -> tuple[str, str]:
-    label = rng.choice(tuple(_OPINIONS))
-    sentence = _sentence(rng, heldout, _OPINION_PHRASES, rng.choice(_OPINIONS[label]))
+    label, sentence = _labelled(rng, heldout, _OPINIONS, _OPINION_PHRASES)
     return f"Review: {sentence}\nSentiment:", label
 
 
@@ -120,8 +127,7 @@ _TOPIC_PHRASES = _split(
 
 
 def _topic(rng: random.Random, heldout: bool) -> tuple[str, str]:
-    label = rng.choice(tuple(_TOPIC_WORDS))
-    sentence = _sentence(rng, heldout, _TOPIC_PHRASES, rng.choice(_TOPIC_WORDS[label]))
+    label, sentence = _labelled(rng, heldout, _TOPIC_WORDS, _TOPIC_PHRASES)
     return f"News: {sentence}\nTopic:", label
 
 

@@ -15,12 +15,30 @@ no positions, a non-causal model) goes to transformers' own SDPA function unchan
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 NAME = "tunehub_segments"
+
+
+_last_bounds: tuple[Any, int, int, list[list[tuple[int, int]]]] | None = None
+
+
+def _bounds_for_forward(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    """:func:`segment_bounds`, computed once per forward pass: every layer (and a gradient
+    checkpoint's recomputation) gets the same ``position_ids`` tensor, and reading it on the
+    host would wait for the device each time."""
+    global _last_bounds
+    if _last_bounds is not None:
+        ref, version, rows, bounds = _last_bounds
+        if ref() is position_ids and version == position_ids._version and rows == batch:
+            return bounds
+    bounds = segment_bounds(position_ids, batch)
+    _last_bounds = (weakref.ref(position_ids), position_ids._version, batch, bounds)
+    return bounds
 
 
 def segment_bounds(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
@@ -75,7 +93,7 @@ def segment_attention(
     # (one per segment), a split's backward is one concatenation
     rows = []
     for q_row, k_row, v_row, bounds in zip(
-        query.split(1), key.split(1), value.split(1), segment_bounds(position_ids, query.shape[0])
+        query.split(1), key.split(1), value.split(1), _bounds_for_forward(position_ids, query.shape[0])
     ):
         lengths = [end - start for start, end in bounds]
         parts = [

@@ -576,8 +576,8 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
     """Pack whole tokenized examples into blocks of at most ``block_size`` tokens.
 
     First-fit decreasing: the longest examples are placed first, each in the first block with
-    room (ties keep the examples' order). Blocks come out nearly full (about 98% on lengths
-    uniform in [16, 512], against 91% for first-fit in the examples' order), so fewer padded
+    room (ties keep the examples' order). Blocks come out nearly full (96% on the packing
+    benchmark's lengths, uniform in [23, 508], against 91% for first-fit in the examples' order), so fewer padded
     positions are computed; TRL's default best-fit-decreasing packs alike. The trainer shuffles
     the blocks, so the order of lengths does not become the order of training. An example longer
     than ``block_size`` is truncated.

@@ -126,48 +126,61 @@ _MADV_PAGEOUT = 21  # Linux 5.4+
 _PAGE = 4096
 
 
-def release_file_pages(tensor: Any) -> bool:
-    """If ``tensor``'s bytes lie in a file mapping (a checkpoint mapped zero-copy), ask the kernel
-    to reclaim the whole pages only they occupy (``MADV_PAGEOUT``: the pages are clean, so they
-    are dropped, and read again from the file if ever touched). For a weight copied into another
-    layout while its checkpoint stays mapped for other tensors: every page read while copying
-    would otherwise stay resident. Anonymous memory is left alone (it is freed with the tensor,
-    and paging it out would write it to swap). True if the kernel took the advice."""
-    if sys.platform != "linux" or tensor.device.type != "cpu":
-        return False
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
-    last = end // _PAGE * _PAGE
-    if last <= first or not _in_file_mapping(first, last):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
-    except (OSError, AttributeError):
-        return False
+def release_file_pages(tensors: list[Any]) -> int:
+    """For each tensor whose bytes lie in a file mapping (a checkpoint mapped zero-copy), ask the
+    kernel to reclaim the whole pages only it occupies (``MADV_PAGEOUT``: the pages are clean, so
+    they are dropped, and read again from the file if ever touched). For weights copied into
+    another layout while their checkpoint stays mapped for other tensors: every page read while
+    copying would otherwise stay resident. Anonymous memory is left alone (it is freed with the
+    tensor, and paging it out would write it to swap). Returns how many the kernel took."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    file_maps = _file_mappings()  # read once for all the tensors
+    released = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
+        last = end // _PAGE * _PAGE
+        if last > first and any(low <= first and last <= high for low, high in file_maps):
+            released += libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
+    return released
 
 
-def _in_file_mapping(first: int, last: int) -> bool:
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's file mappings (those with an inode and a path)."""
+    ranges = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                if low <= first and last <= high:
-                    # a file mapping has an inode; anonymous and [heap]-like ones have 0
-                    return fields[4] != "0" and len(fields) == 6 and not fields[5].startswith("[")
-    except (OSError, ValueError, IndexError):
+                if len(fields) == 6 and fields[4] != "0" and not fields[5].startswith("["):
+                    low, high = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((low, high))
+    except (OSError, ValueError):
         pass
-    return False
+    return ranges
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """glibc through ctypes, loaded once; None off Linux or without glibc."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
-    if sys.platform != "linux":
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(bool(libc.mallopt(param, int(value))) for param, value in settings)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return libc is not None and all(bool(libc.mallopt(param, int(value))) for param, value in settings)
+    except AttributeError:  # not glibc (musl has no mallopt)
         return False

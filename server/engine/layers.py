@@ -72,7 +72,7 @@ def onednn_linear_works() -> bool:
     try:
         rng = torch.Generator().manual_seed(0)  # leaves the global generator alone
         weight, bias, x = (torch.randn(*shape, generator=rng) for shape in ((24, 16), (24,), (3, 16)))
-        layer = nn.Linear(16, 24)
+        layer = nn.utils.skip_init(nn.Linear, 16, 24)  # nn.Linear's own init draws from it
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.bias.copy_(bias)
@@ -96,9 +96,9 @@ def use_onednn_linears(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, OneDNNLinear(module))
-        # the dense weight may live in a mapped checkpoint that stays mapped for the embeddings:
-        # the pages read while reordering would otherwise stay resident
-        release_file_pages(module.weight)
+    # the dense weights may live in a mapped checkpoint that stays mapped for the embeddings:
+    # the pages read while reordering would otherwise stay resident
+    release_file_pages([module.weight for _, module in targets])
     return len(targets)
 
 
@@ -152,12 +152,11 @@ class AdaptedLinear(nn.Module):
 
 def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The linear layers inside the decoder blocks (not the LM head or embeddings)."""
-    linear_types = ("Linear4bit", "Linear8bitLt", "OneDNNLinear")
     return [
         (name, module)
         for name, module in model.named_modules()
         if (".layers." in f".{name}." or ".h." in f".{name}.")
-        and (isinstance(module, nn.Linear) or type(module).__name__ in linear_types)
+        and (isinstance(module, (nn.Linear, OneDNNLinear)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"))
     ]
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,6 @@ def tensors_from_safetensors(data: bytes | bytearray | memoryview, where: str) -
     module, half the peak memory, no copy on the activation path). The header is checked as
     strictly as safetensors checks it: known dtypes, shapes that match their byte ranges, ranges
     that tile the data exactly. Read-only data (``bytes``) is copied once into a writable buffer."""
-    import sys
-
     import torch
 
     if sys.byteorder != "little":  # the format is little-endian; let the library swap bytes

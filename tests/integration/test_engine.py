@@ -325,9 +325,12 @@ def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
 
     from tunehub.server.engine.layers import AdaptedLinear, BatchState, OneDNNLinear, onednn_linear_works
 
+    onednn_linear_works.cache_clear()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
     if not onednn_linear_works():
         pytest.skip("this torch build has no oneDNN linear")
-    torch.manual_seed(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the global generator alone
     for bias in (True, False):
         dense = nn.Linear(48, 40, bias=bias)
         packed = OneDNNLinear(dense)

@@ -15,6 +15,18 @@ def test_segment_bounds_start_where_positions_restart():
     assert segment_bounds(torch.tensor([[0, 1, 5, 6]]), 3) == [[(0, 2), (2, 4)]] * 3
 
 
+def test_bounds_are_computed_once_per_positions_tensor():
+    from tunehub.trainer.attention import _bounds_for_forward
+
+    positions = torch.tensor([[0, 1, 0, 1]])
+    first = _bounds_for_forward(positions, 1)
+    assert _bounds_for_forward(positions, 1) is first  # every layer of one forward: computed once
+    assert _bounds_for_forward(positions, 2) == [[(0, 2), (2, 4)]] * 2  # another batch size
+    positions[0, 2:] = torch.tensor([2, 3])  # changed in place: computed again
+    assert _bounds_for_forward(positions, 1) == [[(0, 4)]]
+    assert _bounds_for_forward(torch.tensor([[0, 1, 0, 1]]), 1) == first  # another tensor, same values
+
+
 def _models(path):
     from transformers import AutoModelForCausalLM
 

@@ -107,10 +107,10 @@ def test_release_file_pages_drops_a_mapped_weights_pages_and_keeps_its_content(t
     mapped = torch.from_file(str(path), shared=False, size=expected.numel(), dtype=torch.float32)
     assert torch.equal(mapped, expected)  # every page read: resident and mapped
     before = _rss_file_kib()
-    if not devices.release_file_pages(mapped):
+    if not devices.release_file_pages([mapped]):
         pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
     assert before - _rss_file_kib() >= 48 * 1024  # most of the 64 MiB left the process
     assert torch.equal(mapped, expected)  # read back from the file when touched again
     # anonymous memory is not paged out (it is freed with the tensor; paging would write swap)
     anonymous = torch.ones(1024 * 1024)
-    assert not devices.release_file_pages(anonymous) and bool((anonymous == 1).all())
+    assert not devices.release_file_pages([anonymous]) and bool((anonymous == 1).all())
