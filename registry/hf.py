@@ -41,10 +41,8 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,17 +55,24 @@ from tunehub.errors import (
     Conflict,
     IntegrityError,
     InvalidReference,
-    ManifestError,
     ModuleNotFound,
     StoreError,
     TunehubError,
-    UnsafeFile,
     VersionNotFound,
 )
-from tunehub.registry.files import check_relative_path, is_sha256, sha256_file, verify_files, write_json_atomic
+from tunehub.registry.files import check_relative_path, is_sha256, sha256_file, write_json_atomic
 from tunehub.registry.manifest import MANIFEST_FILE, MODEL_CARD_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, model_card, verify_module
-from tunehub.registry.refs import LATEST, ModuleRef, is_commit_sha, parse_ref, validate_alias, validate_name
+from tunehub.registry.module import LocalModule, check_module_for_push, install_module, model_card
+from tunehub.registry.refs import (
+    LATEST,
+    ModuleRef,
+    is_commit_sha,
+    parse_ref,
+    parse_version,
+    validate_alias,
+    validate_name,
+    version_of_tag,
+)
 from tunehub.registry.store import (
     AliasMove,
     Filters,
@@ -87,7 +92,6 @@ _PUSH_TITLE = "tunehub: push v{version}"
 _MAX_ATTEMPTS = 40
 _CHUNK = 1 << 20
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_VERSION_TAG = re.compile(r"v([1-9][0-9]*)")
 
 
 def _now() -> str:
@@ -150,13 +154,13 @@ class _Snapshot:
     online: bool = True
 
     def live(self) -> set[int]:
-        return {int(v) for v in (self.state or {}).get("versions", {})}
+        return {parse_version(v) for v in (self.state or {}).get("versions", {})}  # keys checked by _check_state
 
     def deleted(self) -> set[int]:
         return set((self.state or {}).get("deleted", []))
 
     def tag_numbers(self) -> set[int]:
-        return {int(m.group(1)) for t in self.tags if (m := _VERSION_TAG.fullmatch(t))}
+        return {n for t in self.tags if (n := version_of_tag(t)) is not None}
 
 
 def _empty_state(repo_id: str) -> dict[str, Any]:
@@ -191,7 +195,11 @@ def _check_state(raw: Any, repo_id: str) -> dict[str, Any]:
     if not isinstance(state["deleted"], list) or not all(isinstance(v, int) for v in state["deleted"]):
         raise corrupt("deleted must be a list of version numbers")
     for key, record in state["versions"].items():
-        if not key.isdigit() or not isinstance(record, dict) or record.get("version") != int(key):
+        try:
+            number = parse_version(key)
+        except InvalidReference:
+            raise corrupt(f"version record {key!r} is malformed") from None
+        if not isinstance(record, dict) or record.get("version") != number:
             raise corrupt(f"version record {key!r} is malformed")
         files = record.get("files")
         if not isinstance(files, dict) or MANIFEST_FILE not in files:
@@ -409,7 +417,7 @@ class HubStore(ModuleStore):
         live, deleted, yanked = snap.live(), snap.deleted(), state["yanked"]
         repo = self._public_repo(ref)
         if ref.commit is not None:
-            numbers = [int(m.group(1)) for t, c in snap.tags.items() if c == ref.commit and (m := _VERSION_TAG.fullmatch(t))]
+            numbers = [n for t, c in snap.tags.items() if c == ref.commit and (n := version_of_tag(t)) is not None]
             if not numbers:
                 raise VersionNotFound(f"commit {ref.commit[:12]} is not a version of {repo} (no v<N> tag points to it)")
             version = numbers[0]
@@ -554,9 +562,10 @@ class HubStore(ModuleStore):
         found: dict[int, str] = {}
         with self._errors("list commits", repo_id):
             for c in self.api.list_repo_commits(repo_id, revision=snap.main):
-                match = re.fullmatch(r"tunehub: push v([1-9][0-9]*)", c.title or "")
-                if match:
-                    found.setdefault(int(match.group(1)), c.commit_id)
+                title = c.title or ""
+                tag = title[len("tunehub: push ") :] if title.startswith("tunehub: push ") else ""
+                if (number := version_of_tag(tag)) is not None:  # _PUSH_TITLE, parsed like a tag
+                    found.setdefault(number, c.commit_id)
         return found
 
     def _sync_refs(self, repo_id: str, snap: _Snapshot) -> None:
@@ -612,13 +621,10 @@ class HubStore(ModuleStore):
         ref, repo_id = self._repo(ref)
         if ref.version is not None or ref.alias is not None:
             raise Conflict(f"push takes a name without @version: versions are assigned by the registry (got {ref})")
-        module = verify_module(folder)
+        module = check_module_for_push(folder)  # the same checks as every store (names the Hub takes)
         manifest = module.manifest
         files = dict(manifest.files)
         files[MANIFEST_FILE] = sha256_file(module.path / MANIFEST_FILE)
-        clash = sorted(p for p in files if p == ".gitattributes" or p.startswith(".tunehub/"))
-        if clash:
-            raise UnsafeFile(f"module files {', '.join(clash)} clash with the hub layout (.gitattributes, .tunehub/)")
         record: dict[str, Any] = {
             "manifest_sha256": files[MANIFEST_FILE],
             "files": files,
@@ -714,32 +720,24 @@ class HubStore(ModuleStore):
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
         return self._resolved(ref)[3]
 
-    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref, repo_id, snap, info = self._resolved(ref)
         files: dict[str, str] = snap.state["versions"][str(info.version)]["files"]  # type: ignore[index]
+        owned = dest is None  # the modules folder is the store's own; a --dest folder is the user's
         if dest is None:
             dest = self.modules_dir / self.namespace / ref.name / str(info.version)
-        dest = Path(dest)
-        if dest.exists():
-            cached = _verified_copy(dest, files)
-            if cached is not None:
-                return LocalModule(path=dest, manifest=cached, ref=info.ref, version=info.version)
-            if not (dest / MANIFEST_FILE).exists() and any(dest.iterdir()):
-                raise Conflict(f"{dest} exists and is not a tunehub module; pick another destination")
-        snapshot = self._snapshot_download(repo_id, info, snap)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
-        try:
-            for rel, digest in sorted(files.items()):
-                _copy_verified(snapshot / rel, staging / rel, digest, f"{info.ref}: {rel}")
-            module = verify_module(staging)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return LocalModule(path=dest, manifest=module.manifest, ref=info.ref, version=info.version)
+        known = {record["manifest_sha256"] for record in snap.state["versions"].values()}  # type: ignore[index]
+        snapshot: list[Path] = []  # downloaded on the first file copied: not at all when dest is current
+
+        def copy_file(rel: str, target: Path) -> None:
+            if not snapshot:
+                snapshot.append(self._snapshot_download(repo_id, info, snap))
+            _copy_verified(snapshot[0] / rel, target, files[rel], f"{info.ref}: {rel}")
+
+        path, manifest = install_module(
+            dest, files, copy_file, known_manifests=known, owned=owned, force=force, where=info.ref
+        )
+        return LocalModule(path=path, manifest=manifest, ref=info.ref, version=info.version)
 
     def _snapshot_download(self, repo_id: str, info: VersionInfo, snap: _Snapshot) -> Path:
         from huggingface_hub import snapshot_download
@@ -932,17 +930,6 @@ class HubStore(ModuleStore):
         deleted, _ = self._update_state(ref, repo_id, change)
         self._sync_latest(repo_id)
         return deleted
-
-
-def _verified_copy(dest: Path, files: dict[str, str]) -> Manifest | None:
-    """The manifest of ``dest`` when it already holds exactly ``files``, else None."""
-    try:
-        if sha256_file(dest / MANIFEST_FILE) != files[MANIFEST_FILE]:
-            return None
-        verify_files(dest, {k: v for k, v in files.items() if k != MANIFEST_FILE})
-        return Manifest.read(dest)
-    except (OSError, IntegrityError, ManifestError, UnsafeFile, KeyError):
-        return None
 
 
 def _evict(path: Path) -> None:

@@ -28,6 +28,13 @@ Guarantees:
   a signed URL instead, as the client sends no header there); reads stay anonymous.
 - Bad input gets a clear 4xx with a JSON ``{"error": ...}`` body and, where the Hub has one, an
   ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``).
+- Malformed requests get a 400, never a 5xx: every parse of client bytes (request target, query,
+  the headers this server interprets, JSON and NDJSON bodies, forms, chunk sizes, model-card YAML)
+  goes through one of the ``parse_*`` functions below, which raise
+  :class:`~tunehub.errors.InvalidRequest`; ``_dispatch`` turns it into the 400 in one place. The
+  request line, query and headers are checked before authentication (a 400 there says nothing
+  about any repo); bodies of writes are read only after it, so an anonymous client cannot make
+  the server read and parse a large body.
 """
 
 from __future__ import annotations
@@ -48,15 +55,18 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any, Iterator
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from typing import IO, Any
+from urllib.parse import quote, unquote_to_bytes
 
 import yaml
+
+from tunehub.errors import InvalidRequest
 
 DEFAULT_MAX_BODY_BYTES = 1 << 30
 #: files above this size are stored as LFS objects whatever their content (as on the Hub)
@@ -106,6 +116,12 @@ def _bad(message: str) -> HubError:
     return HubError(400, message)
 
 
+def _header_safe(value: str) -> str:
+    """A header value that cannot split the response: error messages quote client input (a
+    revision may be ``x%0D%0ASet-Cookie:...``), so control and non-ASCII characters become '?'."""
+    return re.sub(r"[^\x20-\x7e]", "?", value)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -127,7 +143,7 @@ def check_repo_part(value: str, what: str) -> str:
             f"invalid {what} {value!r}: use letters, digits, '-', '_' and '.', start with a letter or digit,"
             " at most 96 characters"
         )
-    if ".." in value or "--" in value or value.endswith((".", "-")) or value.endswith(".git"):
+    if ".." in value or "--" in value or value.endswith((".", "-", ".git")):
         raise _bad(f"invalid {what} {value!r}: '..', '--', a trailing '.' or '-' and a '.git' suffix are not allowed")
     return value
 
@@ -163,6 +179,187 @@ def _strip_ref_prefix(rev: str) -> str:
         if rev.startswith(prefix):
             return rev[len(prefix) :]
     return rev
+
+
+# --- parsing at the HTTP boundary ------------------------------------------------------------------
+# Every function here reads bytes a client chose and raises InvalidRequest (a 400) for anything
+# malformed; none lets a ValueError, UnicodeError or RecursionError through to become a 500.
+
+#: numbers in URLs and headers: ASCII digits only ([0-9], not \d or str.isdigit, which accept
+#: '²', '١' or '１'), at most 18 of them so that every value fits 64 bits
+_UINT = re.compile(r"[0-9]{1,18}")
+#: a '%' not followed by two hex digits
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: a request target: visible ASCII only (clients percent-encode everything else)
+_TARGET = re.compile(r"[\x21-\x7e]+")
+#: header values this server interprets: visible ASCII, spaces and tabs
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+#: a bearer token: visible ASCII, no space
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+#: scheme and authority of an absolute-form target: a host name or a bracketed IPv6 address, a port
+_AUTHORITY = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?=[/?#]|$)", re.IGNORECASE)
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_MAX_QUERY_FIELDS = 100_000  # forms list every path of a paths-info request
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+#: headers whose values this server reads; they must be ASCII and not repeated with other values
+_INTERPRETED_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Range", "Authorization", "Content-Type")
+
+
+def parse_uint(text: str, what: str) -> int:
+    """A non-negative integer written in ASCII digits (at most 18 of them)."""
+    if not _UINT.fullmatch(text):
+        raise InvalidRequest(f"{what} must be a non-negative integer in ASCII digits (at most 18), got {text[:40]!r}")
+    return int(text)
+
+
+def parse_flag(text: str, what: str) -> bool:
+    """A boolean query parameter: 1/true/yes or 0/false/no, in any case."""
+    value = text.lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidRequest(f"{what} must be true or false, got {text[:40]!r}")
+
+
+def decode_component(text: str, what: str) -> str:
+    """Strict percent-decoding: refuses what ``unquote`` passes through (``%zz``) or silently
+    replaces (bytes that are not UTF-8)."""
+    if _BAD_ESCAPE.search(text):
+        raise InvalidRequest(f"{what} has a malformed percent-escape: {text[:80]!r}")
+    try:
+        return unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{what} is not UTF-8 once percent-decoded: {text[:80]!r}") from None
+
+
+def parse_query(text: str, what: str = "query string") -> dict[str, list[str]]:
+    """``a=1&b=2&a=3`` as ``{"a": ["1", "3"], "b": ["2"]}``; ``+`` is a space (forms); blank
+    values are kept."""
+    if not text.isascii():
+        raise InvalidRequest(f"{what} holds non-ASCII bytes: percent-encode them")
+    fields = [field for field in text.split("&") if field]
+    if len(fields) > _MAX_QUERY_FIELDS:
+        raise InvalidRequest(f"{what} has more than {_MAX_QUERY_FIELDS} fields")
+    parsed: dict[str, list[str]] = {}
+    for field_text in fields:
+        key, _, value = field_text.partition("=")
+        key = decode_component(key.replace("+", " "), what)
+        parsed.setdefault(key, []).append(decode_component(value.replace("+", " "), what))
+    return parsed
+
+
+def parse_target(target: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The request target as (decoded path segments, query)."""
+    if not _TARGET.fullmatch(target):
+        raise InvalidRequest("the request target holds bytes that are not visible ASCII: percent-encode them")
+    if re.match(r"https?://", target, re.IGNORECASE):  # absolute-form, as sent through proxies
+        authority = _AUTHORITY.match(target)
+        if authority is None:
+            raise InvalidRequest(f"malformed absolute URL {target[:80]!r}")
+        target = target[authority.end() :] or "/"
+    target = target.partition("#")[0]
+    path, _, query = target.partition("?")
+    if not path.startswith("/"):
+        raise InvalidRequest(f"the request target {path[:80]!r} is not an absolute path")
+    raw_segments = path.split("/")[1:]
+    if any(s == "" for s in raw_segments[:-1]):
+        raise InvalidRequest("empty path segment")
+    segments = [decode_component(s, "the path") for s in raw_segments]
+    if any("\x00" in s for s in segments):
+        raise InvalidRequest("NUL byte in the path")
+    return segments, parse_query(query)
+
+
+def parse_content_length(values: list[str]) -> int | None:
+    """Content-Length from all its header lines (a list ``5, 5`` is allowed; different values are not)."""
+    if not values:
+        return None
+    lengths = {parse_uint(part.strip(), "Content-Length") for value in values for part in value.split(",")}
+    if len(lengths) != 1:
+        raise InvalidRequest(f"conflicting Content-Length values {sorted(lengths)}")
+    return lengths.pop()
+
+
+def parse_transfer_encoding(value: str | None) -> bool:
+    """Whether the body is chunked; any other transfer coding is refused."""
+    if value is None:
+        return False
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    if codings != ["chunked"]:
+        raise InvalidRequest(f"unsupported Transfer-Encoding {value[:80]!r}: only 'chunked' is accepted")
+    return True
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size line of a chunk: hex digits, optionally followed by ``;extensions``."""
+    size = line.split(b";", 1)[0].strip(b" \t\r\n")
+    if not _CHUNK_SIZE.fullmatch(size):
+        raise InvalidRequest("malformed chunked encoding")
+    return int(size, 16)
+
+
+def parse_range(value: str) -> tuple[int | None, int | None]:
+    """One byte range, ``bytes=first-last``, ``bytes=first-`` or ``bytes=-suffix``, as (first, last);
+    for a suffix range first is None and last is the suffix length."""
+    match = _RANGE.fullmatch(value.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise InvalidRequest(f"invalid Range header {value[:80]!r}: use bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX")
+    first, last = match.group(1), match.group(2)
+    return (int(first) if first else None), (int(last) if last else None)
+
+
+def parse_authorization(value: str) -> tuple[str, str]:
+    """(scheme in lower case, credentials). A Bearer header must carry exactly one token; other
+    schemes are returned as they are (and get a 401 where a token is needed)."""
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip(" \t")
+    if scheme == "":
+        raise InvalidRequest("empty Authorization header: send 'Authorization: Bearer <token>' or no header")
+    if scheme.lower() == "bearer" and not _TOKEN.fullmatch(credentials):
+        raise InvalidRequest("malformed Authorization header: use 'Authorization: Bearer <token>'")
+    return scheme.lower(), credentials
+
+
+def parse_json(data: bytes | str, what: str = "request body") -> Any:
+    """JSON from a client: malformed, non-UTF-8, too deeply nested or with integers too long for
+    ``int()`` is a 400 (``json.loads`` raises ValueError or RecursionError on those)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deeply") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer past int()'s digit limit
+        raise InvalidRequest(f"{what} is not valid JSON") from None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of untrusted text; InvalidRequest for anything it cannot load (PyYAML
+    raises not only YAMLError but ValueError for a bad date, RecursionError for deep nesting...)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidRequest(f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, AttributeError, LookupError, OverflowError) as exc:
+        raise InvalidRequest(f"invalid YAML: {exc}") from None
+
+
+def _json_safe(value: Any, budget: list[int], depth: int = 0) -> Any:
+    """A copy of YAML data that json.dumps can write: dates as strings, and refusing cycles,
+    deep nesting and alias bombs (a few bytes of YAML anchors can expand to billions of nodes)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 64:
+        raise InvalidRequest("the YAML front matter is too large or too deeply nested")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, budget, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v, budget, depth + 1) for v in value]
+    return str(value)  # dates, datetimes, bytes
 
 
 # --- storage ---------------------------------------------------------------------------------
@@ -482,7 +679,7 @@ def _dumps(payload: object) -> bytes:
 def _loads(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_bytes())
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise ValueError(f"{path} does not hold a JSON object")  # noqa: TRY004 - callers catch a corrupt file as ValueError
     return data
 
 
@@ -499,18 +696,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def card_data(text: str) -> dict[str, Any] | None:
-    """The YAML front matter of a model card, or None when it has none (or it is not a mapping)."""
+_FRONT_MATTER = re.compile(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", re.DOTALL)
+
+
+def front_matter(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the YAML front matter of a model card as JSON-safe data, or None; why it is unusable, or None)."""
     if not text.startswith("---"):
-        return None
-    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
+        return None, None
+    match = _FRONT_MATTER.match(text)
     if match is None:
-        return None
+        return None, "the YAML front matter is not closed by '---'"
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) else None
+        data = _json_safe(load_yaml(match.group(1)), [100_000])
+    except InvalidRequest as exc:
+        return None, str(exc)
+    if data is not None and not isinstance(data, dict):
+        return None, "the YAML front matter must be a mapping"
+    return data, None
+
+
+def card_data(text: str) -> dict[str, Any] | None:
+    """The YAML front matter of a model card, or None when it has none (or it is not a usable mapping)."""
+    return front_matter(text)[0]
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -566,7 +773,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     server: HubHTTPServer
 
     # --- plumbing ------------------------------------------------------------------------------
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # the stdlib's signature
         if self.server.config.verbose:
             sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
@@ -594,12 +801,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Requests the stdlib refuses before dispatch (bad request line, huge headers) get JSON too."""
         self.close_connection = True
-        text = message or self.responses.get(code, ("error",))[0]
+        if code == 501:  # a method the stdlib has no do_X for: the same 405 as PATCH or OPTIONS get
+            code, message = 405, f"method {self.command!r} is not supported"
+        text = _header_safe(message or self.responses.get(code, ("error",))[0])
         data = json.dumps({"error": text}).encode()
         self.send_response(code, text)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
+        if code == 405:
+            self.send_header("Allow", "GET, HEAD, POST, PUT, DELETE")
         self.end_headers()
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.wfile.write(data)
@@ -607,26 +818,54 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._body_done = False
         self._sent = False
+        self._framing_known = False  # until Content-Length and Transfer-Encoding have parsed
+        self._chunked = False
+        self._length: int | None = None
+        self._range: tuple[int | None, int | None] | None = None
+        self._authorization: tuple[str, str] | None = None
+        self.segments: list[str] = []
+        self.query: dict[str, list[str]] = {}
         try:
-            split = urlsplit(self.path)
-            self.query = parse_qs(split.query, keep_blank_values=True)
-            raw_segments = split.path.split("/")[1:]
-            if any(s == "" for s in raw_segments[:-1]):
-                raise _bad("empty path segment")
-            self.segments = [unquote(s) for s in raw_segments]
-            if any("\x00" in s for s in self.segments):
-                raise _bad("NUL byte in the path")
+            self._parse_head()
             self._route(method)
+        except InvalidRequest as exc:  # the one place a malformed request becomes its 400 (or 413)
+            self._send_error(HubError(exc.http_status, str(exc)))
         except HubError as exc:
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as exc:  # a bug, not bad input: say so without leaking details
+        except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so without leaking details
             if self.server.config.verbose:
                 traceback.print_exc()
             else:
                 sys.stderr.write(f"tunehub hub: internal error on {method} {self.path}: {exc!r}\n")
             self._send_error(HubError(500, "internal server error"))
+
+    def _parse_head(self) -> None:
+        """Parse the request target and every header this server interprets, before routing and
+        authentication: a malformed request is a 400 whoever sends it."""
+        self.segments, self.query = parse_target(self.path)
+        values = {name: self._header(name) for name in _INTERPRETED_HEADERS}
+        self._chunked = parse_transfer_encoding(values["Transfer-Encoding"])
+        self._length = parse_content_length(self.headers.get_all("Content-Length") or [])
+        if self._chunked and self._length is not None:
+            # which one frames the body? a proxy may disagree with us (request smuggling): refuse
+            raise InvalidRequest("a request cannot have both Content-Length and Transfer-Encoding")
+        self._framing_known = True
+        if values["Range"] is not None:
+            self._range = parse_range(values["Range"])
+        if values["Authorization"] is not None:
+            self._authorization = parse_authorization(values["Authorization"])
+
+    def _header(self, name: str) -> str | None:
+        """A header's value: ASCII without control characters, and one value even if sent twice."""
+        values = self.headers.get_all(name) or []
+        for value in values:
+            if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+                raise InvalidRequest(f"the {name} header holds bytes that are not printable ASCII")
+        if name != "Content-Length" and len(set(values)) > 1:  # Content-Length: parse_content_length
+            raise InvalidRequest(f"conflicting {name} headers")
+        return values[0] if values else None
 
     def _send_error(self, exc: HubError) -> None:
         if self._sent:
@@ -635,7 +874,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         headers = dict(exc.headers)
         if exc.code:
             headers["X-Error-Code"] = exc.code
-        headers["X-Error-Message"] = exc.message.encode("ascii", "replace").decode()[:500]
+        headers["X-Error-Message"] = exc.message[:500]
         self._send_json(exc.status, {**exc.extra, "error": exc.message}, headers)
 
     def _send_json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
@@ -647,7 +886,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
-            self.send_header(key, value)
+            self.send_header(key, _header_safe(value))
         if not self._body_done and self._has_body():
             # an unread request body would be taken for the next request: close instead
             self.close_connection = True
@@ -660,30 +899,21 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _has_body(self) -> bool:
-        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0") not in ("", "0")
-
-    def _content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        if value is None:
-            return None
-        if not value.isdigit():
-            raise _bad(f"invalid Content-Length {value!r}")
-        return int(value)
+        if not self._framing_known:  # unparsable framing: where the body ends is unknown
+            return True
+        return self._chunked or bool(self._length)
 
     def _iter_body(self, limit: int) -> Iterator[bytes]:
         """The request body in chunks (Content-Length or chunked), refusing more than ``limit``."""
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if chunked:
+        if self._chunked:
             total = 0
             while True:
                 line = self.rfile.readline(1026)
                 try:
-                    size = int(line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    size = -1
-                if size < 0:
+                    size = parse_chunk_size(line)
+                except InvalidRequest:
                     self.close_connection = True
-                    raise _bad("malformed chunked encoding")
+                    raise
                 if size == 0:
                     while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
                         pass
@@ -704,7 +934,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self.rfile.readline(3)
             self._body_done = True
             return
-        length = self._content_length() or 0
+        length = self._length or 0
         if length > limit:
             self._refuse_oversized(length, limit)
         remaining = length
@@ -729,10 +959,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.rfile.readline(3)
             line = self.rfile.readline(1026)
             try:
-                pending = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                return
-            if pending < 0:
+                pending = parse_chunk_size(line)
+            except InvalidRequest:
                 return
             if pending == 0:
                 self._body_done = True
@@ -757,7 +985,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _spool_body(self) -> IO[bytes]:
         """The body in a temporary file (in memory while small), for NDJSON commits."""
-        spool = tempfile.SpooledTemporaryFile(max_size=8 * _CHUNK, dir=self.server.storage.root / "tmp")
+        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - returned open; the caller closes it
+            max_size=8 * _CHUNK, dir=self.server.storage.root / "tmp"
+        )
         try:
             for chunk in self._iter_body(self.server.config.max_body_bytes):
                 spool.write(chunk)
@@ -771,10 +1001,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         data = self._read_body(limit)
         if not data.strip():
             return {}
-        try:
-            payload = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _bad("request body is not valid JSON") from None
+        payload = parse_json(data)
         if not isinstance(payload, dict):
             raise _bad("request body must be a JSON object")
         return payload
@@ -787,18 +1014,20 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _flag(self, name: str) -> bool:
         values = self.query.get(name)
-        return bool(values) and values[-1].lower() in ("1", "true", "yes", "")
+        return bool(values) and parse_flag(values[-1], name)
+
+    def _uint_param(self, name: str) -> int | None:
+        values = self.query.get(name)
+        return parse_uint(values[-1], name) if values else None
 
     # --- auth ----------------------------------------------------------------------------------
     def _user(self) -> str | None:
         """The caller's identity when a valid token was sent; raises 401 for an invalid one."""
-        header = self.headers.get("Authorization", "")
-        if not header:
+        if self._authorization is None:
             return None
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
+        scheme, token = self._authorization  # well-formed: _parse_head checked it
         tokens = self.server.config.tokens
-        if scheme.lower() != "bearer" or not token:
+        if scheme != "bearer":
             raise HubError(401, "Invalid credentials in Authorization header")
         if not tokens:
             return "anonymous"
@@ -929,18 +1158,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         content = body.get("content", "")
         if not isinstance(content, str):
             raise _bad("content must be a string")
-        errors = []
-        if content.startswith("---"):
-            match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", content, re.S)
-            if match is None:
-                errors.append({"message": "the YAML front matter is not closed by '---'"})
-            else:
-                try:
-                    data = yaml.safe_load(match.group(1))
-                    if data is not None and not isinstance(data, dict):
-                        errors.append({"message": "the YAML front matter must be a mapping"})
-                except yaml.YAMLError as exc:
-                    errors.append({"message": f"invalid YAML: {exc}"})
+        _, problem = front_matter(content)
+        errors = [{"message": problem}] if problem else []
         if errors:
             self._send_json(400, {"errors": errors, "warnings": [], "error": errors[0]["message"]})
         else:
@@ -970,7 +1189,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         repo = self.server.storage.repo_dir(namespace, name)
         meta = self.server.storage.repo_meta(repo)
         data = self._card_of(repo, commit) or {}
-        tags = [str(t) for t in data.get("tags") or [] if isinstance(t, (str, int, float))]
+        raw_tags = data.get("tags")
+        raw_tags = [raw_tags] if isinstance(raw_tags, str) else raw_tags if isinstance(raw_tags, list) else []
+        tags = [str(t) for t in raw_tags if isinstance(t, (str, int, float)) and not isinstance(t, bool)]
         library = data.get("library_name") if isinstance(data.get("library_name"), str) else None
         if library and library not in tags:
             tags.append(library)
@@ -1026,12 +1247,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         wanted = set(self.query.get("filter", []))
         full = self._flag("full")
         with_card = full or self._flag("cardData")
-        limit_raw = (self.query.get("limit") or [None])[-1]
-        cursor_raw = (self.query.get("cursor") or ["0"])[-1]
-        if (limit_raw is not None and not limit_raw.isdigit()) or not cursor_raw.isdigit():
-            raise _bad("limit and cursor must be non-negative integers")
-        limit = min(int(limit_raw), PAGE_SIZE) if limit_raw is not None else PAGE_SIZE
-        cursor = int(cursor_raw)
+        limit_param = self._uint_param("limit")
+        limit = min(limit_param, PAGE_SIZE) if limit_param is not None else PAGE_SIZE
+        cursor = self._uint_param("cursor") or 0
         found = []
         for namespace, name in storage.iter_repos():
             repo_id = f"{namespace}/{name}"
@@ -1050,7 +1268,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             found.append(info)
         page = found[cursor : cursor + limit]
         headers = {}
-        if cursor + limit < len(found) and limit_raw is None:
+        if cursor + limit < len(found) and limit_param is None:
             query = "&".join(
                 f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values
             )
@@ -1115,10 +1333,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send_paginated(items)
 
     def _send_paginated(self, items: list[dict[str, Any]]) -> None:
-        cursor_raw = (self.query.get("cursor") or ["0"])[-1]
-        if not cursor_raw.isdigit():
-            raise _bad("cursor must be a non-negative integer")
-        cursor = int(cursor_raw)
+        cursor = self._uint_param("cursor") or 0
         page = items[cursor : cursor + PAGE_SIZE]
         headers = {}
         if cursor + PAGE_SIZE < len(items):
@@ -1150,16 +1365,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         raw = self._read_body(16 * _CHUNK)
         content_type = self.headers.get("Content-Type", "")
         if "json" in content_type:
-            try:
-                body = json.loads(raw or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise _bad("request body is not valid JSON") from None
+            body = parse_json(raw or b"{}")
             paths = body.get("paths", []) if isinstance(body, dict) else None
             expand = bool(body.get("expand")) if isinstance(body, dict) else False
         else:
-            form = parse_qs(raw.decode("utf-8", "replace"))
+            try:
+                text = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise InvalidRequest("a form body holds non-ASCII bytes: percent-encode them") from None
+            form = parse_query(text, "form body")
             paths = form.get("paths", [])
-            expand = (form.get("expand") or ["false"])[-1].lower() == "true"
+            expand = parse_flag((form.get("expand") or ["false"])[-1], "expand")
         if not isinstance(paths, list):
             raise _bad("paths must be a list")
         items = []
@@ -1265,16 +1481,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _check_signed(self, namespace: str, name: str, oid: str) -> int:
         size_raw = (self.query.get("size") or [""])[-1]
-        expires = (self.query.get("expires") or [""])[-1]
+        expires_raw = (self.query.get("expires") or [""])[-1]
         signature = (self.query.get("sig") or [""])[-1]
-        if not size_raw.isdigit() or not expires.isdigit():
+        if not size_raw or not expires_raw or not signature:
             raise HubError(403, "upload URL is not signed")
-        expected = self._sign(namespace, name, oid, size_raw, expires)
-        if not hmac.compare_digest(expected, signature):
+        size = parse_uint(size_raw, "size")
+        expires = parse_uint(expires_raw, "expires")
+        expected = self._sign(namespace, name, oid, size_raw, expires_raw)
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise HubError(403, "upload URL signature is invalid")
-        if int(expires) < time.time():
+        if expires < time.time():
             raise HubError(403, "upload URL has expired: ask the LFS batch endpoint again")
-        return int(size_raw)
+        return size
 
     def _lfs_put(self, namespace: str, name: str, oid: str) -> None:
         check_repo_part(namespace, "namespace")
@@ -1283,7 +1501,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise _bad(f"invalid LFS oid {oid!r}")
         size = self._check_signed(namespace, name, oid)
         self.server.storage.require_repo(namespace, name)
-        length = self._content_length()
+        length = self._length
         if length is not None and length != size:
             if length > size:
                 self._refuse_oversized(length, size)
@@ -1353,10 +1571,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             for number, line in enumerate(spool, start=1):
                 if not line.strip():
                     continue
-                try:
-                    item = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise _bad(f"line {number} of the commit is not valid JSON") from None
+                item = parse_json(line, f"line {number} of the commit")
                 if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
                     raise _bad(f"line {number} of the commit must be an object with 'key' and 'value'")
                 key, value = item.get("key"), item["value"]
@@ -1506,22 +1721,20 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = str(size)
             headers["X-Linked-Etag"] = f'"{etag}"'
         start, end, status = 0, size - 1, 200
-        range_header = self.headers.get("Range")
-        if range_header and size > 0:
-            match = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header.strip())
-            if match is None or (match.group(1) == "" and match.group(2) == ""):
-                raise HubError(416, f"invalid range {range_header!r}", headers={"Content-Range": f"bytes */{size}"})
-            if match.group(1) == "":
-                start = max(0, size - int(match.group(2)))
+        if self._range is not None and size > 0:  # its syntax was checked by _parse_head
+            first, last = self._range
+            if first is None:  # bytes=-N: the last N bytes
+                start = max(0, size - (last or 0))
             else:
-                start = int(match.group(1))
-                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+                start = first
+                end = min(last, size - 1) if last is not None else size - 1
             if start > end or start >= size:
-                raise HubError(416, f"range {range_header!r} is outside the file", headers={"Content-Range": f"bytes */{size}"})
+                range_text = self.headers.get("Range", "")
+                raise HubError(416, f"range {range_text!r} is outside the file", headers={"Content-Range": f"bytes */{size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         try:
-            handle = open(blob, "rb")
+            handle = open(blob, "rb")  # noqa: SIM115 - entered with `with` below, once it exists
         except FileNotFoundError:
             raise HubError(404, f"the content of {path} is missing from this hub", "EntryNotFound", {"X-Repo-Commit": commit.id}) from None
         with handle:
@@ -1592,4 +1805,4 @@ def serve(
         server.server_close()
 
 
-__all__ = ["HubStorage", "HubHTTPServer", "HubError", "make_server", "serve", "load_tokens", "git_blob_oid"]
+__all__ = ["HubError", "HubHTTPServer", "HubStorage", "git_blob_oid", "load_tokens", "make_server", "serve"]

@@ -9,6 +9,7 @@ Layout under the root::
         state.json                      aliases, their move history, yanked versions
         .lock                           flock'ed while state.json is changed
     tmp/                                files being written; never read as content
+    .store.lock                         flock'ed shared by pushes, exclusively by gc
 
 Guarantees:
 - A push copies blobs first, then writes its version record aside, fsyncs it and hard-links it
@@ -17,7 +18,13 @@ Guarantees:
   any point leaves at most unreferenced files in ``tmp/`` or ``blobs/`` and blocks nothing.
 - Alias, yank and delete changes run under ``flock``, which the kernel releases when the holder
   dies, and rewrite ``state.json`` atomically (write aside, fsync, rename).
-- Every read of a blob checks its sha256.
+- Every read of a blob checks its sha256, and nothing read back is trusted: a version record
+  is validated (safe relative paths, sha256 digests) before it names a file to write or read.
+- ``gc`` never removes a blob a push is about to reference: a push holds ``.store.lock``
+  shared from its first blob until its record is linked, gc holds it exclusively. Under it,
+  every file in ``tmp/`` belongs to a dead push, and (under each module's ``.lock``) every
+  ``.state.json.*.tmp`` to a dead promote, so gc removes them whatever their age.
+- ``pull`` never deletes or overwrites files it did not write (see ``install_module``).
 """
 
 from __future__ import annotations
@@ -27,31 +34,40 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from tunehub.errors import (
     AliasNotFound,
     Conflict,
     IntegrityError,
-    ManifestError,
+    InvalidReference,
     ModuleNotFound,
     StoreError,
     VersionNotFound,
 )
 from tunehub.registry.files import (
+    check_relative_path,
     fsync_dir,
     is_sha256,
+    open_regular,
     read_json,
     sha256_file,
-    verify_files,
     write_json_atomic,
 )
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content, read_verified, verify_module
-from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, validate_alias
+from tunehub.registry.module import (
+    LocalModule,
+    ModuleContent,
+    check_content,
+    check_module_for_push,
+    install_module,
+    read_verified,
+)
+from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, parse_version, validate_alias
 from tunehub.registry.store import (
     AliasMove,
     Filters,
@@ -64,6 +80,8 @@ from tunehub.registry.store import (
 
 _NO_NAMESPACE = "_"  # names start with a letter or digit, so this never collides with one
 _CHUNK = 1 << 20
+_STORE_LOCK = ".store.lock"
+_RECORD_FIELDS = ("manifest_sha256", "kind", "created_at", "base_fingerprint", "base_model_id")
 
 
 def _now() -> str:
@@ -105,12 +123,14 @@ class LocalStore(ModuleStore):
             return live, deleted
         for entry in os.listdir(versions_dir):
             stem, dot, suffix = entry.partition(".")
-            if not stem.isdigit():
+            try:
+                number = parse_version(stem)  # not int(): '².json' or '01.json' is no version record
+            except InvalidReference:
                 continue
             if suffix == "json":
-                live.add(int(stem))
+                live.add(number)
             elif suffix == "deleted":
-                deleted.add(int(stem))
+                deleted.add(number)
         return live, deleted
 
     def _record(self, module_dir: Path, version: int) -> dict[str, Any]:
@@ -119,9 +139,10 @@ class LocalStore(ModuleStore):
             record = read_json(path, "version record")
         except FileNotFoundError:
             raise VersionNotFound(f"version {version} does not exist") from None
-        if not isinstance(record, dict) or record.get("version") != version:
-            raise IntegrityError(f"version record {path} is corrupt")
-        return record
+        problem = _record_problem(record, version)
+        if problem:
+            raise IntegrityError(f"version record {path} is corrupt: {problem}")
+        return record  # type: ignore[return-value]
 
     def _state(self, module_dir: Path) -> dict[str, Any]:
         try:
@@ -133,6 +154,16 @@ class LocalStore(ModuleStore):
         state.setdefault("aliases", {})
         state.setdefault("history", [])
         state.setdefault("yanked", {})
+        aliases, history, yanked = state["aliases"], state["history"], state["yanked"]
+        if (
+            not isinstance(aliases, dict)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in aliases.values())
+            or not isinstance(history, list)
+            or not all(isinstance(m, dict) for m in history)
+            or not isinstance(yanked, dict)
+            or not all(isinstance(y, dict) for y in yanked.values())
+        ):
+            raise IntegrityError(f"{module_dir / 'state.json'} is corrupt: malformed aliases, history or yanks")
         return state
 
     @contextmanager
@@ -145,6 +176,16 @@ class LocalStore(ModuleStore):
                 state = self._state(module_dir)
                 yield state
                 write_json_atomic(module_dir / "state.json", state)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def _store_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Shared by pushes (many at once), exclusive for gc; the kernel drops it if we die."""
+        with open(self.root / _STORE_LOCK, "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
@@ -216,7 +257,7 @@ class LocalStore(ModuleStore):
 
         digest = hashlib.sha256()
         size = 0
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
+        with open_regular(source) as src, open(tmp, "wb") as dst:
             while chunk := src.read(_CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
@@ -251,10 +292,16 @@ class LocalStore(ModuleStore):
         ref = parse_ref(ref)
         if ref.version is not None or ref.alias is not None:
             raise Conflict(f"push takes a name without @version: versions are assigned by the registry (got {ref})")
-        module = verify_module(folder)
+        module = check_module_for_push(folder)
         manifest_sha = sha256_file(module.path / MANIFEST_FILE)
         files = dict(module.manifest.files)
         files[MANIFEST_FILE] = manifest_sha
+        # from the first blob stored (or found and reused) to the record that references it,
+        # gc must not run: it would see those blobs as unreferenced
+        with self._store_lock(exclusive=False):
+            return self._store_version(module, ref, files)
+
+    def _store_version(self, module: LocalModule, ref: ModuleRef, files: dict[str, str]) -> VersionInfo:
         size = 0
         try:
             for rel, digest in sorted(files.items()):
@@ -262,6 +309,7 @@ class LocalStore(ModuleStore):
         except OSError as exc:
             raise StoreError(f"could not write to {self.uri}: {exc}") from exc
         manifest = module.manifest
+        manifest_sha = files[MANIFEST_FILE]
         record: dict[str, Any] = {
             "version": 0,
             "manifest_sha256": manifest_sha,
@@ -313,32 +361,24 @@ class LocalStore(ModuleStore):
         record = self._record(module_dir, version)
         return self._info(record, ref.repo, state), record
 
-    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref = parse_ref(ref)
-        info = self.resolve(ref)
-        record = self._record(self._module_dir(ref), info.version)
-        files: dict[str, str] = record["files"]
+        info, record = self._resolve_record(ref)
+        files: dict[str, str] = record["files"]  # paths and digests checked by _record
+        owned = dest is None  # the cache folder is the store's own; a --dest folder is the user's
         if dest is None:
             dest = self.cache_dir / (ref.namespace or _NO_NAMESPACE) / ref.name / str(info.version)
-        dest = Path(dest)
-        if dest.exists():
-            cached = self._verified_copy(dest, files)
-            if cached is not None:
-                return LocalModule(path=dest, manifest=cached, ref=info.ref, version=info.version)
-            if not (dest / MANIFEST_FILE).exists() and any(dest.iterdir()):
-                raise Conflict(f"{dest} exists and is not a tunehub module; pick another destination")
-        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
-        try:
-            for rel, digest in sorted(files.items()):
-                self._copy_blob_verified(digest, staging / rel)
-            module = verify_module(staging)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return LocalModule(path=dest, manifest=module.manifest, ref=info.ref, version=info.version)
+        known = {v.manifest_sha256 for v in self.versions(ref)}
+        path, manifest = install_module(
+            dest,
+            files,
+            lambda rel, target: self._copy_blob_verified(files[rel], target),
+            known_manifests=known,
+            owned=owned,
+            force=force,
+            where=info.ref,
+        )
+        return LocalModule(path=path, manifest=manifest, ref=info.ref, version=info.version)
 
     def read(
         self,
@@ -372,16 +412,6 @@ class LocalStore(ModuleStore):
             return self._blob_path(digest).read_bytes() if is_sha256(digest) else b""
         except FileNotFoundError:
             raise IntegrityError(f"{ref}: blob {digest[:12]}... is missing from {self.uri}") from None
-
-    @staticmethod
-    def _verified_copy(dest: Path, files: dict[str, str]) -> Manifest | None:
-        try:
-            if sha256_file(dest / MANIFEST_FILE) != files[MANIFEST_FILE]:
-                return None
-            verify_files(dest, {k: v for k, v in files.items() if k != MANIFEST_FILE})
-            return Manifest.read(dest)
-        except (OSError, IntegrityError, ManifestError):
-            return None
 
     def manifest(self, ref: str | ModuleRef) -> Manifest:
         ref = parse_ref(ref)
@@ -522,28 +552,77 @@ class LocalStore(ModuleStore):
             fsync_dir(versions_dir)
         return targets
 
-    def gc(self, *, tmp_older_than_s: float = 3600.0) -> dict[str, int]:
-        """Remove unreferenced blobs and temporary files older than ``tmp_older_than_s``
-        (what killed pushes leave behind)."""
-        import time
+    def gc(self) -> dict[str, list[str]]:
+        """Remove what no live version references, and what killed writers left behind.
 
-        referenced: set[str] = set()
-        for _, module_dir in self._iter_modules():
-            live, _ = self._version_numbers(module_dir)
-            for version in live:
-                referenced.update(self._record(module_dir, version)["files"].values())
-        removed_blobs = removed_tmp = 0
-        cutoff = time.time() - tmp_older_than_s
-        for path in (self.root / "blobs" / "sha256").glob("*/*"):
-            # young blobs may belong to a push that has not linked its record yet
-            if path.name not in referenced and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed_blobs += 1
-        for path in (self.root / "tmp").iterdir():
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed_tmp += 1
-        return {"blobs": removed_blobs, "tmp": removed_tmp}
+        Returns what was removed: ``blobs`` (sha256 digests), ``tmp`` (paths relative to the
+        store root: files of killed pushes in ``tmp/``, and ``.state.json.*.tmp`` files of
+        killed promotes, rollbacks, yanks and deletes). Runs under the store lock held
+        exclusively, so no push is between reusing a blob and recording the version that uses
+        it; a record that cannot be read stops gc before anything is removed."""
+        removed: dict[str, list[str]] = {"blobs": [], "tmp": []}
+        with self._store_lock(exclusive=True):
+            referenced: set[str] = set()
+            module_dirs = [module_dir for _, module_dir in self._iter_modules()]
+            for module_dir in module_dirs:
+                live, _ = self._version_numbers(module_dir)
+                for version in live:
+                    referenced.update(self._record(module_dir, version)["files"].values())
+            for path in sorted((self.root / "blobs" / "sha256").glob("*/*")):
+                if path.name not in referenced:
+                    path.unlink(missing_ok=True)
+                    removed["blobs"].append(path.name)
+            for path in sorted((self.root / "tmp").iterdir()):
+                self._remove(path)
+                removed["tmp"].append(path.relative_to(self.root).as_posix())
+            for module_dir in module_dirs:
+                removed["tmp"] += self._remove_dead_state_writes(module_dir)
+        return removed
+
+    def _remove_dead_state_writes(self, module_dir: Path) -> list[str]:
+        """Temporary files of state writes (write_json_atomic's ``.state.json.<pid>.tmp``) whose
+        writer died: under the module's lock no writer is alive, so every one is dead."""
+        with open(module_dir / ".lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                leftovers = sorted(module_dir.glob(".state.json.*.tmp"))
+                for path in leftovers:
+                    path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return [path.relative_to(self.root).as_posix() for path in leftovers]
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _record_problem(record: object, version: int) -> str | None:
+    """Why a version record read back from disk cannot be trusted, or None.
+
+    Its file paths decide where pull writes and its digests which blobs are read, so both are
+    checked as strictly as the Hub store checks its state (``check_relative_path``)."""
+    if not isinstance(record, dict) or record.get("version") != version:
+        return "not a record of this version"
+    files = record.get("files")
+    if not isinstance(files, dict) or MANIFEST_FILE not in files:
+        return "it lists no files"
+    for path, digest in files.items():
+        try:
+            check_relative_path(path)
+        except ValueError as exc:
+            return f"unsafe file path: {exc}"
+        if not is_sha256(digest):
+            return f"the digest of {path!r} is not a sha256"
+    for name in _RECORD_FIELDS:
+        if not isinstance(record.get(name), str):
+            return f"no {name}"
+    if record["manifest_sha256"] != files[MANIFEST_FILE]:
+        return "manifest_sha256 disagrees with the file list"
+    return None
 
 
 __all__ = ["LocalStore"]

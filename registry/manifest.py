@@ -72,7 +72,9 @@ class BaseInfo(_Strict):
 
     model_id: str = Field(description="local path or hub id the base was loaded from")
     revision: str | None = Field(default=None, description="hub commit of the base, when known")
-    fingerprint: str = Field(description="sha256 of the base's architecture config and weight shapes")
+    fingerprint: str = Field(
+        description="identifies the base's weights: 'hub1:' (Hub commit) or 'w1:' (content hash), see registry/fingerprint.py"
+    )
     quantization: Quantization = "none"
     architecture: str | None = None
     vocab_size: int | None = None

@@ -112,8 +112,14 @@ class ModuleStore(ABC):
         """Verify the module in ``folder`` and store it as the next version of ``ref``'s name."""
 
     @abstractmethod
-    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
-        """Materialise ``ref`` in a local folder whose every file was checked against its hash."""
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
+        """Materialise ``ref`` in a local folder whose every file was checked against its hash.
+
+        Without ``dest`` the store's cache is used. A ``dest`` folder is the user's: pull writes
+        into a new or empty folder, or over exactly an earlier pull of this module, and raises
+        :class:`~tunehub.errors.Conflict` for anything else; ``force`` then writes the module's
+        own files there and leaves every other file alone. Nothing is ever deleted that pull
+        did not write (see :func:`tunehub.registry.module.install_module`)."""
 
     def read(
         self,
@@ -196,6 +202,11 @@ class ModuleStore(ABC):
     @abstractmethod
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
         """Delete one version (``name@N``) or every version of a module; returns the versions deleted."""
+
+    def gc(self) -> dict[str, list[str]]:
+        """Remove stored content no version references and what killed writers left behind;
+        returns what was removed by category. Stores that keep no such content refuse."""
+        raise ConfigError(f"{self.uri} has nothing to collect: gc works on file:// registries")
 
 
 def target_stack(history: list[AliasMove], alias: str) -> list[int]:

@@ -50,11 +50,24 @@ def _echo_json(payload: object) -> None:
 
 
 def _version_table(infos: list[VersionInfo], title: str) -> None:
+    """A table on a terminal; in a pipe, one tab-separated line per version, nothing cut.
+
+    Pipe columns: ref, kind, task, aliases (comma-separated), size in bytes, created_at,
+    pushed_by, note; tabs and newlines inside a value become spaces. ``--json`` has it all."""
+    if not sys.stdout.isatty():
+        for info in infos:
+            note = f"yanked: {info.yank_reason or ''}" if info.yanked else ""
+            row = (info.ref, info.kind, info.task or "", ",".join(info.aliases), str(info.size_bytes),
+                   info.created_at, info.pushed_by, note)
+            typer.echo("\t".join(" ".join(value.split()) if value else "" for value in row))
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("module", "kind", "task", "aliases", "size", "created", "by", "note"):
+    # the name is what people copy: on a narrow terminal it wraps, it is never cut
+    table.add_column("module", overflow="fold")
+    for column in ("kind", "task", "aliases", "size", "created", "by", "note"):
         table.add_column(column)
     for info in infos:
         table.add_row(
@@ -84,11 +97,18 @@ def push(
 @app.command()
 def pull(
     ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
-    dest: Optional[Path] = typer.Option(None, "--dest", "-o", help="folder to write (default: the local cache)"),
+    dest: Optional[Path] = typer.Option(
+        None, "--dest", "-o", help="folder to write: new, empty, or an earlier pull of this module (default: the local cache)"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="write the module's files into a --dest folder that holds other files (those are left alone)"
+    ),
     registry: Optional[str] = RegistryOption,
 ) -> None:
-    """Fetch a module into a local folder; every file is checked against its sha256."""
-    module = _registry(registry).pull(ref, dest)
+    """Fetch a module into a local folder; every file is checked against its sha256.
+
+    Nothing the pull did not write is ever deleted or overwritten without --force."""
+    module = _registry(registry).pull(ref, dest, force=force)
     typer.echo(f"pulled {module.ref} to {module.path}")
 
 
@@ -181,6 +201,23 @@ def remove(
     """Delete a version, or a whole module. Version numbers are never reused."""
     deleted = _registry(registry).delete(ref, force=force)
     typer.echo(f"deleted {ref.split('@')[0]} versions {', '.join(map(str, deleted))}")
+
+
+@app.command()
+def gc(
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
+) -> None:
+    """Remove blobs no version references and files left by killed pushes and promotes."""
+    removed = _registry(registry).gc()
+    if as_json:
+        _echo_json(removed)
+        return
+    for digest in removed["blobs"]:
+        typer.echo(f"removed blob {digest}")
+    for path in removed["tmp"]:
+        typer.echo(f"removed temporary file {path}")
+    typer.echo(f"gc: {len(removed['blobs'])} blobs, {len(removed['tmp'])} temporary files removed")
 
 
 @app.command()
@@ -312,7 +349,8 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="use the chat endpoint (the base's chat template)"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they come"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="most tokens to generate"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy"),
+    # greedy by default: a module's answer, not a sample (OpenAI's API defaults to 1)
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default); > 0 samples"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNEHUB_API_KEY", help="tenant API key"),
 ) -> None:

@@ -93,7 +93,7 @@ def _make_error(status: int, message: str, name: str | None, headers: Any = None
         cls = _BY_STATUS.get(status) or (ServerError if status >= 500 or status == 0 else InvalidRequest)
     if cls is RateLimited:
         retry = (headers or {}).get("retry-after") if headers is not None else None
-        exc: TunehubError = RateLimited(message, retry_after=float(retry) if retry and retry.isdigit() else None)
+        exc: TunehubError = RateLimited(message, retry_after=float(retry) if retry and retry.isascii() and retry.isdigit() else None)
     else:
         try:
             exc = cls(message)

@@ -155,7 +155,10 @@ def _merge_clm(base_dir: Path, module_dir: Path, out_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), module_dir).merge_and_unload()
+    from tunehub.trainer.run import peft_deprecations_silenced
+
+    with peft_deprecations_silenced():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), module_dir).merge_and_unload()
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
 

@@ -36,9 +36,13 @@ class Registry:
         """Verify the module folder and store it as the next version of ``name``."""
         return self.store.push(folder, name)
 
-    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None) -> LocalModule:
-        """A verified local copy of ``ref`` (a cached copy is reused when it still verifies)."""
-        return self.store.pull(ref, dest)
+    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
+        """A verified local copy of ``ref`` (a cached copy is reused when it still verifies).
+
+        ``dest`` must be new, empty, or hold exactly an earlier pull of this module, else
+        :class:`~tunehub.errors.Conflict`; ``force=True`` writes the module's files into it
+        anyway and leaves every other file alone. Nothing pull did not write is deleted."""
+        return self.store.pull(ref, dest, force=force)
 
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
         return self.store.resolve(ref)
@@ -76,3 +80,7 @@ class Registry:
 
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
         return self.store.delete(ref, force=force)
+
+    def gc(self) -> dict[str, list[str]]:
+        """Remove unreferenced blobs and leftovers of killed writers (``file://`` stores)."""
+        return self.store.gc()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 from tunehub.registry.manifest import BaseInfo, Manifest, ModuleKind
 from tunehub.registry.module import write_module
 
 FAKE_FINGERPRINT = "ab" * 32
+
+
+def safetensors_bytes(payload: bytes, name: str = "payload") -> bytes:
+    """A valid safetensors file holding ``payload`` as one U8 tensor (push checks weights' format)."""
+    header = json.dumps({name: {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    return struct.pack("<Q", len(header)) + header + payload
 
 
 def make_fake_module(
@@ -21,10 +30,12 @@ def make_fake_module(
     fingerprint: str = FAKE_FINGERPRINT,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """A valid module folder whose weights are opaque bytes (registry tests never load them)."""
+    """A valid module folder whose weights are ``payload`` (random by default) stored as one
+    U8 tensor of a well-formed safetensors file (registry tests never load them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_model.safetensors").write_bytes(payload if payload is not None else os.urandom(2048))
+    raw = payload if payload is not None else os.urandom(2048)
+    (folder / "adapter_model.safetensors").write_bytes(safetensors_bytes(raw))
     for rel, data in (extra_files or {}).items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)

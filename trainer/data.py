@@ -711,7 +711,9 @@ def clm_blocks(texts: list[str], tokenizer: Any, block_size: int) -> list[dict]:
     if eos is None:
         raise ConfigError("causal LM blocks need a tokenizer with an eos token to separate documents")
     stream: list[int] = []
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    # whole documents are longer than the model's context on purpose (they are cut into blocks
+    # below): verbose=False drops the tokenizer's warning about that
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     for i, ids in enumerate(encoded):
         if i:
             stream.append(eos)

@@ -17,7 +17,11 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Mapping
 
 from tunehub.errors import ConfigError
-from tunehub.registry.fingerprint import base_fingerprint, tokenizer_fingerprint
+from tunehub.registry.fingerprint import (
+    base_fingerprint,
+    hub_snapshot,
+    tokenizer_fingerprint,
+)
 from tunehub.registry.manifest import (
     PEFT_TYPES,
     SCHEMA_VERSION,
@@ -97,20 +101,32 @@ def base_info(
     """Describe the base model folder ``base_path``: fingerprint, architecture, vocabulary size.
 
     ``model_id`` overrides the recorded id (e.g. a hub id whose files sit in a local snapshot).
+    A Hugging Face cache snapshot folder records its repo id and commit unless they are given.
     """
     path = Path(base_path)
     config = _read_config(path)
     architectures = config.get("architectures") or []
     # multimodal configs nest the language model's vocabulary under text_config
     vocab_size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    snapshot = hub_snapshot(path)  # its folder is named by the commit: the repo id says more
     return BaseInfo(
-        model_id=model_id or str(base_path),
-        revision=revision,
+        model_id=model_id or (snapshot.repo_id if snapshot else base_display_name(path)),
+        revision=revision or (snapshot.revision if snapshot else None),
         fingerprint=base_fingerprint(path),
         quantization=quantization,
         architecture=architectures[0] if architectures else config.get("model_type"),
         vocab_size=vocab_size,
     )
+
+
+def base_display_name(base_path: str | Path) -> str:
+    """The name a local base is recorded under: its folder's name, never the path.
+
+    A path would leak the user's directories into every manifest, ``adapter_config.json`` and
+    model card that leaves the machine (and the Hub refuses a card whose ``base_model`` is a
+    path); the folder's name is also the name ``tunehub serve`` gives that base.
+    """
+    return Path(base_path).expanduser().resolve().name
 
 
 def tokenizer_info(path: str | Path) -> TokenizerInfo | None:
@@ -229,4 +245,4 @@ def save_peft_module(
     return write_module(out_dir, manifest)
 
 
-__all__ = ["REGENERATED_KEYS", "base_info", "peft_params", "save_peft_module", "tokenizer_info"]
+__all__ = ["REGENERATED_KEYS", "base_display_name", "base_info", "peft_params", "save_peft_module", "tokenizer_info"]

@@ -9,6 +9,7 @@ Layout of ``output.dir``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,9 +17,10 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunehub.devices import device_type, load_quantized, resolve_compute_dtype, use_lean_cpu_allocator
 from tunehub.errors import ConfigError
@@ -105,13 +107,32 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.training.gradient_checkpointing
-        )
-    elif config.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        # checkpointing is switched on below, by the name transformers keeps (PEFT calls the
+        # deprecated one, a FutureWarning on every run)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.training.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return model
+
+
+@contextlib.contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """Wrapping a model in PEFT reads transformers' deprecated ``is_gradient_checkpointing``
+    (renamed in transformers 5): the FutureWarning is about PEFT's code, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass; inputs require grad so gradients flow through
+    the frozen embeddings into the checkpointed layers (as PEFT's kbit preparation does). Uses
+    ``activation_checkpointing_enable`` where transformers has it (the old name is deprecated
+    there), else ``gradient_checkpointing_enable``."""
+    model.enable_input_require_grads()
+    # no kwargs: transformers' default, non-reentrant checkpointing (torch's recommended one)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def linear_module_names(model: Any) -> tuple[str, ...]:
@@ -434,7 +455,8 @@ def _wrap(model: Any, peft_config: Any, ctx: Any) -> Any:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config)
+        with peft_deprecations_silenced():
+            return get_peft_model(model, peft_config)
     except ValueError as exc:
         text = str(exc)
         if "not found in the base model" in text or "Target modules" in text:
@@ -494,4 +516,6 @@ def _write_module(
         metrics=metrics,
         config=config.resolved(),
         description=config.output.description,
+        # a hub base is recorded by its hub id, not by the snapshot folder it was read from
+        base_model_id=None if Path(config.base.path).expanduser().exists() else config.base.path,
     )

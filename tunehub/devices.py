@@ -84,10 +84,15 @@ def load_quantized(model_cls: Any, path: str | Path, **kwargs: Any) -> Any:
     if mapping is not None:
         concrete = mapping[type(config)]
     try:
-        return concrete.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+        model = concrete.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     finally:
         state_dict.clear()
         del handles
+    # what from_pretrained(path) records: PEFT reads it (a name of None sends its checkpoint saves
+    # looking for the base's config on the Hub, a warning offline)
+    model.config.name_or_path = str(path)
+    model.name_or_path = str(path)
+    return model
 
 
 #: glibc's mallopt parameters: the size from which allocations get their own mapping, and the

@@ -17,13 +17,14 @@ def cli(tmp_path):
     env = {**os.environ, "TUNEHUB_HOME": str(tmp_path / "home"), "TUNEHUB_USER": "tester"}
     env.pop("TUNEHUB_REGISTRY", None)
 
-    def run(*args, ok=True):
+    def run(*args, ok=True, cwd=None):
         proc = subprocess.run(
             [sys.executable, "-m", "tunehub.sdk.cli", *map(str, args)],
             capture_output=True,
             text=True,
             env=env,
             timeout=120,
+            cwd=cwd,
         )
         if ok:
             assert proc.returncode == 0, proc.stderr
@@ -95,3 +96,29 @@ def test_push_refuses_pickle_and_tampered(cli, tmp_path):
 def test_usage_error_exit_code(cli):
     proc = subprocess.run([sys.executable, "-m", "tunehub.sdk.cli", "push"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_pull_dest_never_empties_the_users_folder(cli, tmp_path):
+    # mkdir x && cd x && echo '{}' > manifest.json && echo keep > notes.txt && tunehub pull acme/demo@1 --dest .
+    cli("push", make_fake_module(tmp_path / "mod"), "acme/demo")
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}\n")
+    (folder / "notes.txt").write_text("keep\n")
+    proc = cli("pull", "acme/demo@1", "--dest", ".", ok=False, cwd=folder)
+    assert proc.stderr.startswith("error: ") and "--force" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "notes.txt"]
+    assert (folder / "manifest.json").read_text() == "{}\n" and (folder / "notes.txt").read_text() == "keep\n"
+    cli("pull", "acme/demo@1", "--dest", ".", "--force", cwd=folder)
+    assert (folder / "notes.txt").read_text() == "keep\n"
+    assert json.loads((folder / "manifest.json").read_text())["task"] == "demo"
+
+
+def test_ls_in_a_pipe_prints_long_names_whole(cli, tmp_path):
+    name = "acme/" + ("quarterly-report-summary-" * 4)[:84] + "x"
+    assert len(name) == 90
+    cli("push", make_fake_module(tmp_path / "mod"), name)
+    out = cli("ls").stdout  # stdout is a pipe here
+    assert out.splitlines()[0].split("\t")[0] == f"{name}@1"
+    removed = json.loads(cli("gc", "--json").stdout)
+    assert removed == {"blobs": [], "tmp": []}

@@ -24,6 +24,7 @@ import pytest
 
 from tests.helpers import make_fake_module
 from tunehub.errors import (
+    Conflict,
     IntegrityError,
     InvalidReference,
     ModuleNotFound,
@@ -412,6 +413,31 @@ def test_tampered_blob_on_the_hub_is_detected_on_pull(hub, tmp_path, monkeypatch
     assert (pulled.path / "adapter_model.safetensors").read_bytes() == original
 
 
+def test_pull_dest_never_touches_the_users_files(hub, tmp_path, monkeypatch):
+    # the same rule as the file:// store (tests/unit/test_store_safety.py), through the hub
+    monkeypatch.setenv("TUNEHUB_HOME", str(tmp_path / "home"))
+    reg = _registry(hub, tmp_path / "hf-cache")
+    first = make_fake_module(tmp_path / "m1", extra_files={"tokenizer/vocab.txt": b"a b"})
+    reg.push(first, "acme/pulldest")
+    reg.push(make_fake_module(tmp_path / "m2"), "acme/pulldest")
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}\n")
+    (folder / "notes.txt").write_text("keep\n")
+    with pytest.raises(Conflict, match="not a pulled copy of this module.*--force"):
+        reg.pull("acme/pulldest@1", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "notes.txt"]
+    assert (folder / "manifest.json").read_text() == "{}\n"
+    reg.pull("acme/pulldest@1", folder, force=True)
+    assert (folder / "notes.txt").read_text() == "keep\n" and (folder / "tokenizer" / "vocab.txt").read_bytes() == b"a b"
+
+    earlier = tmp_path / "earlier"
+    reg.pull("acme/pulldest@1", earlier)
+    reg.pull("acme/pulldest@2", earlier)  # exactly an earlier pull of this module: replaced
+    assert sorted(p.relative_to(earlier).as_posix() for p in earlier.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(tmp_path / "m2").as_posix() for p in (tmp_path / "m2").rglob("*") if p.is_file())
+
+
 # --- hostile input to the server ------------------------------------------------------------------
 def _raw(hub: Hub, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send bytes exactly as given (httpx would normalise '..' and reject odd bytes)."""
@@ -533,3 +559,24 @@ def test_bad_input_gets_clear_4xx_answers_and_writes_nothing(hub, tmp_path):
     assert _files(hub.root) == before
     assert not list((hub.root / "tmp").iterdir())
     assert api.list_repo_refs("acme/target").branches[0].target_commit == head
+
+
+def test_malformed_requests_get_400_without_a_token_and_no_internal_error(hub):
+    """`tunehub hub serve` as a process: malformed heads and bodies are 400s (these were 500s
+    or 401s); the module fixture then checks the server log holds no internal error."""
+    api = _api(hub)
+    api.create_repo("acme/strict", exist_ok=True)
+    start = b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    nested = b"[" * 100_000
+    for request in (
+        b"GET /api/models?limit=%C2%B2 " + start + b"\r\n",  # '²': isdigit() but not int()
+        b"GET /api/models/acme/strict/tree/main?cursor=" + b"9" * 5000 + b" " + start + b"\r\n",
+        b"POST /api/repos/create " + start + b"Authorization: Bearer\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /api/models/acme/strict/commit/main " + start + b"Content-Length: \xb2\r\n\r\n",
+        b"GET /acme/strict/resolve/main/.gitattributes " + start + b"Range: bytes=\xb2-\r\n\r\n",
+        b"POST /api/validate-yaml " + start + b"Content-Length: %d\r\n\r\n" % len(nested) + nested,
+    ):
+        status, _, body = _raw(hub, request)
+        assert status == 400, (request[:60], body[:200])
+        assert isinstance(json.loads(body)["error"], str)
+    assert api.list_repo_refs("acme/strict").branches[0].name == "main"  # and the real client still works

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tunehub.registry.hub_server import (
     HubError,
     card_data,
@@ -156,7 +155,7 @@ def test_lfs_upload_round_trip_and_signature(hub):
     assert _commit(client, "acme/demo", lfs).status_code == 200
     got = client.get("/acme/demo/resolve/main/w.safetensors")
     assert got.content == data and got.headers["ETag"] == f'"{oid}"'  # LFS files: the sha256
-    entry = [e for e in client.get("/api/models/acme/demo/tree/main").json() if e["path"] == "w.safetensors"][0]
+    entry = next(e for e in client.get("/api/models/acme/demo/tree/main").json() if e["path"] == "w.safetensors")
     assert entry["lfs"]["oid"] == oid and entry["size"] == len(data)
     too_big = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
                           json={"operation": "upload", "objects": [{"oid": "cd" * 32, "size": 10**9}]}).json()
@@ -244,3 +243,164 @@ def test_random_requests_never_get_a_server_error(hub):
         assert answer.status_code < 500, (method, path, answer.text)
         if answer.status_code >= 400 and method != "HEAD":
             assert "error" in answer.json(), (method, path)
+
+
+# --- malformed requests: one 400 at the parsing boundary, never a 5xx -----------------------------
+def _raw(server, request: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+    """Send bytes exactly as given (httpx would encode or refuse them) and read until the server closes."""
+    import socket
+
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers.setdefault(key.strip().lower(), []).append(value.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request(method: str, target: bytes | str, *headers: bytes, body: bytes = b"", length: bool = True) -> bytes:
+    target = target.encode() if isinstance(target, str) else target
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: x", b"Connection: close", *headers]
+    if body and length:
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+AUTH_LINE = f"Authorization: Bearer {TOKEN}".encode()
+NESTED = b"[" * 100_000  # json.loads raises RecursionError on it (was a 500)
+HUGE_INT = b'{"files": [{"path": "a", "size": ' + b"1" * 5000 + b"}]}"  # json.loads raises a bare ValueError
+
+
+def _ndjson_line(item: object) -> bytes:
+    return json.dumps(item).encode() + b"\n"
+
+
+COMMIT_HEADER = _ndjson_line({"key": "header", "value": {"summary": "s"}})
+
+# (request, exact status): every one of them was a 5xx, a silent misreading or a 401 before
+HOSTILE = [
+    # query parameters: numbers are ASCII digits of a sane size, strings valid percent-encoded UTF-8
+    (_request("GET", "/api/models?limit=%C2%B2"), 400),  # '²': isdigit() True, int() raised
+    (_request("GET", "/api/models?limit=" + "9" * 5000), 400),  # int() raised past 4300 digits
+    (_request("GET", "/api/models?cursor=%EF%BC%91"), 400),  # full-width '１' read as 1
+    (_request("GET", "/api/models/a/r/tree/main?cursor=%D9%A1"), 400),  # Arabic-Indic '١'
+    (_request("GET", "/api/models/a/r/tree/main?cursor=+1"), 400),
+    (_request("GET", "/api/models?search=%ZZ"), 400),  # bad percent-encoding was passed through
+    (_request("GET", "/api/models?search=%FF"), 400),  # not UTF-8 once decoded: was replaced by U+FFFD
+    (_request("GET", "/api/models/a/r/tree/main?expand="), 400),  # a flag that is neither true nor false
+    (_request("GET", "/api/models/a/r/tree/main?recursive=maybe"), 400),
+    (_request("PUT", f"/a/r.git/info/lfs/objects/{'ab' * 32}?size=%C2%B2&expires=1&sig=x", body=b"x"), 400),
+    (_request("PUT", f"/a/r.git/info/lfs/objects/{'ab' * 32}?size=1&expires=1&sig=%C3%A9", body=b"x"), 403),
+    # the request target itself
+    (_request("GET", "/a/r/resolve/main/%FF.txt"), 400),
+    (_request("GET", b"/a/r/resolve/main/\xc3\xa9.txt"), 400),  # raw non-ASCII bytes
+    (_request("GET", "http://[x/api/models"), 400),  # absolute-form: urlsplit raised ValueError
+    # framing headers
+    (_request("POST", "/api/validate-yaml", b"Content-Length: \xb2", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Content-Length: -2", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Content-Length: 1_0", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Content-Length: 2", b"Content-Length: 3", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Content-Length: 2, 3", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Content-Length: " + b"9" * 40, body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: chunked", b"Content-Length: 7",
+              body=b"2\r\n{}\r\n0\r\n\r\n", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: gzip", body=b"{}", length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: chunked", body=b"1_0\r\n{}\r\n0\r\n\r\n",
+              length=False), 400),
+    # Range: malformed is 400, well-formed but outside the file stays 416
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=abc"), 400),
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=\xb2-"), 400),  # \d matched '²', int() raised
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=0-" + b"9" * 5000), 400),
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=0-0,1-1"), 400),
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: items=0-1"), 400),
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=0-0", b"Range: bytes=1-1"), 400),
+    (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=9-"), 416),
+    # Authorization that is not "Bearer <token>": 400 before any auth decision, reads and writes alike
+    (_request("POST", "/api/repos/create", b"Authorization: Bearer", body=b'{"name": "a/x"}'), 400),
+    (_request("POST", "/api/repos/create", b"Authorization: Bearer a b", body=b'{"name": "a/x"}'), 400),
+    (_request("POST", "/api/repos/create", b"Authorization: Bearer t\xf6k", body=b'{"name": "a/x"}'), 400),
+    (_request("GET", "/api/models/a/r", b"Authorization: "), 400),
+    (_request("GET", "/api/models/a/r", AUTH_LINE, b"Authorization: Bearer other"), 400),
+    # bodies: nesting, huge numbers and bad encodings are malformed JSON, not server errors
+    (_request("POST", "/api/repos/create", AUTH_LINE, body=NESTED), 400),
+    (_request("POST", "/api/validate-yaml", body=NESTED), 400),  # no token needed to be told it is malformed
+    (_request("POST", "/api/models/a/r/preupload/main", AUTH_LINE, body=HUGE_INT), 400),
+    (_request("POST", "/api/models/a/r/paths-info/main", b"Content-Type: application/json", body=NESTED), 400),
+    (_request("POST", "/api/models/a/r/paths-info/main", b"Content-Type: application/x-www-form-urlencoded",
+              body=b"paths=%FF"), 400),
+    (_request("POST", "/a/r.git/info/lfs/objects/batch", AUTH_LINE, body=NESTED), 400),
+    (_request("POST", "/api/models/a/r/commit/main", AUTH_LINE, body=COMMIT_HEADER + NESTED + b"\n"), 400),
+    (_request("POST", "/api/models/a/r/commit/main", AUTH_LINE, body=NESTED + b"\n"), 400),
+    (_request("POST", "/api/validate-yaml", body=json.dumps({"content": "---\n" + "[" * 5000 + "\n---\n"}).encode()),
+     400),  # PyYAML raised RecursionError
+    # methods the stdlib does not know were a 501
+    (_request("FOO", "/api/models"), 405),
+]
+
+
+@pytest.mark.parametrize("request_bytes, status", HOSTILE, ids=[f"{i}" for i in range(len(HOSTILE))])
+def test_malformed_requests_get_a_hub_shaped_400(hub, request_bytes, status):
+    client, server = hub
+    _new_repo(client, "a/r")
+    _commit(client, "a/r", _file("d/f.txt", b"hi"))
+    got, _, body = _raw(server, request_bytes)
+    assert got == status, body[:300]
+    assert isinstance(json.loads(body)["error"], str)
+    assert client.get("/api/models/a/r/refs").status_code == 200  # and the server still serves
+
+
+def test_error_messages_cannot_inject_headers(hub):
+    client, server = hub
+    _new_repo(client, "a/r")
+    got, headers, body = _raw(server, _request("GET", "/api/models/a/r/revision/x%0D%0ASet-Cookie:%20a=b"))
+    assert got == 404 and "set-cookie" not in headers
+    assert json.loads(body)["error"] == "Invalid rev id: x\r\nSet-Cookie: a=b"  # the JSON body keeps it, escaped
+
+
+def test_card_metadata_of_any_shape_never_breaks_model_info(hub):
+    client, _ = hub
+    _new_repo(client, "a/r")
+    for card in ("---\ntags: 5\nbase_model: 7\n---\n", "---\n" + "[" * 5000 + "\n---\n", "---\ntags: {a: 1}\n---\n"):
+        assert _commit(client, "a/r", _file("README.md", card.encode())).status_code == 200
+        info = client.get("/api/models/a/r")
+        assert info.status_code == 200, info.text
+        assert client.get("/api/models", params={"full": "true"}).status_code == 200
+
+
+def test_hostile_corpus_over_one_server_then_a_good_request(hub):
+    """Every hostile request in a row on one server: none gets a 5xx, and it still answers."""
+    client, server = hub
+    _new_repo(client, "a/r")
+    _commit(client, "a/r", _file("d/f.txt", b"hi"))
+    for request_bytes, _ in HOSTILE:
+        got, _, body = _raw(server, request_bytes)
+        assert 400 <= got < 500, (request_bytes[:80], body[:200])
+    assert client.get("/a/r/resolve/main/d/f.txt").content == b"hi"
+
+
+def test_every_name_check_repo_part_accepts_is_a_valid_hub_repo_name():
+    import itertools
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    corpus = ["".join(c) for n in range(1, 5) for c in itertools.product("aA0._-", repeat=n)]
+    corpus += ["x" * 96, "x" * 97, "x.git", "X.GIT", "x.gitx", "_x", "x_"]
+    accepted = 0
+    for name in corpus:
+        try:
+            check_repo_part(name, "name")
+        except HubError:
+            continue
+        accepted += 1
+        try:
+            validate_repo_id(f"{name}/{name}")
+        except HFValidationError as exc:
+            pytest.fail(f"the hub server accepts {name!r} but huggingface_hub refuses it: {exc}")
+    assert accepted > 100

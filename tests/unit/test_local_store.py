@@ -119,8 +119,9 @@ def test_read_detects_tampering_and_checks_before_weights(store, module):
 
 def test_read_of_a_file_larger_than_its_chunks_is_exact_and_checked_in_every_chunk(store, tmp_path):
     # 2.5 MiB: a small first chunk, then 1 MiB chunks hashed while the next one is read
-    payload = os.urandom((5 << 20) // 2)
-    info = store.push(make_fake_module(tmp_path / "big", payload=payload), "acme/big")
+    module = make_fake_module(tmp_path / "big", payload=os.urandom((5 << 20) // 2))
+    payload = (module / "adapter_model.safetensors").read_bytes()
+    info = store.push(module, "acme/big")
     parsed = store.read(info.ref, ["adapter_model.safetensors"], parse=lambda manifest, files: (manifest.task, len(files["adapter_model.safetensors"])))
     assert parsed.files["adapter_model.safetensors"] == payload and parsed.parsed == ("demo", len(payload))
     digest = json.loads((tmp_path / "big" / "manifest.json").read_text())["files"]["adapter_model.safetensors"]
@@ -164,7 +165,7 @@ def test_pull_refuses_foreign_destination(store, module, tmp_path):
     dest = tmp_path / "occupied"
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
-    with pytest.raises(Conflict, match="not a tunehub module"):
+    with pytest.raises(Conflict, match="not a pulled copy of this module.*--force"):
         store.pull("acme/sum", dest)
     assert (dest / "notes.txt").read_text() == "mine"
 
@@ -285,9 +286,9 @@ def test_gc_removes_orphans_only(store, module, tmp_path):
     os.utime(orphan, (0, 0))
     stale = store.root / "tmp" / "stale.version.json"
     stale.write_text("{}")
-    os.utime(stale, (0, 0))
-    assert store.gc() == {"blobs": 1, "tmp": 1}
+    assert store.gc() == {"blobs": ["ff" * 32], "tmp": ["tmp/stale.version.json"]}
     assert store.pull("sum", tmp_path / "o").version == 1
+    assert store.gc() == {"blobs": [], "tmp": []}
 
 
 def test_open_store_and_registry_facade(tmp_path, monkeypatch, module):
