@@ -14,12 +14,30 @@ own shutdown (it sets the server's shutdown event, so uvicorn drains in-flight r
 workers stop); the supervisor forwards the signal, and if anything is still alive after the grace
 period, or once the child has exited, it kills the child's whole process group. Nothing the server
 started outlives ``tunehub serve``.
+
+Shutdown, in order:
+
+1. SIGTERM (or SIGINT) reaches the child: it starts the HTTP side's shutdown clock (in-flight
+   requests may run ``drain_s`` more seconds, ``TUNEHUB_SERVE_DRAIN_S``, default
+   :data:`DRAIN_S`) and sets LitServe's shutdown event.
+2. LitServe stops uvicorn, which stops accepting connections and waits for the open ones. At the
+   drain deadline requests still running end themselves: a stream with an error event and
+   ``data: [DONE]``, a plain request with a 503 (``spec.py``); their generation is cancelled.
+3. When uvicorn's connections are closed (its lifespan ends), the inference worker is asked to
+   leave LitServe's loop and is waited for, so it exits normally: its ``multiprocessing``
+   finalizers run and unlink the semaphores it created (tqdm's lock, when the model loads), and
+   the resource tracker has nothing left to warn about. Killed by LitServe's terminate() instead,
+   it would leave them behind ("leaked semaphore objects").
+4. LitServe terminates what is left and stops its manager; the child exits 0. The worker and the
+   child skip the interpreter's teardown of torch (``spec.exit_without_teardown``): seconds of
+   garbage collection on a busy machine, for processes whose work is done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,7 +45,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +54,32 @@ from tunehub.errors import ConfigError
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LITSERVE_HOSTS = {"127.0.0.1", "0.0.0.0", "::"}  # the hosts LitServe accepts
 QUANTIZATIONS = ("nf4", "int8", "none")
-GRACE_S = 8.0  # SIGTERM -> every process gone well within 10 s
-UVICORN_DRAIN_S = 4  # how long in-flight requests may take to finish after SIGTERM
+DRAIN_S = 4.0  # how long in-flight requests may still run after SIGTERM (TUNEHUB_SERVE_DRAIN_S)
+MAX_DRAIN_S = 60.0
+DRAIN_ENV = "TUNEHUB_SERVE_DRAIN_S"
+WORKER_EXIT_S = 2.0  # how long the inference worker may take to exit once asked to
+# uvicorn's graceful timeout (and LitServe's wait for uvicorn): a backstop, since requests end
+# themselves at the drain deadline; then the worker's exit
+UVICORN_EXTRA_S = WORKER_EXIT_S + 1.0
+GRACE_EXTRA_S = UVICORN_EXTRA_S + 1.0  # the supervisor kills what is left after drain_s + this
+
+
+def default_drain_s() -> float:
+    """The drain period from ``TUNEHUB_SERVE_DRAIN_S`` (seconds), else :data:`DRAIN_S`;
+    a value that is not a number is reported by :func:`check_config`."""
+    value = os.environ.get(DRAIN_ENV, "").strip()
+    if not value:
+        return DRAIN_S
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
+def grace_s(drain_s: float) -> float:
+    """How long after SIGTERM the supervisor waits before killing the server's processes (8 s
+    with the default drain: every process gone within 10 s even then)."""
+    return drain_s + GRACE_EXTRA_S
 
 
 @dataclass
@@ -55,6 +97,7 @@ class ServeConfig:
     alias_ttl_s: float = 5.0
     audit_log: str | None = None
     log_level: str = "warning"
+    drain_s: float = field(default_factory=default_drain_s)
 
 
 @dataclass
@@ -93,7 +136,7 @@ def resolve_base(base: str) -> str:
             return snapshot_download(
                 base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
             )
-        except Exception as exc:  # offline, gated, missing: one clear line
+        except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one clear line
             raise ConfigError(f"cannot fetch base {base!r} from the Hub: {exc}") from None
     raise ConfigError(f"base {base!r} is neither a model folder nor a Hub id (namespace/name)")
 
@@ -121,6 +164,8 @@ def check_config(config: ServeConfig) -> _Resolved:
             problems.append(f"{name} must be at least {low}, got {value}")
     if config.alias_ttl_s < 0:
         problems.append("--alias-ttl must be >= 0")
+    if not 0 <= config.drain_s <= MAX_DRAIN_S:  # NaN fails too
+        problems.append(f"{DRAIN_ENV} must be a number of seconds from 0 to {MAX_DRAIN_S:g}")
     if config.tenants:
         try:
             parse_tenants_file(config.tenants)
@@ -168,7 +213,8 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
     env["TUNEHUB_SERVE_CONFIG"] = json.dumps(payload)
     _become_subreaper()
     child = subprocess.Popen(
-        [sys.executable, "-m", "tunehub.server.serve"], env=env, start_new_session=True, preexec_fn=_parent_death_signal()
+        [sys.executable, "-m", "tunehub.server.serve"], env=env, start_new_session=True,
+        preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one prctl call, no lock taken, nothing imported
     )
     display = "[::1]" if cfg.host == "::" else ("127.0.0.1" if cfg.host == "0.0.0.0" else cfg.host)
     say(f"tunehub serve: starting on http://{cfg.host}:{cfg.port} (base {cfg.base}, {cfg.quantization}; pid {child.pid})")
@@ -190,7 +236,7 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
             except subprocess.TimeoutExpired:
                 pass
             if "at" in stopping:
-                if time.monotonic() - stopping["at"] > GRACE_S:
+                if time.monotonic() - stopping["at"] > grace_s(cfg.drain_s):
                     say("tunehub serve: shutdown is taking too long; killing the server's processes")
                     _signal_group(child.pid, signal.SIGKILL)
             elif not ready and _healthy(display, cfg.port):
@@ -211,7 +257,7 @@ def _healthy(host: str, port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=0.5) as response:
             return response.status == 200
-    except Exception:
+    except Exception:  # noqa: BLE001 - not up yet, whatever the reason
         return False
 
 
@@ -309,10 +355,15 @@ def _reap() -> None:
 def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
     """The LitServer for a checked config (one API server process, one inference worker)."""
     import litserve as ls
+    from tunehub.server.api import TunehubAPI, WorkerSettings
+    from tunehub.server.spec import (
+        HttpSettings,
+        StopWorkersAfterDrain,
+        TunehubSpec,
+        install_error_handlers,
+    )
 
     from tunehub import __version__
-    from tunehub.server.api import TunehubAPI, WorkerSettings
-    from tunehub.server.spec import HttpSettings, TunehubSpec
 
     spec = TunehubSpec(HttpSettings(
         tenants_file=config.tenants, admin_key_hash=admin_key_hash, registry=config.registry,
@@ -326,13 +377,16 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
     server = ls.LitServer(
         api, accelerator="auto", devices=1, workers_per_device=1, timeout=False,
         model_metadata={"server": "tunehub", "version": __version__}, disable_openapi_url=True,
+        callbacks=[StopWorkersAfterDrain(WORKER_EXIT_S)],
     )
-    server.uvicorn_graceful_timeout = UVICORN_DRAIN_S
+    server.uvicorn_graceful_timeout = config.drain_s + UVICORN_EXTRA_S
+    install_error_handlers(server.app)  # 404, 405... answer the OpenAI error body too
     return server
 
 
-def _install_shutdown_handlers(server: Any) -> None:
+def _install_shutdown_handlers(server: Any, drain_s: float) -> None:
     main_pid = os.getpid()
+    clock = server.lit_api.spec.shutdown_clock
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:  # a forked helper inherited this handler: act as the default
@@ -342,6 +396,8 @@ def _install_shutdown_handlers(server: Any) -> None:
         event = getattr(server, "_shutdown_event", None)
         if event is None:  # not started yet: nothing to drain
             raise KeyboardInterrupt
+        if not clock.started:
+            clock.start(drain_s)  # in-flight requests end themselves by then (spec.py)
         # set LitServe's shutdown event from a thread: the main thread is inside a call on the
         # same manager connection (event.wait()), which a signal handler must not reenter
         threading.Thread(target=_set_event, args=(event,), daemon=True).start()
@@ -353,22 +409,25 @@ def _install_shutdown_handlers(server: Any) -> None:
 def _set_event(event: Any) -> None:
     try:
         event.set()
-    except Exception:  # the manager is already gone: the server is stopping anyway
-        pass
+    except (OSError, EOFError):  # the manager is already gone: the server is stopping anyway
+        return
 
 
 def _child_main() -> int:
     payload = json.loads(os.environ.pop("TUNEHUB_SERVE_CONFIG"))
     config = ServeConfig(**payload["config"])
     server = build_server(config, payload["admin_key_hash"])
-    _install_shutdown_handlers(server)
+    _install_shutdown_handlers(server, config.drain_s)
     try:
         server.run(
             host=config.host, port=config.port, num_api_servers=1, log_level=config.log_level,
             generate_client_file=False, access_log=False,
         )
     except KeyboardInterrupt:
-        return 0
+        pass
+    from tunehub.server.spec import exit_without_teardown
+
+    exit_without_teardown(0)  # LitServe stopped every process it started: nothing left to tear down
     return 0
 
 

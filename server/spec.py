@@ -8,31 +8,63 @@ applies the tenant's rules and limits, then talks to the inference worker throug
 request queue and response buffer (see ``api.py`` for the messages). Answers name the module
 version and base fingerprint that produced them (``X-Tunehub-Module``, ``X-Tunehub-Base``,
 ``model``, ``system_fingerprint`` and a ``tunehub`` object in the body).
+
+Every error, including a route that does not exist (404) or a wrong method (405), is answered
+with an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}`` (see
+:func:`error_response`, :func:`install_error_handlers`); bad input is a 4xx, never a 5xx.
+
+Shutdown: the process that receives SIGTERM starts the :class:`ShutdownClock` (``serve.py``).
+In-flight requests may finish until its deadline; those still running then end with an error:
+a stream gets a final ``data: {"error": ...}`` event and ``data: [DONE]``, a plain request a
+503. Requests that arrive meanwhile get a 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import hmac
 import json
 import logging
+import mmap
+import os
+import struct
+import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any
 
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from litserve import Callback
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from tunehub.registry.refs import parse_ref
+from tunehub.server.metrics import AuditLog, CallRecord, ServerMetrics
+from tunehub.server.protocol import (
+    MAX_MODEL_LENGTH,
+    ParsedRequest,
+    chunk_body,
+    completion_body,
+    error_body,
+    finish_reason,
+    parse_request,
+    usage,
+)
+from tunehub.server.tenants import Admission, Tenant, Tenants
 
 from tunehub.errors import (
     Forbidden,
+    InvalidReference,
     InvalidRequest,
     ModuleNotFound,
     PayloadTooLarge,
@@ -41,17 +73,14 @@ from tunehub.errors import (
     TunehubError,
     Unauthorized,
 )
-from tunehub.registry.refs import parse_ref
-from tunehub.server.metrics import AuditLog, CallRecord, ServerMetrics
-from tunehub.server.protocol import ParsedRequest, chunk_body, completion_body, error_body, finish_reason, parse_request, usage
-from tunehub.server.tenants import Tenant, Tenants
 
 log = logging.getLogger("tunehub.server")
 
 DEFAULT_MAX_TOKENS = 256
 _NOT_FOUND_NAMES = {"ModuleNotFound", "VersionNotFound", "AliasNotFound"}
 _ADMIN_ACTIONS = ("load", "unload", "pin", "unpin", "reload")
-_DISCONNECT_POLL_S = 0.25
+_POLL_S = 0.25  # how often a waiting request checks for a gone client and for the shutdown deadline
+_SHORT = 200  # characters of a path or value quoted in an error message
 
 
 @dataclass
@@ -65,8 +94,9 @@ class HttpSettings:
     audit_log: str | None = None  # None or "-": stderr
 
 
-class _RemoteError(TunehubError):
-    """An error the inference worker answered with: its class name and HTTP status travel along."""
+class _StatusError(TunehubError):
+    """An error with a given HTTP status and tunehub class name: one the inference worker
+    answered with, or one the framework raised (no such route, wrong method)."""
 
     def __init__(self, message: str, status: int, name: str):
         super().__init__(message)
@@ -74,8 +104,148 @@ class _RemoteError(TunehubError):
         self.error_name = name
 
 
+class _ShuttingDown(ServerError):
+    """The server is stopping and this request could not finish within the drain period."""
+
+    http_status = 503
+    error_name = "ServerError"  # what clients (the SDK) know it by
+
+
 class _ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
+
+
+class ShutdownClock:
+    """When in-flight requests must end: a deadline that the process receiving SIGTERM (LitServe's
+    main process) sets and the API server process reads. It lives in anonymous shared memory,
+    created before LitServe forks the API server, so both processes see the same 8 bytes; the
+    deadline is a ``time.monotonic()`` value (one clock for every process of the machine)."""
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, 8)  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
+        self._memory[:] = struct.pack("d", 0.0)
+
+    def start(self, drain_s: float) -> None:
+        """Shutdown begins: requests may run ``drain_s`` more seconds. Signal-handler safe."""
+        self._memory[:] = struct.pack("d", time.monotonic() + max(0.0, drain_s))
+
+    @property
+    def started(self) -> bool:
+        return self._deadline() > 0
+
+    def expired(self) -> bool:
+        deadline = self._deadline()
+        return deadline > 0 and time.monotonic() >= deadline
+
+    def _deadline(self) -> float:
+        return struct.unpack("d", self._memory[:])[0]
+
+
+class StopWorkersAfterDrain(Callback):
+    """Lets the inference workers exit normally at shutdown (``serve.py``'s docstring, step 3).
+
+    LitServe calls ``on_server_end`` in the API server process when uvicorn's lifespan ends,
+    i.e. after its connections are closed: no request needs the workers any more. This puts
+    LitServe's stop value (four Nones: what its inference loop returns on) on the request queue,
+    once per worker, and waits up to ``exit_s`` for the workers to exit, before LitServe's main
+    process would terminate them (and leave what they hold to the resource tracker).
+
+    LitServe pickles callbacks into the workers too (this one holds a number only), and calls
+    ``on_after_setup`` there: a worker then ends its process as soon as multiprocessing has run
+    its finalizers (which unlink its semaphores), skipping the interpreter's teardown of the
+    model, which takes seconds and can abort in native threads ("terminate called without an
+    active exception")."""
+
+    def __init__(self, exit_s: float):
+        self.exit_s = exit_s
+
+    def on_after_setup(self, *args: Any, **kwargs: Any) -> None:
+        atexit.register(exit_without_teardown)  # registered last, so it runs first of the atexit handlers
+
+    def on_server_end(self, *args: Any, litserver: Any = None, **kwargs: Any) -> None:
+        from multiprocessing.connection import wait
+
+        workers = list(getattr(litserver, "inference_workers", None) or [])
+        if not workers:
+            return
+        try:
+            for lit_api in litserver.litapi_connector:
+                if lit_api.spec is not None and lit_api.spec.request_queue is not None:
+                    for _ in workers:
+                        lit_api.spec.request_queue.put((None, None, None, None))
+        except (OSError, EOFError):  # the manager is gone already: LitServe terminates the workers
+            return
+        # a Process's sentinel is readable once it has exited; wait() needs no parenthood (the
+        # workers are LitServe main's children, this process their sibling)
+        sentinels = [worker.sentinel for worker in workers]
+        deadline = time.monotonic() + self.exit_s
+        while sentinels and time.monotonic() < deadline:
+            for ready in wait(sentinels, timeout=max(0.0, deadline - time.monotonic())):
+                sentinels.remove(ready)
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a server process whose work is done: flush the logs and standard streams, then exit
+    without the interpreter's teardown of torch and transformers (seconds on a busy machine,
+    counted against the shutdown's grace period; native threads may abort in it)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def error_response(exc: TunehubError, *, request_id: str | None = None, base_fingerprint: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer for an error: its HTTP status, the OpenAI-shaped body and the headers clients
+    rely on (Retry-After on 429, WWW-Authenticate on 401, the request id)."""
+    status = _status_of(exc)
+    out = dict(headers or {})
+    if request_id:
+        out["X-Request-Id"] = request_id
+    if base_fingerprint:
+        out["X-Tunehub-Base"] = base_fingerprint[:12]
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        out["Retry-After"] = str(int(exc.retry_after))
+    if status == 401:
+        out["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc, status), status_code=status, headers=out)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer the framework's own errors (unknown route, wrong method, a path parameter FastAPI
+    refuses) with the OpenAI-shaped body instead of FastAPI's ``{"detail": ...}``."""
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    status = int(getattr(exc, "status_code", 500))
+    where = f"{request.method} {_short(request.url.path)}"
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 404:
+        message = f"no such endpoint: {where}"
+    elif status == 405:
+        allowed = headers.get("Allow") or headers.get("allow")
+        message = f"method not allowed: {where}" + (f"; use {allowed}" if allowed else "")
+    else:
+        message = str(getattr(exc, "detail", "") or f"HTTP {status}")
+    error = _StatusError(message, status, _STATUS_NAMES.get(status, "ServerError" if status >= 500 else "InvalidRequest"))
+    return error_response(error, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    errors = getattr(exc, "errors", list)()
+    details = "; ".join(
+        f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5]
+    )
+    return error_response(InvalidRequest(f"invalid request: {_short(details) or 'malformed'}"))
+
+
+_STATUS_NAMES = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge",
+                 429: "RateLimited"}
 
 
 def not_found(model: str) -> ModuleNotFound:
@@ -86,7 +256,7 @@ def not_found(model: str) -> ModuleNotFound:
 class _WorkerCall:
     """One message to the inference worker and its stream of answers, over LitServe's queues."""
 
-    def __init__(self, spec: "TunehubSpec", payload: dict[str, Any]):
+    def __init__(self, spec: TunehubSpec, payload: dict[str, Any]):
         self.uid = uuid.uuid4().hex
         self.queue: deque = deque()
         self.event = asyncio.Event()
@@ -122,6 +292,7 @@ class TunehubSpec(LitSpec):
         self.api_path = "/v1/completions"  # LitServe keys its request queue by this path
         self.settings = settings
         self._ready = False
+        self.shutdown_clock = ShutdownClock()  # created here, in LitServe's main process, before any fork
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/models", self.list_models, ["GET"])
@@ -162,8 +333,11 @@ class TunehubSpec(LitSpec):
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         call = CallRecord(endpoint="chat" if chat else "completions", request_id=uuid.uuid4().hex)
-        tenant: Tenant | None = None
+        admission: Admission | None = None
+        streaming = False  # the SSE generator owns the admission and the worker call from then on
         try:
+            if self.shutdown_clock.started:
+                raise _ShuttingDown("the server is shutting down; send the request again to another server")
             tenant = self._tenant(request)
             call.tenant = tenant.name
             parsed = parse_request(await self._json(request), chat=chat)
@@ -172,7 +346,7 @@ class TunehubSpec(LitSpec):
             call.base_fingerprint = info["base_fingerprint"]
             module = self._module_for(parsed.model, tenant, info)
             max_tokens = self._max_tokens(parsed, tenant)
-            self.tenants.admit(tenant)
+            admission = self.tenants.admit(tenant, max_tokens)
             payload = {
                 "op": "generate",
                 "request_id": call.request_id,
@@ -186,9 +360,11 @@ class TunehubSpec(LitSpec):
             }
             worker = _WorkerCall(self, payload)
             try:
-                first = await self._next_watching(worker, request)
-            except BaseException:
+                first = await self._next(worker, request)
+            except BaseException as exc:
                 worker.close()
+                if not isinstance(exc, _ClientGone):  # (that one cancels below) the engine may still be at it
+                    self._cancel(call.request_id)
                 raise
             if first is None:
                 raise ServerError("the inference worker answered nothing")
@@ -201,10 +377,11 @@ class TunehubSpec(LitSpec):
             if parsed.stream:
                 if first["type"] == "start":
                     call.mark_first_token()
-                events = self._sse(call, tenant, worker, first, parsed, info)
+                events = self._sse(call, admission, worker, first, parsed, info)
+                streaming = True
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             worker.close()
-            self._finish(call, tenant, first)
+            self._finish(call, admission, first)
             body = completion_body(
                 chat=chat, request_id=call.request_id, created=int(time.time()), model=call.module,
                 fingerprint=self._fingerprint(info), text=first.get("text") or "", reason=first.get("finish_reason"),
@@ -221,12 +398,15 @@ class TunehubSpec(LitSpec):
             return Response(status_code=499)
         except TunehubError as exc:
             return self._fail(call, exc)
-        except Exception as exc:  # a bug here must still answer cleanly and keep serving
-            log.exception("unexpected error in %s", call.endpoint)
-            return self._fail(call, ServerError(f"internal error ({type(exc).__name__})"))
+        except Exception as exc:  # noqa: BLE001 - a bug here must still answer cleanly and keep serving
+            return self._fail(call, self._unexpected(call, exc))
+        finally:
+            if admission is not None and not streaming:
+                # refund what the request did not use (all of it when it failed before generating)
+                self.tenants.settle(admission, call.prompt_tokens + call.completion_tokens)
 
     async def _sse(
-        self, call: CallRecord, tenant: Tenant, worker: _WorkerCall, first: dict[str, Any],
+        self, call: CallRecord, admission: Admission, worker: _WorkerCall, first: dict[str, Any],
         parsed: ParsedRequest, info: dict[str, Any],
     ) -> AsyncIterator[str]:
         created = int(time.time())
@@ -234,43 +414,59 @@ class TunehubSpec(LitSpec):
             "chat": parsed.chat, "request_id": call.request_id, "created": created, "model": call.module,
             "fingerprint": self._fingerprint(info),
         }
-        finished = False
+        answered = False  # the client got its last event (the final chunk or an error)
+        worker_done = False  # the worker finished this request (done or error): nothing to cancel
+        pieces = 0  # text messages sent: each carries at least one generated token
+        error: TunehubError | None = None
         try:
             if parsed.chat:
-                yield _sse(chunk_body(**common, text="", first=True))
+                yield sse_event(chunk_body(**common, text="", first=True))
             message: dict[str, Any] | None = first
             while True:
                 if message is None:
+                    worker_done = True
                     raise ServerError("the inference worker ended the stream early")
                 kind = message["type"]
                 if kind == "text":
                     call.mark_first_token()
-                    yield _sse(chunk_body(**common, text=message["text"]))
+                    pieces += 1
+                    yield sse_event(chunk_body(**common, text=message["text"]))
                 elif kind == "error":
+                    worker_done = True
                     raise self._remote_error(message, parsed.model)
                 elif kind == "done":
+                    worker_done = True
                     break
-                message = await worker.next()
-            self._finish(call, tenant, message)
-            yield _sse(chunk_body(
+                message = await self._next(worker)
+            self._finish(call, admission, message)
+            yield sse_event(chunk_body(
                 **common, text=None, reason=finish_reason(message.get("finish_reason")),
                 tunehub=self._tunehub_object(call, info),
             ))
             if parsed.include_usage:
-                yield _sse(chunk_body(**common, no_choices=True, usage_=usage(call.prompt_tokens, call.completion_tokens)))
+                yield sse_event(chunk_body(**common, no_choices=True, usage_=usage(call.prompt_tokens, call.completion_tokens)))
+            answered = True
             yield "data: [DONE]\n\n"
-            finished = True
         except TunehubError as exc:
-            # the status line is gone already: the error travels as an event, as OpenAI sends it
-            call.status, call.error = _status_of(exc), str(exc)
-            finished = True
-            yield _sse(error_body(exc, call.status))
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug: the stream still ends with an error event
+            error = self._unexpected(call, exc)
         finally:
             worker.close()
-            if not finished:  # the client went away mid-stream: free the engine slot now
+            if not worker_done:  # the client went away, or the stream was ended: free the engine slot now
                 self._cancel(call.request_id)
+            if error is None and not answered:
                 call.status, call.error = 499, "client disconnected"
+            if not admission.settled:  # ended early: charge what was surely generated, refund the rest
+                self.tenants.settle(admission, call.prompt_tokens + max(call.completion_tokens, pieces))
+            if error is not None:
+                call.status, call.error = _status_of(error), str(error)
             self._record(call)
+        if error is not None:
+            # the status line is gone already: the error travels as an event, as OpenAI sends it,
+            # and the stream still ends as every stream does
+            yield sse_event(error_body(error, _status_of(error)))
+            yield "data: [DONE]\n\n"
 
     # --- models ------------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -283,66 +479,100 @@ class TunehubSpec(LitSpec):
             return JSONResponse({"object": "list", "data": data})
         except TunehubError as exc:
             return self._fail(call, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: a clean 500, one log line
+            return self._fail(call, self._unexpected(call, exc))
 
     async def get_model(self, request: Request, model_id: str) -> Response:
-        call = CallRecord(endpoint="models", request_id=uuid.uuid4().hex, model=model_id)
+        """One model by the id a listing shows (``acme/sum``, the base's name) or by the versioned
+        id answers carry (``acme/sum@1``, ``acme/sum@prod``); 404 alike for unknown and not yours."""
+        call = CallRecord(endpoint="models", request_id=uuid.uuid4().hex, model=_short(model_id))
         try:
             tenant = self._tenant(request)
             call.tenant = tenant.name
-            for entry in await self._models(tenant):
-                if entry["id"] == model_id:
-                    self._record(call)
-                    return JSONResponse(entry)
-            raise not_found(model_id)
+            info = await self._base_info()
+            if model_id == info["base"]:
+                if not tenant.may_use_base(model_id):
+                    raise not_found(model_id)
+                entry = self._base_entry(info)
+            else:
+                try:
+                    ref = parse_ref(model_id)
+                except InvalidReference:
+                    raise not_found(model_id) from None  # no model has such an id
+                if not tenant.may_use_module(ref.repo, info["base"]):
+                    raise not_found(model_id)
+                entry = await asyncio.to_thread(self._module_entry, model_id, info)
+                entry["root"] = info["base"]
+            self._record(call)
+            return JSONResponse(entry)
         except TunehubError as exc:
+            if isinstance(exc, ModuleNotFound):
+                exc = not_found(model_id)  # the registry's own wording would tell versions from names
             return self._fail(call, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: a clean 500, one log line
+            return self._fail(call, self._unexpected(call, exc))
 
     async def _models(self, tenant: Tenant) -> list[dict[str, Any]]:
         info = await self._base_info()
         base_name, fingerprint = info["base"], info["base_fingerprint"]
         entries: list[dict[str, Any]] = []
-        if tenant.may_use(base_name):
-            entries.append({
-                "id": base_name, "object": "model", "created": 0, "owned_by": "tunehub", "root": base_name,
-                "parent": None,
-                "tunehub": {"base": True, "base_fingerprint": fingerprint, "quantization": info["quantization"],
-                            "max_positions": info["max_positions"]},
-            })
+        if tenant.may_use_base(base_name):
+            entries.append(self._base_entry(info))
         for item in await asyncio.to_thread(self._list_modules, fingerprint):
-            if tenant.may_use(item["id"]):
+            if tenant.may_use_module(item["id"], base_name):
                 item["root"] = base_name
                 entries.append(item)
         return entries
 
-    def _list_modules(self, fingerprint: str) -> list[dict[str, Any]]:
+    @staticmethod
+    def _base_entry(info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": info["base"], "object": "model", "created": 0, "owned_by": "tunehub", "root": info["base"],
+            "parent": None,
+            "tunehub": {"base": True, "base_fingerprint": info["base_fingerprint"], "quantization": info["quantization"],
+                        "max_positions": info["max_positions"]},
+        }
+
+    def _registry(self) -> Any:
         if self._store is None:
             from tunehub.registry.store import open_store
 
             self._store = open_store(self.settings.registry)
-        out = []
-        for info in self._store.list(base=fingerprint):
-            try:
-                aliases = self._store.aliases(info.repo)
-            except TunehubError:
-                aliases = {}
-            out.append({
-                "id": info.repo,
-                "object": "model",
-                "created": _epoch(info.created_at),
-                "owned_by": info.repo.split("/")[0] if "/" in info.repo else "tunehub",
+        return self._store
+
+    def _list_modules(self, fingerprint: str) -> list[dict[str, Any]]:
+        return [self._version_entry(info.repo, info) for info in self._registry().list(base=fingerprint)]
+
+    def _module_entry(self, model_id: str, base: dict[str, Any]) -> dict[str, Any]:
+        """The entry of the version ``model_id`` names now; ModuleNotFound if none, or if it was
+        made for another base than the one served."""
+        info = self._registry().resolve(model_id)
+        if info.base_fingerprint != base["base_fingerprint"]:
+            raise not_found(model_id)
+        return self._version_entry(model_id, info)
+
+    def _version_entry(self, model_id: str, info: Any) -> dict[str, Any]:
+        try:
+            aliases = self._registry().aliases(info.repo)
+        except TunehubError:
+            aliases = {}
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": _epoch(info.created_at),
+            "owned_by": info.repo.split("/")[0] if "/" in info.repo else "tunehub",
+            "parent": info.parent,
+            "tunehub": {
+                "version": info.version,
+                "ref": info.ref,
+                "aliases": aliases,
+                "kind": info.kind,
+                "task": info.task,
+                "objective": info.objective,
                 "parent": info.parent,
-                "tunehub": {
-                    "version": info.version,
-                    "ref": info.ref,
-                    "aliases": aliases,
-                    "kind": info.kind,
-                    "task": info.task,
-                    "objective": info.objective,
-                    "parent": info.parent,
-                    "base": {"model_id": info.base_model_id, "fingerprint": info.base_fingerprint},
-                },
-            })
-        return out
+                "base": {"model_id": info.base_model_id, "fingerprint": info.base_fingerprint},
+            },
+        }
 
     # --- operator endpoints ------------------------------------------------------------------
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -378,7 +608,9 @@ class TunehubSpec(LitSpec):
                 model = body.get("model") if isinstance(body, dict) else None
                 if not isinstance(model, str):
                     raise InvalidRequest("'model' is required: the module reference to act on, e.g. acme/summarize@prod")
-                call.model = model
+                if len(model) > MAX_MODEL_LENGTH:
+                    raise InvalidRequest(f"'model' is longer than {MAX_MODEL_LENGTH} characters")
+                call.model = _short(model)
                 info = await self._base_info()
                 if model == info["base"]:
                     raise InvalidRequest("the base model is always loaded; name a module")
@@ -389,6 +621,8 @@ class TunehubSpec(LitSpec):
             return JSONResponse(result)
         except TunehubError as exc:
             return self._fail(call, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: a clean 500, one log line
+            return self._fail(call, self._unexpected(call, exc))
 
     # --- helpers -----------------------------------------------------------------------------
     def _tenant(self, request: Request) -> Tenant:
@@ -413,7 +647,7 @@ class TunehubSpec(LitSpec):
     async def _json(self, request: Request) -> Any:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"the request body has {declared} bytes; this server accepts at most {limit}")
         chunks, size = [], 0
         try:
@@ -429,6 +663,8 @@ class TunehubSpec(LitSpec):
             raise InvalidRequest("the request body is empty: send a JSON object")
         try:
             return json.loads(raw)
+        except RecursionError:  # json raises it for nesting deeper than the interpreter's stack allows
+            raise InvalidRequest("the request body nests JSON arrays or objects too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
@@ -440,33 +676,47 @@ class TunehubSpec(LitSpec):
     def _module_for(self, model: str, tenant: Tenant, info: dict[str, Any]) -> str | None:
         """The module reference to run (None: the base alone); 404 for names the tenant lacks."""
         if model == info["base"]:
-            if not tenant.may_use(model):
+            if not tenant.may_use_base(model):
                 raise not_found(model)
             return None
-        ref = parse_ref(model)
-        if not tenant.may_use(ref.repo):
+        try:
+            ref = parse_ref(model)
+        except InvalidReference as exc:  # a 400 that names the field at fault
+            exc.param = "model"  # type: ignore[attr-defined]
+            raise
+        if not tenant.may_use_module(ref.repo, info["base"]):  # a grant of the base's name is not one
             raise not_found(model)
         return str(ref)
 
     @staticmethod
     def _max_tokens(parsed: ParsedRequest, tenant: Tenant) -> int:
+        """The effective max_tokens: the request's own (refused above the key's limit), else the
+        default capped by the key's per-request and per-minute limits."""
         limit = tenant.max_tokens
         if parsed.max_tokens is None:
-            return min(DEFAULT_MAX_TOKENS, limit) if limit else DEFAULT_MAX_TOKENS
+            caps = [c for c in (limit, tenant.tokens_per_minute) if c is not None]
+            return min([DEFAULT_MAX_TOKENS, *caps])
         if limit is not None and parsed.max_tokens > limit:
             raise InvalidRequest(f"max_tokens {parsed.max_tokens} is above this API key's limit of {limit}")
         return parsed.max_tokens
 
-    async def _next_watching(self, worker: _WorkerCall, request: Request) -> dict[str, Any] | None:
-        """The worker's next message; raises _ClientGone if the client disconnects meanwhile."""
+    async def _next(self, worker: _WorkerCall, request: Request | None = None) -> dict[str, Any] | None:
+        """The worker's next message. Raises _ShuttingDown once the shutdown drain is over and,
+        with ``request``, _ClientGone if its client disconnects meanwhile."""
+        if self.shutdown_clock.expired():
+            raise _ShuttingDown("the server is shutting down and this request did not finish in time")
+        if worker.queue or worker.ended:
+            return await worker.next()  # ready: no waiting, no task
         task = asyncio.ensure_future(worker.next())
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                done, _ = await asyncio.wait({task}, timeout=_POLL_S)
                 if done:
                     return task.result()
-                if await request.is_disconnected():
+                if request is not None and await request.is_disconnected():
                     raise _ClientGone()
+                if self.shutdown_clock.expired():
+                    raise _ShuttingDown("the server is shutting down and this request did not finish in time")
         finally:
             if not task.done():
                 task.cancel()
@@ -488,22 +738,35 @@ class TunehubSpec(LitSpec):
         try:
             self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
                                     {"op": "cancel", "request_id": request_id}))
-        except Exception:  # the worker is gone (shutdown): nothing left to cancel
+        except Exception:  # noqa: BLE001 - the worker is gone (shutdown): nothing left to cancel
             log.debug("could not send cancel for %s", request_id)
 
     @staticmethod
     def _remote_error(message: dict[str, Any], model: Any) -> TunehubError:
-        name = message.get("error", "ServerError")
+        name = str(message.get("error", "ServerError"))
         if name in _NOT_FOUND_NAMES and isinstance(model, str):
             return not_found(model)
-        return _RemoteError(message.get("message", "error"), int(message.get("status", 500)), name)
+        try:
+            status = int(message.get("status", 500))
+        except (TypeError, ValueError):
+            status = 500
+        return _StatusError(str(message.get("message", "error")), status, name)
 
-    def _finish(self, call: CallRecord, tenant: Tenant, done: dict[str, Any]) -> None:
+    def _finish(self, call: CallRecord, admission: Admission, done: dict[str, Any]) -> None:
         call.prompt_tokens = int(done.get("prompt_tokens") or 0)
         call.completion_tokens = int(done.get("completion_tokens") or 0)
         call.finish_reason = done.get("finish_reason")
         call.module = done.get("module") or call.module
-        self.tenants.charge_tokens(tenant, call.prompt_tokens + call.completion_tokens)
+        self.tenants.settle(admission, call.prompt_tokens + call.completion_tokens)
+
+    @staticmethod
+    def _unexpected(call: CallRecord, exc: Exception) -> ServerError:
+        """A failure no check foresaw: one log line with the request id (the traceback only at
+        debug level), and a clean 500 for the client."""
+        log.error("request %s (%s): unexpected %s: %s", call.request_id, call.endpoint, type(exc).__name__,
+                  _short(str(exc)))
+        log.debug("request %s: traceback", call.request_id, exc_info=exc)
+        return ServerError(f"internal error ({type(exc).__name__}); request id {call.request_id}")
 
     @staticmethod
     def _fingerprint(info: dict[str, Any]) -> str:
@@ -528,18 +791,11 @@ class TunehubSpec(LitSpec):
         }
 
     def _fail(self, call: CallRecord, exc: TunehubError, *, audit: bool = True) -> Response:
-        status = _status_of(exc)
-        call.status, call.error = status, str(exc)
-        headers = {"X-Request-Id": call.request_id}
-        if self._info is not None:
-            headers["X-Tunehub-Base"] = self._info["base_fingerprint"][:12]
-        if isinstance(exc, RateLimited) and exc.retry_after is not None:
-            headers["Retry-After"] = str(int(exc.retry_after))
-        if status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
+        call.status, call.error = _status_of(exc), str(exc)
         if audit:
             self._record(call)
-        return JSONResponse(error_body(exc, status), status_code=status, headers=headers)
+        fingerprint = self._info["base_fingerprint"] if self._info is not None else None
+        return error_response(exc, request_id=call.request_id, base_fingerprint=fingerprint)
 
     def _record(self, call: CallRecord) -> None:
         try:
@@ -569,7 +825,12 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def _sse(payload: dict[str, Any]) -> str:
+def _short(text: str) -> str:
+    return text if len(text) <= _SHORT else text[:_SHORT] + "..."
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying ``payload`` as JSON."""
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 

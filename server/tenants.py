@@ -12,8 +12,15 @@ A tenants file is YAML::
 
 Keys are stored as sha256 hashes only. Patterns match a module's ``namespace/name`` (every
 version and alias of a matching name is allowed) and the base model's name, which a tenant must
-be granted like any module. Without a tenants file the server runs one open tenant with no
-limits, and then refuses to listen on anything but the loopback interface.
+be granted like any module. A pattern that is exactly the base's name grants the base only,
+never a registry module that happens to have the same name. Without a tenants file the server
+runs one open tenant with no limits, and then refuses to listen on anything but the loopback
+interface.
+
+Token limits hold at admission: a request reserves its (effective) ``max_tokens`` when it is
+admitted, so a tenant cannot start more generation than its limit allows, and the reservation is
+replaced by what the request really used (prompt + completion) when it ends, also on errors and
+cancellations (then the unused part is refunded).
 
 This module imports neither torch nor LitServe: the HTTP process and the CLI use it.
 """
@@ -59,15 +66,39 @@ class Tenant:
     tokens_per_minute: int | None = None
     max_tokens: int | None = None
 
-    def may_use(self, name: str) -> bool:
-        """Whether a module name (``namespace/name``, no selector) or the base's name is granted."""
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+    def may_use_base(self, base_name: str) -> bool:
+        """Whether the base model (served alone, no module) is granted."""
+        return any(fnmatch.fnmatchcase(base_name, pattern) for pattern in self.models)
+
+    def may_use_module(self, repo: str, base_name: str | None = None) -> bool:
+        """Whether a registry module (``namespace/name``, no selector) is granted. A pattern that
+        is exactly ``base_name`` grants the base, not a module that shares its name."""
+        return any(fnmatch.fnmatchcase(repo, pattern) for pattern in self.models if pattern != base_name)
+
+
+@dataclass
+class _Charge:
+    """Tokens counted against a tenant's window from ``at`` on (a reservation until settled)."""
+
+    at: float
+    tokens: int
+    in_window: bool = True
+
+
+@dataclass
+class Admission:
+    """An admitted request's hold on its tenant's token budget (see :meth:`Tenants.settle`)."""
+
+    tenant: str
+    reserved: int
+    charge: _Charge | None = None
+    settled: bool = False
 
 
 @dataclass
 class _Usage:
     requests: deque = field(default_factory=deque)  # monotonic times
-    tokens: deque = field(default_factory=deque)  # (monotonic time, tokens)
+    tokens: deque = field(default_factory=deque)  # _Charge, oldest first
     token_total: int = 0
 
 
@@ -83,11 +114,11 @@ class Tenants:
         self._usage: dict[str, _Usage] = {t.name: _Usage() for t in tenants}
 
     @classmethod
-    def open(cls) -> "Tenants":
+    def open(cls) -> Tenants:
         return cls([Tenant(OPEN_TENANT)], open_mode=True)
 
     @classmethod
-    def load(cls, path: str | Path | None) -> "Tenants":
+    def load(cls, path: str | Path | None) -> Tenants:
         if path is None:
             return cls.open()
         return cls(parse_tenants_file(path))
@@ -102,8 +133,9 @@ class Tenants:
         return self._by_hash.get(digest)
 
     # --- limits --------------------------------------------------------------------------------
-    def admit(self, tenant: Tenant, now: float | None = None) -> None:
-        """Count one request against the tenant's limits, or raise RateLimited with Retry-After."""
+    def admit(self, tenant: Tenant, tokens: int = 0, now: float | None = None) -> Admission:
+        """Count one request against the tenant's limits and reserve ``tokens`` (its max_tokens)
+        of its token budget; RateLimited (with Retry-After when waiting helps) if over a limit."""
         now = time.monotonic() if now is None else now
         usage = self._usage.setdefault(tenant.name, _Usage())
         self._expire(usage, now)
@@ -113,36 +145,64 @@ class Tenants:
                 f"tenant {tenant.name!r} is over its limit of {tenant.requests_per_minute} requests per minute",
                 retry_after=_ceil_seconds(wait),
             )
-        if tenant.tokens_per_minute is not None and usage.token_total >= tenant.tokens_per_minute:
-            # wait until enough of the window's tokens age out to drop below the limit
-            excess = usage.token_total - tenant.tokens_per_minute + 1
+        limit = tenant.tokens_per_minute
+        if limit is not None and tokens > limit:
+            # no wait would help: refuse instead of clamping, so the client learns the limit
+            raise RateLimited(
+                f"max_tokens {tokens} is more than tenant {tenant.name!r}'s limit of {limit} tokens per minute;"
+                f" ask for at most {limit}"
+            )
+        if limit is not None and usage.token_total + tokens > limit:
+            # wait until enough of the window's tokens age out to make room for this request
+            excess = usage.token_total + tokens - limit
             wait = WINDOW_S
-            for at, tokens in usage.tokens:
-                excess -= tokens
+            for charge in usage.tokens:
+                excess -= charge.tokens
                 if excess <= 0:
-                    wait = at + WINDOW_S - now
+                    wait = charge.at + WINDOW_S - now
                     break
             raise RateLimited(
-                f"tenant {tenant.name!r} is over its limit of {tenant.tokens_per_minute} tokens per minute",
+                f"tenant {tenant.name!r} is over its limit of {limit} tokens per minute",
                 retry_after=_ceil_seconds(wait),
             )
         usage.requests.append(now)
+        admission = Admission(tenant=tenant.name, reserved=tokens)
+        if tokens > 0:
+            admission.charge = _Charge(now, tokens)
+            usage.tokens.append(admission.charge)
+            usage.token_total += tokens
+        return admission
 
-    def charge_tokens(self, tenant: Tenant, tokens: int, now: float | None = None) -> None:
-        """Record the tokens a finished request used (prompt + completion)."""
-        if tokens <= 0:
+    def settle(self, admission: Admission, used_tokens: int, now: float | None = None) -> None:
+        """The request ended having used ``used_tokens`` (prompt + completion): they replace its
+        reservation, refunding the unused part (or charging more: prompts are not reserved).
+        Only the first call counts, so every way out of a request may call it."""
+        if admission.settled:
             return
+        admission.settled = True
+        used = max(0, int(used_tokens))
         now = time.monotonic() if now is None else now
-        usage = self._usage.setdefault(tenant.name, _Usage())
-        usage.tokens.append((now, tokens))
-        usage.token_total += tokens
+        usage = self._usage.setdefault(admission.tenant, _Usage())
+        self._expire(usage, now)
+        charge = admission.charge
+        if charge is None:
+            if used:
+                charge = _Charge(now, used)
+                usage.tokens.append(charge)
+                usage.token_total += used
+            return
+        if charge.in_window:  # a reservation already out of the window counts no more
+            usage.token_total += used - charge.tokens
+            charge.tokens = used
 
     @staticmethod
     def _expire(usage: _Usage, now: float) -> None:
         while usage.requests and usage.requests[0] <= now - WINDOW_S:
             usage.requests.popleft()
-        while usage.tokens and usage.tokens[0][0] <= now - WINDOW_S:
-            usage.token_total -= usage.tokens.popleft()[1]
+        while usage.tokens and usage.tokens[0].at <= now - WINDOW_S:
+            charge = usage.tokens.popleft()
+            charge.in_window = False
+            usage.token_total -= charge.tokens
 
 
 def _ceil_seconds(value: float) -> int:

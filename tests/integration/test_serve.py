@@ -1,6 +1,7 @@
 """`tunehub serve` as users run it: a real process on a loopback port, the official `openai`
 client and the tunehub SDK against it, tenant rules, alias promotion mid-stream, clients that
-vanish, bad input, and SIGTERM leaving no process behind."""
+vanish, bad input (never a 5xx, always the OpenAI error body), and SIGTERM ending in-flight
+streams cleanly and leaving no process (and no warning) behind."""
 
 from __future__ import annotations
 
@@ -17,14 +18,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tunehub.errors import InvalidReference, InvalidRequest, ModuleNotFound, RateLimited, Unauthorized
 from tunehub.server.tenants import hash_key
+
+from tunehub.errors import (
+    InvalidReference,
+    InvalidRequest,
+    ModuleNotFound,
+    RateLimited,
+    Unauthorized,
+)
 
 pytestmark = pytest.mark.integration
 
 KEYS = {"acme": "acme-key-0123456789", "limited": "limited-key-0123456789", "tokens": "tokens-key-0123456789",
-        "capped": "capped-key-0123456789", "other": "other-key-0123456789"}
+        "capped": "capped-key-0123456789", "other": "other-key-0123456789", "budget": "budget-key-0123456789",
+        "base-only": "base-only-key-0123456789"}
 ADMIN_KEY = "admin-key-0123456789abcdef"
 BASE_NAME = "tiny-llama"  # the name the session's base folder gives the base model
 LONG = 400  # tokens for streams that must still run while something else happens
@@ -76,7 +84,7 @@ def _tunehub() -> list[str]:
 class Server:
     """`tunehub serve ...` in its own session, with its output in files."""
 
-    def __init__(self, args: list[str], workdir: Path):
+    def __init__(self, args: list[str], workdir: Path, env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = open(workdir / f"serve-{self.port}.out", "w")  # noqa: SIM115
@@ -85,6 +93,7 @@ class Server:
         self.proc = subprocess.Popen(
             [*_tunehub(), "serve", *args, "--port", str(self.port)],
             stdout=self.out, stderr=self.err, start_new_session=True, cwd=workdir,
+            env={**os.environ, **(env or {})},
         )
         self.known: set[int] = set()
 
@@ -135,8 +144,9 @@ def world(tiny_llama_path, tmp_path_factory):
     assert tiny_llama_path.name == BASE_NAME
     root = tmp_path_factory.mktemp("serve")
     store = LocalStore(root / "registry", cache_dir=root / "cache")
+    # BASE_NAME: a registry module that happens to have the base's name (a grant of the base is not one of it)
     for name, kind, seed in [("acme/sum", "lora", 1), ("acme/sum", "lora", 2), ("acme/qa", "prompt", 3),
-                             ("other/secret", "lora", 4)]:
+                             ("other/secret", "lora", 4), (BASE_NAME, "lora", 5)]:
         folder = make_peft_module(tiny_llama_path, root / "modules" / f"{name.replace('/', '-')}-{seed}", kind, seed=seed)
         store.push(folder, name)
     store.promote("acme/sum@1", "prod")
@@ -148,6 +158,8 @@ def world(tiny_llama_path, tmp_path_factory):
             "tokens": {"keys": [hash_key(KEYS["tokens"])], "models": ["acme/qa"], "tokens_per_minute": 20},
             "capped": {"keys": [hash_key(KEYS["capped"])], "models": ["acme/qa"], "max_tokens": 16},
             "other": {"keys": [hash_key(KEYS["other"])], "models": ["other/*"]},
+            "budget": {"keys": [hash_key(KEYS["budget"])], "models": ["acme/qa"], "tokens_per_minute": 40},
+            "base-only": {"keys": [hash_key(KEYS["base-only"])], "models": [BASE_NAME]},
         }
     }
     import yaml
@@ -296,15 +308,15 @@ def test_sdk_sync_async_streaming_and_module_switching(server):
 def test_cli_generate(server):
     env = {**os.environ, "TUNEHUB_API_KEY": KEYS["acme"]}
     out = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "acme/qa", "the river",
-                          "--max-tokens", "4"], capture_output=True, text=True, env=env, timeout=120)
+                          "--max-tokens", "4"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "[acme/qa@1, base " in out.stderr
     streamed = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "acme/sum@prod", "hi",
                                "--chat", "--stream", "--max-tokens", "3"], capture_output=True, text=True, env=env,
-                              timeout=120)
+                              timeout=120, check=False)
     assert streamed.returncode == 0 and "[acme/sum@1, base " in streamed.stderr, streamed.stderr
     denied = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "other/secret", "x"],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
     assert denied.returncode != 0 and "Traceback" not in denied.stderr
     assert "does not exist or this API key may not use it" in denied.stderr
 
@@ -426,13 +438,13 @@ def test_promotion_mid_stream_keeps_the_old_version_for_that_stream(server, worl
 def test_client_killed_mid_stream_frees_the_slot(server):
     with _sdk(server) as admin:
         before = admin.pool()["cancelled_requests"]
-        with httpx.Client(timeout=60) as http:
-            with http.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEYS['acme']}"},
-                             json={"model": "acme/sum@2", "prompt": "go", "max_tokens": LONG, "ignore_eos": True,
-                                   "stream": True}) as response:
-                assert response.status_code == 200
-                lines = response.iter_lines()
-                assert next(l for l in lines if l.startswith("data:"))
+        body = {"model": "acme/sum@2", "prompt": "go", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+        with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions", headers=headers,
+                                                            json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
         # the connection is closed: the server cancels the engine handle within a moment
         deadline = time.monotonic() + 10
         while True:
@@ -511,18 +523,141 @@ def test_metrics_health_and_audit_lines(server, world):
     assert any(line["status"] == 401 for line in lines) and any(line["status"] == 404 for line in lines)
 
 
+def _error_of(response: httpx.Response) -> dict:
+    """The OpenAI-shaped error object of an answer (and that it has that shape)."""
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    return error
+
+
+def test_no_input_gets_a_5xx_and_every_error_has_the_openai_body(server):
+    nested_field = b'{"model": "acme/qa", "prompt": "x", "max_tokens": ' + b"[" * 500 + b"]" * 500 + b"}"
+    chat = "/v1/chat/completions"
+    cases = [  # (method, path, body or raw bytes, key, status, code, param)
+        ("POST", "/v1/completions", b"[" * 60000, KEYS["acme"], 400, "invalid_request", None),
+        ("POST", "/v1/completions", nested_field, KEYS["acme"], 400, "invalid_request", "max_tokens"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "seed": 2**70}, KEYS["acme"], 400,
+         "invalid_request", "seed"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "seed": -1}, KEYS["acme"], 400,
+         "invalid_request", "seed"),
+        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "x", "temperature": NaN}', KEYS["acme"], 400,
+         "invalid_request", "temperature"),
+        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "x", "top_p": 1e999}', KEYS["acme"], 400,
+         "invalid_request", "top_p"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2**70}, KEYS["acme"], 400,
+         "invalid_request", "max_tokens"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [2**70]}, KEYS["acme"], 400,
+         "invalid_request", "prompt"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [5, -1]}, KEYS["acme"], 400,
+         "invalid_request", "prompt"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "stop_token_ids": [2**70]}, KEYS["acme"],
+         400, "invalid_request", "stop_token_ids"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "stop": ["s"] * 17}, KEYS["acme"], 400,
+         "invalid_request", "stop"),
+        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "\\ud800"}', KEYS["acme"], 400,
+         "invalid_request", "prompt"),
+        ("POST", chat, {"model": "acme/qa", "messages": [{"role": ["user"], "content": "x"}]}, KEYS["acme"], 400,
+         "invalid_request", "messages"),
+        ("POST", "/v1/completions", {"model": "acme/qa@\u0661", "prompt": "x"}, KEYS["acme"], 400,
+         "invalid_reference", "model"),
+        ("POST", chat, {"model": "acme/qa@\u00b2", "messages": [{"role": "user", "content": "x"}]}, KEYS["acme"],
+         400, "invalid_reference", "model"),
+        ("POST", "/admin/load", {"model": "acme/qa@\u00b2"}, ADMIN_KEY, 400, "invalid_reference", None),
+        ("GET", "/v1/models/acme/qa@\u00b2", None, KEYS["acme"], 404, "module_not_found", None),
+        ("GET", "/v1/nothing", None, KEYS["acme"], 404, "invalid_request", None),
+        ("POST", "/v1/embeddings", {"model": "acme/qa", "input": "x"}, KEYS["acme"], 404, "invalid_request", None),
+        ("GET", "/v1/completions", None, KEYS["acme"], 405, "invalid_request", None),
+        ("DELETE", "/v1/models", None, KEYS["acme"], 405, "invalid_request", None),
+    ]
+    log_before = server.err_path.read_text()
+    for method, path, body, key, status, code, param in cases:
+        content = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+        response = httpx.request(method, server.url + path, content=content, timeout=60,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        assert response.status_code == status, (method, path, response.text[:300])
+        error = _error_of(response)
+        assert (error["code"], error["param"]) == (code, param), (path, body if not isinstance(body, bytes) else "", error)
+    assert _error_of(httpx.get(server.url + "/v1/nothing"))["message"] == "no such endpoint: GET /v1/nothing"
+    assert _error_of(httpx.get(server.url + "/v1/completions"))["message"] == (
+        "method not allowed: GET /v1/completions; use POST")
+    # the client's mistakes leave no traceback in the server's log, and the server keeps serving
+    assert "Traceback" not in server.err_path.read_text()[len(log_before):]
+    assert _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_token_limits_hold_at_admission_and_failed_requests_are_refunded(server):
+    key = KEYS["budget"]  # 40 tokens a minute, acme/qa only
+    big = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 500}, key=key)
+    assert big.status_code == 429, big.text[:300]
+    assert _error_of(big)["message"] == (
+        "max_tokens 500 is more than tenant 'budget''s limit of 40 tokens per minute; ask for at most 40")
+    assert "retry-after" not in big.headers  # waiting would not help
+    # reserved 40 at admission, failed before generating: all 40 come back
+    failed = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "river " * 700, "max_tokens": 40},
+                   key=key)
+    assert failed.status_code == 400 and "context holds" in _error_of(failed)["message"]
+    done = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 38, "ignore_eos": True},
+                 key=key)
+    assert done.status_code == 200, done.text[:300]
+    assert done.json()["usage"]["completion_tokens"] == 38
+    over = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 1}, key=key)
+    assert over.status_code == 429 and 1 <= int(over.headers["retry-after"]) <= 60
+    assert _error_of(over)["message"] == "tenant 'budget' is over its limit of 40 tokens per minute"
+
+
+def test_a_grant_of_the_base_name_is_not_a_grant_of_a_module_so_named(server):
+    key = KEYS["base-only"]  # models: [BASE_NAME]; the registry also holds a module named BASE_NAME
+    assert _post(server, "/v1/completions", {"model": BASE_NAME, "prompt": "x", "max_tokens": 2},
+                 key=key).json()["model"] == BASE_NAME
+    for model in (f"{BASE_NAME}@1", BASE_NAME + "@latest"):
+        denied = _post(server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2}, key=key)
+        assert denied.status_code == 404, denied.text[:300]
+        assert _error_of(denied)["message"] == f"model {model!r} does not exist or this API key may not use it"
+    listed = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert [(m["id"], m["tunehub"].get("base")) for m in listed] == [(BASE_NAME, True)]
+    assert httpx.get(server.url + f"/v1/models/{BASE_NAME}@1",
+                     headers={"Authorization": f"Bearer {key}"}).status_code == 404
+    # granted by a pattern that is not just the base's name, the module is served
+    open_module = _sdk(server, "acme").complete("acme/qa", "x", max_tokens=1)
+    assert open_module.model == "acme/qa@1"
+
+
+def test_models_answer_for_the_versioned_ids_that_answers_carry(server, world):
+    def get(model_id, tenant="acme"):
+        return httpx.get(server.url + f"/v1/models/{model_id}", headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+
+    answer = _post(server, "/v1/completions", {"model": "acme/sum@2", "prompt": "x", "max_tokens": 1}).json()
+    for model_id, version in ((answer["model"], 2), ("acme/sum@1", 1), ("acme/qa", 1),
+                              ("acme/sum@prod", world["store"].resolve("acme/sum@prod").version)):
+        response = get(model_id)
+        assert response.status_code == 200, (model_id, response.text[:300])
+        entry = response.json()
+        assert (entry["id"], entry["tunehub"]["version"], entry["root"]) == (model_id, version, BASE_NAME)
+        assert entry["tunehub"]["ref"] == f"{model_id.split('@')[0]}@{version}"
+    assert _openai(server).models.retrieve("acme/sum@1").id == "acme/sum@1"
+    assert get("other/secret@1", "other").json()["id"] == "other/secret@1"
+    bodies = set()
+    for model_id in ("other/secret@1", "other/secret", "acme/nothing@1", "acme/sum@99", "acme/sum@nope"):
+        response = get(model_id)
+        assert response.status_code == 404, (model_id, response.text[:300])
+        bodies.add(json.dumps(_error_of(response)).replace(model_id, "MODEL"))
+    assert len(bodies) == 1, bodies  # not yours reads exactly as does not exist
+
+
 # --- open mode, nf4, SIGTERM -------------------------------------------------------------------
 
 
 def test_open_mode_refuses_a_public_host(world):
     out = subprocess.run([*_tunehub(), "serve", "--base", str(world["base"]), "--host", "0.0.0.0", "--port", "18999"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and "without --tenants" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_nf4_open_server_and_sigterm_leaves_no_process(world):
     root = world["root"]
-    srv = Server(["--base", str(world["base"]), "--quantization", "nf4", "--registry", str(root / "registry")], root)
+    # no drain period: a stream still running at SIGTERM is ended at once, so its outcome is known
+    srv = Server(["--base", str(world["base"]), "--quantization", "nf4", "--registry", str(root / "registry")], root,
+                 env={"TUNEHUB_SERVE_DRAIN_S": "0"})
     try:
         srv.wait_ready()
         from tunehub.sdk import Client
@@ -532,22 +667,30 @@ def test_nf4_open_server_and_sigterm_leaves_no_process(world):
             assert answer.model == "acme/sum@2" and answer.completion_tokens == 4
             assert {m["id"] for m in client.models()} >= {BASE_NAME, "acme/sum", "other/secret"}
             assert client.models()[0]["tunehub"]["quantization"] == "nf4"
-            stream = client.stream_complete(BASE_NAME, "the river", max_tokens=60, ignore_eos=True)
-            chunks = iter(stream)
-            next(chunks)
             processes = _descendants(srv.proc.pid)
             assert len(processes) >= 3  # LitServe main, its API server, the inference worker, ...
-            started = time.monotonic()
-            srv.proc.send_signal(signal.SIGTERM)
-            try:  # an in-flight request finishes, or fails cleanly: never hangs
-                rest = list(chunks)
-                assert stream.completion.completion_tokens == 60 and rest
-            except Exception as exc:  # noqa: BLE001
-                assert "stream ended" in str(exc) or isinstance(exc, httpx.HTTPError)
+            body = {"model": BASE_NAME, "prompt": "the river", "max_tokens": 480, "ignore_eos": True, "stream": True}
+            with httpx.Client(timeout=60) as http, http.stream("POST", srv.url + "/v1/completions", json=body) as response:
+                events = (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(events))["choices"][0]["finish_reason"] is None  # it is generating
+                started = time.monotonic()
+                srv.proc.send_signal(signal.SIGTERM)
+                rest = list(events)  # the server ends the stream: no cut connection, no hang
+            assert rest[-1] == "[DONE]"
+            assert json.loads(rest[-2]) == {"error": {
+                "message": "the server is shutting down and this request did not finish in time",
+                "type": "server_error", "param": None, "code": "server_error", "tunehub_error": "ServerError"}}
+            tokens = [json.loads(event) for event in rest[:-2]]
+            assert all(t["choices"][0]["finish_reason"] is None for t in tokens)  # cut short, no final chunk
             assert srv.proc.wait(timeout=10) == 0
             while _alive(processes) and time.monotonic() - started < 10:
                 time.sleep(0.1)
             assert not _alive(processes), f"left behind: {_alive(processes)}"
             assert time.monotonic() - started < 10
+        # a clean stop says nothing alarming: the worker exits after its multiprocessing
+        # finalizers ran (no semaphores left to the resource tracker), no traceback, no abort
+        log = srv.err_path.read_text()
+        for alarm in ("leaked semaphore", "Traceback", "terminate called"):
+            assert alarm not in log, log[-3000:]
     finally:
         srv.stop()
