@@ -9,7 +9,11 @@ from typing import Any, Literal
 
 from tunehub.devices import ComputeDtype, load_quantized, resolve_compute_dtype
 from tunehub.errors import ConfigError
-from tunehub.registry.fingerprint import base_fingerprint
+from tunehub.registry.fingerprint import (
+    base_fingerprint,
+    folder_tokenizer_fingerprint,
+    hub_snapshot,
+)
 
 Quantization = Literal["nf4", "int8", "none"]
 
@@ -26,6 +30,9 @@ class LoadedBase:
     vocab_size: int
     max_positions: int
     name: str
+    # what the manifest of a module served on it must record (see registry/fingerprint.py):
+    # the tokenizer's fingerprint, None when the folder has no tokenizer.json
+    tokenizer_fingerprint: str | None = None
 
     @property
     def config(self) -> Any:
@@ -73,7 +80,11 @@ def load_base(
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = model.config
-    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name
+    snapshot = hub_snapshot(path)
+    # a hub snapshot's folder is named by its commit: the repo id says more
+    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or (
+        snapshot.repo_id if snapshot else path.name
+    )
     return LoadedBase(
         path=path,
         model=model,
@@ -85,4 +96,5 @@ def load_base(
         vocab_size=int(config.vocab_size),
         max_positions=int(getattr(config, "max_position_embeddings", 2048)),
         name=str(name),
+        tokenizer_fingerprint=folder_tokenizer_fingerprint(path),
     )

@@ -33,6 +33,28 @@ def test_pyproject_lists_every_package():
     assert set(_package_dirs()) <= set(config["packages"]), "a subpackage is missing from pyproject.toml"
 
 
+def _venv_seeing_our_dependencies(venv: Path) -> Path:
+    """A new venv whose interpreter also finds the packages of the one running the tests.
+
+    ``venv --system-site-packages`` would expose the *base* interpreter's site-packages, which is
+    not where the dependencies are when the tests run inside a venv (the README's setup). A
+    ``.pth`` line naming our site-packages adds them to ``sys.path`` after the new venv's own
+    folder, and (unlike a site dir) its own ``.pth`` files are not run, so the editable install of
+    tunehub living there stays invisible: only the wheel can provide ``tunehub``.
+    """
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    child_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (Path(child_site) / "_tunehub_test_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
+    return python
+
+
 def test_wheel_installs_under_one_namespace(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
@@ -48,11 +70,10 @@ def test_wheel_installs_under_one_namespace(tmp_path):
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tunehub = tunehub.sdk.cli:run" in entry_points
 
-    # install the wheel into a fresh venv that sees this machine's dependencies, then import
-    # from a folder outside the repo so only the installed copy can be found
+    # install the wheel into a fresh venv, then import from a folder outside the repo so only the
+    # installed copy can be found
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    python = _venv_seeing_our_dependencies(venv)
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
     out = subprocess.run(
         [python, "-c", "import tunehub.registry as r, tunehub.sdk.cli as c; print(r.__file__); print(c.__file__)"],

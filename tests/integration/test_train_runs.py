@@ -155,3 +155,30 @@ def test_two_process_cpu_training_with_accelerate(tiny_llama_path, tmp_path):
     assert proc.stdout.count("module written to") == 1  # only the main process writes the module
     manifest = json.loads((tmp_path / "ddp" / "module" / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 4
+
+
+def test_a_run_warns_nothing_and_records_no_local_path(tiny_llama_path, tmp_path):
+    """A user sees no library noise (PEFT's offline Hub lookup, deprecations PEFT triggers), and no
+    file of the module names the folder the base was read from."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = _raw(tiny_llama_path, tmp_path / "run", max_steps=2, save_steps=None, eval_steps=None)
+        raw["base"]["quantization"] = "nf4"  # the QLoRA path, as the quickstart trains
+        result = train(validate_run_config(raw))
+    noise = [f"{w.category.__name__}: {w.message}" for w in caught
+             if issubclass(w.category, (UserWarning, FutureWarning, DeprecationWarning))
+             and ("peft" in w.filename or "transformers" in w.filename or "tunehub" in w.filename)]
+    assert noise == []
+    module = result.module_dir
+    manifest = json.loads((module / "manifest.json").read_text())
+    assert manifest["base"]["model_id"] == tiny_llama_path.name
+    adapter_config = json.loads((module / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == tiny_llama_path.name
+    # (the resolved run config keeps the paths as the user wrote them: that is the run's record)
+    assert str(tiny_llama_path.parent) not in json.dumps(manifest["base"])
+    for name in ("adapter_config.json", "README.md"):
+        assert str(tiny_llama_path.parent) not in (module / name).read_text(), name
+    front = yaml.safe_load((module / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == tiny_llama_path.name

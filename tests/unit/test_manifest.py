@@ -44,6 +44,18 @@ def test_model_card_front_matter(tmp_path):
     assert "lora" in front["tags"] and "base_model:adapter:tiny-base" in front["tags"]
 
 
+def test_model_card_never_names_a_path_as_base_model(tmp_path):
+    from tunehub.registry.module import model_card
+
+    manifest = verify_module(make_fake_module(tmp_path / "m")).manifest
+    for model_id, expected in [("acme/base-1", "acme/base-1"), ("tiny-base", "tiny-base"),
+                               ("/home/me/bases/tiny", None), ("./bases/tiny", None), ("a/b/c", None)]:
+        with_id = manifest.model_copy(update={"base": manifest.base.model_copy(update={"model_id": model_id})})
+        front = yaml.safe_load(model_card(with_id).split("---\n")[1])
+        assert front.get("base_model") == expected, model_id
+        assert any(tag.startswith("base_model:") for tag in front["tags"]) is (expected is not None), model_id
+
+
 def _rewrite(folder, mutate):
     raw = json.loads((folder / "manifest.json").read_text())
     mutate(raw)
