@@ -54,11 +54,20 @@ class WorkerSettings:
         return asdict(self)
 
 
-def error_message(exc: BaseException) -> dict[str, Any]:
-    """The wire form of an error: tunehub errors keep their class and HTTP status."""
+def error_message(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """The wire form of an error: tunehub errors keep their class and HTTP status.
+
+    A client error (a tunehub error with a 4xx status: a bad request, a module that cannot be
+    served) is logged as one line with the request id, never with a traceback: a client can
+    send thousands. Server-side errors keep their traceback."""
+    where = f"request {request_id}" if request_id else "the inference worker"
     if isinstance(exc, TunehubError):
+        if exc.http_status < 500:
+            log.info("%s refused (%d %s): %s", where, exc.http_status, type(exc).__name__, exc)
+        else:
+            log.error("%s failed (%d %s): %s", where, exc.http_status, type(exc).__name__, exc, exc_info=exc)
         return {"type": "error", "status": exc.http_status, "error": type(exc).__name__, "message": str(exc)}
-    log.error("unexpected error in the inference worker: %r", exc, exc_info=exc)
+    log.error("unexpected error in %s: %r", where, exc, exc_info=exc)
     return {"type": "error", "status": 500, "error": "ServerError", "message": f"internal error ({type(exc).__name__})"}
 
 
@@ -112,7 +121,7 @@ class TunehubAPI(ls.LitAPI):
             else:
                 yield error_message(InvalidRequest(f"unknown worker operation {op!r}"))
         except Exception as exc:  # every failure becomes an error message, never a dead worker
-            yield error_message(exc)
+            yield error_message(exc, request.get("request_id") if isinstance(request, dict) else None)
 
     async def encode_response(self, output: AsyncIterator[dict], context: dict | None = None) -> AsyncIterator[dict]:
         async for message in output:
@@ -171,7 +180,7 @@ class TunehubAPI(ls.LitAPI):
                 final = next(((k, p) for k, p in batch if k != "token"), None)
                 if final is not None and final[0] == "error":
                     finished = True
-                    yield error_message(final[1])
+                    yield error_message(final[1], request_id)
                     return
                 if stream and not started and tokens:
                     started = True
@@ -192,7 +201,7 @@ class TunehubAPI(ls.LitAPI):
                     }
                     return
         except Exception as exc:
-            yield error_message(exc)
+            yield error_message(exc, request_id)
         finally:
             if handle is not None and not finished:
                 handle.cancel()  # the stream was abandoned: free the engine slot

@@ -5,24 +5,32 @@ family rows get their virtual-token embeddings prepended, prefix rows start with
 prefix in the cache, low-rank and IA3 rows go through the patched linear layers; rows are
 left-padded with masked slots. New rows then join the running batch's cache between decode
 steps, and finished rows leave it, so requests come and go without waiting for each other.
+
+One request fails only itself. Everything that can be checked is checked at admission (token
+ids, sampling parameters; the materialiser checks module tensors at load). A row that still
+fails is found and failed alone: sampling is per row, a failed prefill is retried in halves
+(new rows are prefilled apart from the running batch), and a failed decode step rewinds the
+cache and bisects the batch on copies of it, then steps again without the failing rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from tunehub.devices import use_reusing_cpu_allocator
-from tunehub.errors import ConfigError, TunehubError
+from tunehub.errors import ConfigError, InvalidRequest, TunehubError
 from tunehub.server.engine.base import LoadedBase
 from tunehub.server.engine.layers import BatchState, build_plan, onednn_linear_works, patch_linear_layers, use_onednn_linears
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
@@ -41,25 +49,95 @@ class RequestCancelled(TunehubError):
     http_status = 499
 
 
+class NonFiniteLogits(TunehubError, ArithmeticError):
+    """A sampled row (temperature > 0) whose logits hold NaN or Inf: a module whose weights
+    are not finite or overflow, or an overflow of the base's dtype. No distribution can be drawn
+    from them; the row fails alone (greedy rows take the argmax and are not affected)."""
+
+    http_status = 422
+
+
+#: temperatures and top_p values below this are treated as their limits (see SamplingParams)
+SAMPLING_EPSILON = 1e-5
+#: the largest max_tokens accepted (generation stops at the context's end long before)
+MAX_TOKENS_LIMIT = 2**31 - 1
+_SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+
+
 @dataclass
 class SamplingParams:
+    """How one request picks its tokens.
+
+    - ``temperature`` below :data:`SAMPLING_EPSILON` (1e-5), 0 included, is greedy decoding:
+      logits divided by a temperature that small overflow (1e-300 makes the softmax NaN), and
+      the distribution they stand for is the argmax anyway. Larger temperatures sample.
+    - ``top_p`` below :data:`SAMPLING_EPSILON` keeps the most likely token only (the nucleus
+      always keeps it); top_p must be in (0, 1].
+    - NaN and infinite values are refused; ``seed`` must be an integer with
+      0 <= seed < 2**64 (what ``torch.Generator.manual_seed`` takes); ``max_tokens`` an integer
+      from 1 to :data:`MAX_TOKENS_LIMIT`; ``stop_token_ids`` ids of the base's vocabulary (the
+      engine passes its size to :meth:`check`).
+
+    A refused value raises :class:`~tunehub.errors.InvalidRequest` (HTTP 400) naming every
+    problem, for that request only."""
+
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below SAMPLING_EPSILON: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None: the tokenizer's eos
 
-    def check(self) -> None:
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPSILON
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Refuse values the sampler cannot compute finitely (see the class docstring)."""
         problems = []
-        if self.max_tokens < 1:
-            problems.append("max_tokens must be at least 1")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            problems.append(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT):
+            problems.append(f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            problems.append("stop must be a list of strings")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple, set)):
+                problems.append("stop_token_ids must be a list of token ids")
+            else:
+                bad = _bad_token_ids(self.stop_token_ids, vocab_size)
+                if bad:
+                    problems.append(f"stop_token_ids must be token ids{_vocab_range(vocab_size)}, got {_preview(bad)}")
         if problems:
-            raise ConfigError(problems)
+            raise InvalidRequest("; ".join(problems))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    # NaN fails every comparison the checks make, so it is refused with the out-of-range values
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad_token_ids(ids: Any, vocab_size: int | None) -> list[Any]:
+    """The entries of ``ids`` that are not ints in [0, vocab_size)."""
+    limit = vocab_size if vocab_size is not None else math.inf
+    return [t for t in ids if not (_is_int(t) and 0 <= t < limit)]
+
+
+def _vocab_range(vocab_size: int | None) -> str:
+    return f" from 0 to {vocab_size - 1}" if vocab_size is not None else " (integers >= 0)"
+
+
+def _preview(values: list[Any], limit: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return f"{shown}{f' and {len(values) - limit} more' if len(values) > limit else ''}"
 
 
 @dataclass
@@ -150,7 +228,7 @@ class _Row:
         self.emitted_text = ""
         self.next_position = 0
         self.generator = None
-        if self.params.temperature > 0:
+        if not self.params.greedy:
             self.generator = torch.Generator().manual_seed(
                 self.params.seed if self.params.seed is not None else int(time.time_ns() % (2**63))
             )
@@ -206,10 +284,16 @@ class Engine:
             self.model._tunehub_adapted = shared
         self.state, self.layers, self._lock = shared
         self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank)
-        self.pool = ModulePool(
-            source or _NoSource(), self.materializer.load, check=self.materializer.admit, budget_bytes=pool_bytes, alias_ttl_s=alias_ttl_s
-        )
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
+        # the plans hold copies of their modules' tensors: a module that leaves the pool takes
+        # its plans with it (the pool calls this from any thread, so the plans have their own lock)
+        self._plans_lock = threading.Lock()
+        self.pool = ModulePool(
+            source or _NoSource(), self.materializer.load, check=self.materializer.admit, budget_bytes=pool_bytes,
+            alias_ttl_s=alias_ttl_s, on_drop=self._forget_plans,
+        )
+        # ids must index the input embedding (the LM head may be padded wider)
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self._queue: queue.Queue[RequestHandle] = queue.Queue()
         self._rows: list[_Row] = []
         self._cache: Any = None  # the running batch's key/value cache (growing layers)
@@ -224,7 +308,8 @@ class Engine:
 
     # --- public API ----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        request.params.check()
+        """Queue ``request``; its sampling parameters are checked here (InvalidRequest)."""
+        request.params.check(self.vocab_size)
         handle = RequestHandle(request)
         self._queue.put(handle)
         self._ensure_thread()
@@ -246,7 +331,7 @@ class Engine:
         modules = [self.pool.acquire(ref) if ref else None for _, ref in rows]
         try:
             with self._lock:
-                out, layout = self._prefill_forward([ids for ids, _ in rows], modules, keep_all=True)
+                out, layout, _ = self._prefill_forward([self._checked_ids(ids) for ids, _ in rows], modules, keep_all=True)
             result = []
             for i, (ids, _) in enumerate(rows):
                 start = layout[i]
@@ -274,11 +359,12 @@ class Engine:
                         self._admit(new)
                     if self._rows:
                         self._decode_step()
-            except Exception as exc:  # an engine fault fails the rows in flight, never the process
+            except Exception as exc:
+                # a fault no single row explains (each row alone succeeded): it fails the rows in
+                # flight, never the process
                 log.exception("engine step failed")
                 for row in self._rows:
-                    self._release(row)
-                    row.handle._fail(exc)
+                    self._fail_row(row, exc)
                 self._rows, self._cache, self._mask = [], None, None
 
     def _take_new(self, block: bool) -> list[RequestHandle]:
@@ -313,32 +399,39 @@ class Engine:
                 continue
             try:
                 rows.append(self._make_row(handle))
-            except Exception as exc:  # a bad module or prompt fails this request only
+            except Exception as exc:  # noqa: BLE001 - a bad module or prompt fails this request only
                 handle._fail(exc)
-        if not rows:
-            return
+        if rows:
+            self._prefill_and_join(rows)
+
+    def _prefill_and_join(self, rows: list[_Row]) -> None:
+        """Prefill ``rows`` and add them to the running batch. The prefill builds a cache of its
+        own, so a failed one leaves the running batch untouched: the rows are tried again in
+        halves, down to the failing rows, which fail alone with their own errors; the others
+        join as they would have alone (rows never depend on each other)."""
         try:
-            out, _ = self._prefill_forward([r.prompt_ids for r in rows], [r.module for r in rows], rows=rows)
-        except Exception as exc:
-            for row in rows:
-                self._release(row)
-                row.handle._fail(exc)
+            out, _, mask = self._prefill_forward([r.prompt_ids for r in rows], [r.module for r in rows], rows=rows)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the rows are tried apart
+            if len(rows) == 1:
+                self._fail_row(rows[0], exc, during="prefill")
+                return
+            half = len(rows) // 2
+            self._prefill_and_join(rows[:half])
+            self._prefill_and_join(rows[half:])
             return
         new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        new_mask = self._prefill_mask
-        self._merge(rows, new_kv, new_mask)
+        self._merge(rows, new_kv, mask)
         self._sample_and_emit(out.logits[:, -1, :], rows)
 
     def _make_row(self, handle: RequestHandle) -> _Row:
         request = handle.request
         if request.input_ids is not None:
-            ids = list(request.input_ids)
-        elif request.prompt is not None:
+            ids = request.input_ids
+        elif isinstance(request.prompt, str):
             ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         else:
-            raise ConfigError("a request needs a prompt or input_ids")
-        if not ids:
-            raise ConfigError("the prompt is empty")
+            raise InvalidRequest("a request needs a prompt (a string) or input_ids")
+        ids = self._checked_ids(ids)  # the tokenizer's too: a tokenizer may know more ids than the embedding
         module = self.pool.acquire(request.module) if request.module else None
         handle.module_key = module.key if module else None
         virtual = module.num_virtual_tokens if module else 0
@@ -352,18 +445,41 @@ class Engine:
         stop_ids = set(request.params.stop_token_ids) if request.params.stop_token_ids is not None else set(self.default_stop_ids)
         return _Row(handle, module, ids, stop_ids)
 
+    def _checked_ids(self, ids: Any) -> list[int]:
+        """``ids`` if every one indexes the embedding; an id outside it would fail the shared
+        prefill of every row batched with it."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InvalidRequest("input_ids must be a list of token ids")
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        bad = _bad_token_ids(ids, self.vocab_size)
+        if bad:
+            raise InvalidRequest(f"input_ids must be token ids{_vocab_range(self.vocab_size)}, got {_preview(bad)}")
+        return ids
+
     # --- forward passes ------------------------------------------------------------------------
     def _plan_for(self, modules: list[LoadedModule | None]) -> dict:
         key = tuple(m.uid if m is not None else 0 for m in modules)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = build_plan(modules, self.layers, self.base.device, self.base.dtype)
+        with self._plans_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        # the batch holds its modules (acquired), so none of them leaves the pool meanwhile
+        plan = build_plan(modules, self.layers, self.base.device, self.base.dtype)
+        with self._plans_lock:
             self._plans[key] = plan
-            while len(self._plans) > 16:  # keep a few compositions; evicted modules drop out with them
+            while len(self._plans) > 16:  # keep a few compositions
                 self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
         return plan
+
+    def _forget_plans(self, module: LoadedModule) -> None:
+        """Drop every plan built with ``module``: it left the pool, and must leave no memory
+        behind (a plan holds copies or views of its tensors)."""
+        with self._plans_lock:
+            for key in [k for k in self._plans if module.uid in k]:
+                del self._plans[key]
 
     def _prefill_forward(self, prompts: list[list[int]], modules: list[LoadedModule | None], *, keep_all: bool = False, rows: list[_Row] | None = None):
         from transformers import DynamicCache
@@ -409,8 +525,7 @@ class Engine:
             )
         finally:
             self.state.layers = {}
-        self._prefill_mask = mask
-        return out, starts
+        return out, starts, mask
 
     def _prefix_cache(self, modules: list[LoadedModule | None], prefix: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         config = self.model.config
@@ -430,24 +545,62 @@ class Engine:
             layers.append((keys, values))
         return layers
 
-    def _decode_step(self) -> None:
+    def _decode_forward(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of ``rows`` on ``cache`` (written in place): (last logits, new mask)."""
         device = self.base.device
-        rows = self._rows
         last = torch.tensor([[r.generated[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.next_position] for r in rows], device=device)
-        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
         self.state.layers = self._plan_for([r.module for r in rows])
         try:
             # the cache's layers write the new keys and values in place (no copy of the cache)
-            out = self.model(
-                input_ids=last, attention_mask=self._mask, position_ids=positions, cache=self._cache, use_cache=True, logits_to_keep=1
-            )
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.state.layers = {}
+        return out.logits[:, -1, :], mask
+
+    def _decode_step(self, *, isolate: bool = True) -> None:
+        rows = self._rows
+        length = self._cache.layers[0].get_seq_length()
+        try:
+            logits, self._mask = self._decode_forward(rows, self._cache, self._mask)
+        except Exception as exc:  # re-raised unless a row explains it
+            # the layers the failed step reached wrote one slot past ``length``: forget it
+            for layer in self._cache.layers:
+                layer.truncate(length)
+            if not isolate:
+                raise
+            culprits = self._decode_culprits(list(range(len(rows))), exc)
+            if not culprits:
+                raise  # no row fails alone: a fault of the batch as a whole
+            for index, error in culprits:
+                self._fail_row(rows[index], error, during="decode")
+            self._retire([index for index, _ in culprits])
+            if self._rows:
+                self._decode_step(isolate=False)
+            return
         for row in rows:
             row.next_position += 1
         self.steps += 1
-        self._sample_and_emit(out.logits[:, -1, :], rows)
+        self._sample_and_emit(logits, rows)
+
+    def _decode_culprits(self, indices: list[int], error: BaseException | None = None) -> list[tuple[int, BaseException]]:
+        """The rows (of ``indices`` into the running batch) whose decode step fails on their own,
+        with their errors. ``error``: the step of all of ``indices`` already failed with it.
+        Halves are tried on copies of their cache, so the running batch stays as it was."""
+        if error is None:
+            rows = [self._rows[i] for i in indices]
+            index = torch.tensor(indices, device=self.base.device)
+            kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _cache_tensors(self._cache)]
+            try:
+                self._decode_forward(rows, _growing_cache(kv, 1), self._mask.index_select(0, index))
+                return []
+            except Exception as exc:  # noqa: BLE001 - any failure marks the group
+                error = exc
+        if len(indices) == 1:
+            return [(indices[0], error)]
+        half = len(indices) // 2
+        return self._decode_culprits(indices[:half]) + self._decode_culprits(indices[half:])
 
     # --- batch bookkeeping ---------------------------------------------------------------------
     def _merge(self, rows: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
@@ -493,24 +646,38 @@ class Engine:
             self.pool.release(row.module)
             row.module = None
 
+    def _fail_row(self, row: _Row, error: BaseException, during: str | None = None) -> None:
+        """End one row's request with ``error`` (the batch it leaves is the caller's business)."""
+        if during is not None and not (isinstance(error, TunehubError) and error.http_status < 500):
+            log.warning("request %s failed alone in a %s step (the other rows go on): %r", row.handle.id, during, error)
+        self._release(row)
+        row.handle._fail(error)
+
     # --- sampling ------------------------------------------------------------------------------
     def _sample_and_emit(self, logits: torch.Tensor, rows: list[_Row]) -> None:
         logits = logits.float()
         greedy = logits.argmax(dim=-1).tolist()
-        finished = []
+        finished: list[_Row] = []
+        failed: list[tuple[_Row, BaseException]] = []
         for i, row in enumerate(rows):
-            if row.params.temperature > 0:
-                token = _sample(logits[i], row.params.temperature, row.params.top_p, row.generator)
-            else:
-                token = greedy[i]
-            self._advance(row, token)
+            try:  # sampling is per row: a row that fails here fails alone
+                if row.generator is not None:
+                    token = _sample(logits[i], row.params.temperature, row.params.top_p, row.generator, row.handle.id)
+                else:
+                    token = greedy[i]
+                self._advance(row, token)
+            except Exception as exc:  # noqa: BLE001 - the row fails with it, alone
+                failed.append((row, exc))
+                continue
             if row.finish_reason is not None:
-                finished.append(i)
+                finished.append(row)
         index_of = {id(r): i for i, r in enumerate(self._rows)}
-        finished_rows = [rows[i] for i in finished]
-        for row in finished_rows:
+        for row in finished:
             self._complete(row)
-        self._retire([index_of[id(r)] for r in finished_rows if id(r) in index_of])
+        for row, error in failed:
+            self._fail_row(row, error, during="sampling")
+        leaving = finished + [row for row, _ in failed]
+        self._retire([index_of[id(r)] for r in leaving if id(r) in index_of])
 
     def _advance(self, row: _Row, token: int) -> None:
         if row.handle.cancelled:
@@ -598,6 +765,11 @@ class _GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length
 
+    def truncate(self, length: int) -> None:
+        """Forget what was written past ``length`` (the next update overwrites it)."""
+        self._length = min(self._length, length)
+        self._expose()
+
 
 def _growing_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> Any:
     from transformers import DynamicCache
@@ -623,8 +795,16 @@ def _left_pad(kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, w
     return padded, torch.cat([pad_mask, mask], dim=1)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator, request_id: str = "") -> int:
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        raise NonFiniteLogits(
+            f"request {request_id}: the logits are not finite (NaN or Inf) at temperature {temperature:g}, so no token can"
+            " be sampled; the module's weights (or this temperature) overflow. Greedy decoding (temperature 0) still answers"
+        )
+    if top_p < SAMPLING_EPSILON:  # a nucleus that small holds the most likely token alone
+        return int(scaled.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cumulative = sorted_probs.cumsum(0)

@@ -10,6 +10,10 @@ Every kind is reduced at load time to what one mixed forward pass needs:
 - prefix: per decoder layer a key and a value prefix (kv_heads x n x head_dim).
 
 A kind the engine cannot mix is refused with :class:`UnsupportedModule`, never served wrong.
+Weights that cannot be served (not a safetensors file, NaN or Inf values, tensors of shapes that
+do not fit the base) are refused at load with :class:`InvalidModuleWeights` or
+:class:`~tunehub.errors.IncompatibleBase`, naming the module and the tensor: the request that
+asked for the module fails (a 4xx), nothing else does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ MIXABLE_KINDS = LOW_RANK_KINDS | PROMPT_KINDS | {ModuleKind.IA3, ModuleKind.PREF
 
 class UnsupportedModule(TunehubError, ValueError):
     """A module the engine cannot apply in a mixed batch (kind, targets or size)."""
+
+    http_status = 422
+
+
+class InvalidModuleWeights(TunehubError, ValueError):
+    """A module whose weights cannot be served: not a readable safetensors file, NaN or Inf
+    values, tensors of impossible shapes. Its bytes matched their sha256 (the reader checks
+    that before a parse error counts), so the module is at fault, not the store: the request
+    for it is refused (422), never a server error."""
 
     http_status = 422
 
@@ -170,11 +183,18 @@ def tensors_from_safetensors(data: bytes | bytearray | memoryview, where: str) -
     return tensors
 
 
+def _parse_module_weights(files: dict[str, bytes | memoryview], name: str) -> dict[str, Any]:
+    try:
+        return parse_weights(files, name)
+    except IntegrityError as exc:  # a malformed module, not a damaged copy (see InvalidModuleWeights)
+        raise InvalidModuleWeights(str(exc)) from None
+
+
 def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, Any]:
     if isinstance(module, ModuleContent):
         if module.parsed is not None:  # parsed by the reader, after its hashes matched
             return module.parsed
-        return parse_weights(module.files, name)
+        return _parse_module_weights(module.files, name)
     try:  # into a writable buffer, which the tensors then view (bytes would be copied once more)
         with open(module.path / WEIGHTS_FILE, "rb", buffering=0) as stream:
             data = bytearray(os.fstat(stream.fileno()).st_size)
@@ -182,7 +202,21 @@ def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, A
                 raise OSError("short read")
     except OSError:
         raise IntegrityError(f"{name} has no readable {WEIGHTS_FILE}") from None
-    return parse_weights({WEIGHTS_FILE: data}, name)
+    return _parse_module_weights({WEIGHTS_FILE: data}, name)
+
+
+def _check_finite(tensors: dict[str, Any], name: str, what: str = "tensor") -> None:
+    """Refuse NaN and Inf: one such value in a row's delta makes that row's logits NaN."""
+    import torch
+
+    for key, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidModuleWeights(f"{name}: {what} {key!r} holds NaN or Inf values")
+
+
+def _check_ndim(tensor: Any, ndim: int, key: str, name: str) -> None:
+    if tensor.dim() != ndim:
+        raise InvalidModuleWeights(f"{name}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {ndim} dimensions")
 
 
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
@@ -209,11 +243,31 @@ class ModuleMaterializer:
         self._uid = 0
 
     def check_base(self, manifest: Manifest, name: str) -> None:
-        if manifest.base.fingerprint != self.base.fingerprint:
+        from tunehub.registry.fingerprint import (
+            is_legacy_fingerprint,
+            short_fingerprint,
+        )
+
+        expected, actual = manifest.base.fingerprint, self.base.fingerprint
+        if expected != actual:
+            # an old manifest's fingerprint (shapes only) cannot tell this base from another of its shape
+            legacy = (" (an older tunehub's fingerprint of the weights' shapes only, which cannot say which"
+                      " weights it was trained on: train it again)") if is_legacy_fingerprint(expected) else ""
             raise IncompatibleBase(
-                f"{name} was trained for base {manifest.base.model_id} (fingerprint"
-                f" {manifest.base.fingerprint[:12]}); this server runs {self.base.name}"
-                f" (fingerprint {self.base.fingerprint[:12]})"
+                f"{name} was trained for base {manifest.base.model_id} (fingerprint {short_fingerprint(expected)})"
+                f"{legacy}; this server runs {self.base.name} (fingerprint {short_fingerprint(actual)})"
+            )
+        tokenizer = manifest.tokenizer
+        carries_tokenizer = manifest.kind is ModuleKind.TOKENIZER or any(
+            part.kind is ModuleKind.TOKENIZER for part in manifest.components
+        )
+        served_tokenizer = self.base.tokenizer_fingerprint
+        # a module with its own tokenizer brings it; every other one runs on the base's tokenizer
+        if tokenizer is not None and not carries_tokenizer and tokenizer.fingerprint != served_tokenizer:
+            raise IncompatibleBase(
+                f"{name} was trained with the tokenizer of base {manifest.base.model_id} (tokenizer fingerprint"
+                f" {short_fingerprint(tokenizer.fingerprint)}); this server runs {self.base.name} with tokenizer"
+                f" fingerprint {short_fingerprint(served_tokenizer)}"
             )
         if manifest.base.vocab_size not in (None, self.base.vocab_size):
             raise IncompatibleBase(f"{name} expects a vocabulary of {manifest.base.vocab_size}, the base has {self.base.vocab_size}")
@@ -231,22 +285,40 @@ class ModuleMaterializer:
         self.admit(manifest, name)
         kind = manifest.kind
         weights = _load_weights(module, name)
+        _check_finite(weights, name)
         self._uid += 1
         loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self._uid)
-        if kind in LOW_RANK_KINDS:
-            self._load_low_rank(loaded, weights, name)
-        elif kind is ModuleKind.IA3:
-            self._load_ia3(loaded, weights, name)
-        elif kind in PROMPT_KINDS:
-            self._load_prompt(loaded, weights, name)
-        else:
-            self._load_prefix(loaded, weights, name)
+        try:
+            if kind in LOW_RANK_KINDS:
+                self._load_low_rank(loaded, weights, name)
+            elif kind is ModuleKind.IA3:
+                self._load_ia3(loaded, weights, name)
+            elif kind in PROMPT_KINDS:
+                self._load_prompt(loaded, weights, name)
+            else:
+                self._load_prefix(loaded, weights, name)
+        except TunehubError:
+            raise
+        except (ArithmeticError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+            # the checks above name what they know; any other shape a module's tensors can take
+            # that torch refuses is still the module's fault, never a server error
+            raise InvalidModuleWeights(f"{name}: its tensors do not form a {kind.value} module for this base ({exc})") from None
+        # what load computed from finite weights can still overflow (DoRA's gain over a zero norm)
+        for layer, delta in loaded.layers.items():
+            _check_finite({"dora_gain": delta.dora_gain}, name, f"the computed {layer}")
+        _check_finite({"prompt": loaded.prompt}, name, "the computed")
         loaded.nbytes = sum(
             _tensor_bytes(t)
             for delta in loaded.layers.values()
             for t in (delta.lora_a, delta.lora_b, delta.dora_gain, delta.in_scale, delta.out_scale)
         ) + _tensor_bytes(loaded.prompt) + sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in loaded.prefix or [])
         return loaded
+
+    def _check_virtual_tokens(self, count: int, name: str) -> None:
+        if not 0 < count < self.base.max_positions:
+            raise UnsupportedModule(
+                f"{name}: {count} virtual tokens; this base's context holds {self.base.max_positions} positions"
+            )
 
     # --- low rank ------------------------------------------------------------------------------
     def _layer(self, layer: str, name: str) -> Any:
@@ -273,6 +345,8 @@ class ModuleMaterializer:
             if "lora_A" not in tensors or "lora_B" not in tensors:
                 raise IntegrityError(f"{name}: layer {layer} lacks lora_A or lora_B")
             target = self._layer(layer, name)
+            _check_ndim(tensors["lora_A"], 2, f"{layer}.lora_A", name)
+            _check_ndim(tensors["lora_B"], 2, f"{layer}.lora_B", name)
             a = tensors["lora_A"].float()
             b = tensors["lora_B"].float()
             rank = int(a.shape[0])
@@ -287,20 +361,27 @@ class ModuleMaterializer:
                 e = tensors.get("lora_E")
                 if e is None:
                     raise IntegrityError(f"{name}: AdaLoRA layer {layer} lacks lora_E")
-                a = a * e.float()  # fold the singular values into A
+                if e.numel() != rank:
+                    raise IncompatibleBase(f"{name}: {layer}.lora_E has shape {tuple(e.shape)}, the layer's rank is {rank}")
+                a = a * e.float().reshape(rank, 1)  # fold the singular values into A
                 scale = alpha / (float(rank) + 1e-5)  # PEFT divides by the live rank (ranknum)
             else:
                 # the tensor's own rank is the layer's rank (rank_pattern is already applied to it)
                 layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
-                scale = layer_alpha / (math.sqrt(rank) if rslora else rank)
+                # rank 0 (AdaLoRA-style pruning, or an empty layer): no delta, and no division by zero
+                scale = layer_alpha / (math.sqrt(rank) if rslora else rank) if rank else 0.0
             delta = LayerDelta(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
             magnitude = tensors.get("lora_magnitude_vector")
             if loaded.kind is ModuleKind.DORA:
                 if magnitude is None:
                     raise IntegrityError(f"{name}: DoRA layer {layer} lacks its magnitude vector")
+                if magnitude.numel() != target.out_features:
+                    raise IncompatibleBase(
+                        f"{name}: {layer}.lora_magnitude_vector has {magnitude.numel()} entries, the layer gives {target.out_features}"
+                    )
                 with torch.no_grad():
                     norm = target.dora_norms(a, b, scale)
-                delta.dora_gain = (magnitude.float() / norm).contiguous()
+                delta.dora_gain = (magnitude.float().reshape(-1) / norm).contiguous()
             loaded.layers[layer] = delta
 
     # --- ia3 -----------------------------------------------------------------------------------
@@ -311,6 +392,8 @@ class ModuleMaterializer:
             if param != "ia3_l":
                 raise UnsupportedModule(f"{name}: unexpected IA3 tensor {key}")
             target = self._layer(layer, name)
+            if tensor.dim() == 0:
+                raise InvalidModuleWeights(f"{name}: tensor {key!r} is a scalar, not an IA3 vector")
             vector = tensor.float().reshape(-1)
             is_ff = tensor.shape[0] == 1 or _matches(feedforward, layer)
             if is_ff:
@@ -327,6 +410,8 @@ class ModuleMaterializer:
         prompt = weights.get("prompt_embeddings")
         if prompt is None:
             raise IntegrityError(f"{name}: no prompt_embeddings in {WEIGHTS_FILE}")
+        _check_ndim(prompt, 2, "prompt_embeddings", name)
+        self._check_virtual_tokens(int(prompt.shape[0]), name)
         prompt = prompt.float()
         if loaded.kind is ModuleKind.MULTITASK_PROMPT:
             cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
@@ -350,7 +435,9 @@ class ModuleMaterializer:
         layers = int(params.get("num_layers") or config.num_hidden_layers)
         heads = int(params.get("num_attention_heads") or getattr(config, "num_key_value_heads", config.num_attention_heads))
         token_dim = int(params.get("token_dim") or config.hidden_size)
+        _check_ndim(prompt, 2, "prompt_embeddings", name)
         n = int(prompt.shape[0])
+        self._check_virtual_tokens(n, name)
         if layers != config.num_hidden_layers or prompt.shape[1] != layers * 2 * token_dim:
             raise IncompatibleBase(f"{name}: prefix of shape {tuple(prompt.shape)} does not fit this base")
         kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)

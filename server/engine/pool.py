@@ -5,7 +5,8 @@ kept under a byte budget with LRU eviction, pins and reference counts.
   ``latest`` is re-resolved after ``alias_ttl_s``, so a promotion takes effect without a restart;
   requests already holding the old version keep it until they release it.
 - A module in use (reference count above zero) or pinned is never evicted. Eviction drops every
-  reference the pool holds, so the module's tensors are freed.
+  reference the pool holds, and ``on_drop`` tells the owner of anything built from the module
+  (the engine's batch plans) to drop it too, so the module's tensors are freed.
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ class ModulePool:
         budget_bytes: int = 1 << 30,
         alias_ttl_s: float = 5.0,
         on_event: Callable[[str, str], None] | None = None,
+        on_drop: Callable[[LoadedModule], None] | None = None,
     ):
+        """``on_event(event, key)``: "load" and "evict" notices (metrics). ``on_drop(module)``:
+        ``module`` left the pool (evicted or unloaded); called with the pool's lock held, so it
+        must not call back into the pool."""
         self.source = source
         self.materialize = materialize
         self.check = check  # check(manifest, key) before any weights are read
         self.budget_bytes = budget_bytes
         self.alias_ttl_s = alias_ttl_s
         self.on_event = on_event or (lambda event, key: None)
+        self.on_drop = on_drop or (lambda module: None)
         self.stats = PoolStats()
         self._entries: OrderedDict[str, PoolEntry] = OrderedDict()  # LRU order: oldest first
         self._aliases: dict[str, tuple[str, float]] = {}  # ref text -> (key, expires)
@@ -186,6 +192,7 @@ class ModulePool:
                 return False
             del self._entries[key]
             self.stats.evictions += 1
+            self.on_drop(entry.module)
         self.on_event("evict", key)
         return True
 
@@ -238,4 +245,5 @@ class ModulePool:
             del self._entries[key]
             total -= entry.module.nbytes
             self.stats.evictions += 1
+            self.on_drop(entry.module)
             self.on_event("evict", key)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tunehub.devices import resolve_compute_dtype
-from tunehub.errors import IncompatibleBase, IntegrityError, ModuleNotFound
+from tests.unit.test_engine_isolation import push_unchecked
+from tunehub.errors import IncompatibleBase, ModuleNotFound
 from tunehub.registry.local import LocalStore
 from tunehub.server.engine import (
     Engine,
@@ -18,6 +19,7 @@ from tunehub.server.engine import (
     UnsupportedModule,
     load_base,
 )
+from tunehub.server.engine.modules import InvalidModuleWeights
 
 pytestmark = pytest.mark.integration
 KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"]
@@ -182,12 +184,13 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
     # a module whose rank is above the engine's maximum
     make_peft_module(tiny_llama_path, tmp_path / "big", "lora", seed=3, r=16)
     store.push(tmp_path / "big", "t/big-rank")
-    # a corrupt safetensors file, pushed with matching hashes (so only the engine can notice)
+    # a corrupt safetensors file with matching hashes, in a store that took it unchecked: the
+    # module is at fault, not the store (a 4xx, not an IntegrityError's 502)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(store.module_root / "lora", corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     _rehash(corrupt)
-    store.push(corrupt, "t/corrupt")
+    push_unchecked(store, corrupt, "t/corrupt")
     # a kind the engine cannot mix
     selective = tmp_path / "selective"
     shutil.copytree(store.module_root / "lora", selective)
@@ -203,7 +206,7 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
     params = SamplingParams(max_tokens=4, stop_token_ids=[])
     cases = {
         "t/big-rank": (UnsupportedModule, "above this server's maximum"),
-        "t/corrupt": (IntegrityError, "safetensors"),
+        "t/corrupt": (InvalidModuleWeights, "^t/corrupt@1: adapter_model.safetensors is not a readable safetensors file"),
         "t/selective": (UnsupportedModule, "selective"),
         "t/other-base": (IncompatibleBase, "fingerprint"),
         "t/missing": (ModuleNotFound, "no module"),
