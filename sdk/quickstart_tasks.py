@@ -159,7 +159,9 @@ TASKS: dict[str, Task] = {
 
 
 def write_task_data(task: Task, folder: Path, *, train_size: int, heldout_size: int, seed: int = 0) -> tuple[Path, list[dict]]:
-    """Write ``<task>-train.jsonl`` (prompt/completion) and return the held-out examples."""
+    """Write ``<task>-train.jsonl`` (prompt/completion) and ``<task>-heldout.jsonl`` (prompt/answer:
+    what the quickstart asks and checks, kept so its accuracy can be checked again); return the
+    held-out examples."""
     rng = random.Random(f"{task.name}-{seed}")
     folder.mkdir(parents=True, exist_ok=True)
     train_path = folder / f"{task.name}-train.jsonl"
@@ -171,6 +173,7 @@ def write_task_data(task: Task, folder: Path, *, train_size: int, heldout_size: 
     for _ in range(heldout_size):
         prompt, answer = task.make(rng, True)
         heldout.append({"prompt": prompt, "answer": answer})
+    (folder / f"{task.name}-heldout.jsonl").write_text("".join(json.dumps(example) + "\n" for example in heldout))
     return train_path, heldout
 
 

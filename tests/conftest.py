@@ -10,6 +10,16 @@ from typing import Callable
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tests_keep_out_of_the_users_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches the code writes by default (weight digests, pulled modules) go to a folder of this
+    test session, never to ~/.cache/tunehub; tests that need their own home still set one."""
+    import os
+
+    if "TUNEHUB_HOME" not in os.environ:
+        os.environ["TUNEHUB_HOME"] = str(tmp_path_factory.mktemp("tunehub-home"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama-shaped causal LM with a byte-level BPE tokenizer, built once per session."""
