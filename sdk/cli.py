@@ -360,14 +360,18 @@ def generate(
     options = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with Client(url, api_key) as client:
         if stream:
+            printed = ""
             with (client.stream_chat(model, prompt, **options) if chat else client.stream_complete(model, prompt, **options)) as s:
                 for chunk in s:
                     typer.echo(chunk.text, nl=False)
-            typer.echo()
+                    printed = (printed + chunk.text)[-1:]
+            if printed != "\n":
+                typer.echo()
             result = s.completion
         else:
             result = client.chat(model, prompt, **options) if chat else client.complete(model, prompt, **options)
-            typer.echo(result.text)
+            # the text as it came, ending with exactly one newline (a module's answer often has one)
+            typer.echo(result.text, nl=not result.text.endswith("\n"))
     fingerprint = (result.base_fingerprint or "")[:12]
     typer.echo(
         f"[{result.model}, base {fingerprint}, {result.finish_reason}, {result.prompt_tokens} prompt +"

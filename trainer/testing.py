@@ -52,6 +52,8 @@ def make_lora_model(
     """An in-memory ``PeftModel`` over the base at ``base_path`` with random non-zero LoRA B matrices."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    from tunehub.trainer.run import peft_deprecations_silenced
     from peft.tuners.lora import LoraLayer
 
     kind = ModuleKind(kind)
@@ -67,7 +69,7 @@ def make_lora_model(
     )
     base = load_base(base_path)
     # PEFT draws the A matrices from the global RNG: seed it, without leaking into the caller's state
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), peft_deprecations_silenced():
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
@@ -124,6 +126,8 @@ def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int 
         get_peft_model,
     )
 
+    from tunehub.trainer.run import peft_deprecations_silenced
+
     kind = ModuleKind(kind)
     task_type = task_type_for(base_path)
     targets = target_modules or "all-linear"
@@ -145,7 +149,7 @@ def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int 
     if kind not in configs:
         raise ConfigError(f"make_peft_model cannot make {kind.value} modules")
     base = load_base(base_path)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), peft_deprecations_silenced():
         torch.manual_seed(seed)
         model = get_peft_model(base, configs[kind]())
     generator = torch.Generator().manual_seed(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -202,9 +201,7 @@ def test_tiny_bert_masked_lm(tiny_bert_path):
 @pytest.mark.parametrize("preset,fixture", [("tiny", "tiny_llama_path"), ("tiny-bert", "tiny_bert_path")])
 def test_build_is_deterministic(preset, fixture, request, tmp_path):
     first = request.getfixturevalue(fixture)
-    start = time.perf_counter()
     again = build_base(tmp_path / "again", preset, seed=0)
-    assert time.perf_counter() - start < 5.0
     other = build_base(tmp_path / "other", preset, seed=1)
     assert sha256(again / "model.safetensors") == sha256(first / "model.safetensors")
     assert sha256(again / "tokenizer.json") == sha256(first / "tokenizer.json")
