@@ -89,3 +89,21 @@ def test_bad_headers_are_integrity_errors_naming_the_file():
             tensors_from_safetensors(data, "acme/x@1: adapter_model.safetensors")
         with pytest.raises(SafetensorError):  # safetensors itself refuses the same files
             load(data)
+
+
+def test_finite_check_names_the_tensor_and_lets_large_finite_values_pass():
+    import torch
+
+    from tunehub.server.engine.modules import InvalidModuleWeights, _check_finite
+
+    # sums that overflow (fp32 near its maximum, fp16 past 65504) are still finite values
+    _check_finite({"big": torch.full((4, 4), 3e38), "half": torch.full((100,), 60000.0, dtype=torch.float16)}, "m")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = torch.ones(5, 5)
+        poisoned[2, 3] = bad
+        with pytest.raises(InvalidModuleWeights) as info:
+            _check_finite({"fine": torch.ones(2), "poisoned": poisoned, "ids": torch.arange(3)}, "m")
+        assert str(info.value) == "m: tensor 'poisoned' holds NaN or Inf values"
+    cancelling = torch.tensor([float("inf"), -float("inf"), 1.0])  # inf - inf: the sum is NaN, caught too
+    with pytest.raises(InvalidModuleWeights, match="'c' holds NaN or Inf"):
+        _check_finite({"c": cancelling}, "m")
