@@ -35,7 +35,6 @@ endpoint that is not huggingface.co unless the environment already says otherwis
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -44,14 +43,52 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
+from tunehub.registry import state as registry_state
+from tunehub.registry.files import sha256_file, write_json_atomic
+from tunehub.registry.manifest import (
+    MANIFEST_FILE,
+    MODEL_CARD_FILE,
+    Manifest,
+    ModuleKind,
+)
+from tunehub.registry.module import (
+    LocalModule,
+    check_module_for_push,
+    install_module,
+    model_card,
+)
+from tunehub.registry.refs import (
+    ModuleRef,
+    is_commit_sha,
+    parse_ref,
+    validate_alias,
+    validate_name,
+    version_of_tag,
+)
+from tunehub.registry.state import (
+    HUB_STATE_SCHEMA,
+    AliasMove,
+    RegistryState,
+    VersionRecord,
+    hub_state_json,
+    parse_hub_state,
+)
+from tunehub.registry.store import (
+    Filters,
+    ModuleStore,
+    VersionInfo,
+    current_actor,
+    tunehub_home,
+    version_info,
+)
+
 from tunehub.errors import (
-    AliasNotFound,
     Conflict,
     IntegrityError,
     InvalidReference,
@@ -60,32 +97,10 @@ from tunehub.errors import (
     TunehubError,
     VersionNotFound,
 )
-from tunehub.registry.files import check_relative_path, is_sha256, sha256_file, write_json_atomic
-from tunehub.registry.manifest import MANIFEST_FILE, MODEL_CARD_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, check_module_for_push, install_module, model_card
-from tunehub.registry.refs import (
-    LATEST,
-    ModuleRef,
-    is_commit_sha,
-    parse_ref,
-    parse_version,
-    validate_alias,
-    validate_name,
-    version_of_tag,
-)
-from tunehub.registry.store import (
-    AliasMove,
-    Filters,
-    ModuleStore,
-    VersionInfo,
-    current_actor,
-    rollback_target,
-    tunehub_home,
-)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 STATE_FILE = ".tunehub/state.json"
-STATE_SCHEMA = 1
+STATE_SCHEMA = HUB_STATE_SCHEMA
 LIST_TAG = "tunehub"  # every card tunehub writes carries it; list() asks the Hub for it
 RESERVED_ALIASES = frozenset({"main"})
 _PUSH_TITLE = "tunehub: push v{version}"
@@ -142,86 +157,34 @@ class _Unreachable(StoreError):
     """The hub did not answer (reads then fall back to the cache)."""
 
 
+_Result = TypeVar("_Result")
+
+
 @dataclass
 class _Snapshot:
     """What the store knows about one repo at one moment."""
 
     repo_id: str
     main: str | None
-    state: dict[str, Any] | None
+    state: RegistryState | None
     tags: dict[str, str] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     online: bool = True
 
     def live(self) -> set[int]:
-        return {parse_version(v) for v in (self.state or {}).get("versions", {})}  # keys checked by _check_state
+        return self.state.live if self.state is not None else set()
 
     def deleted(self) -> set[int]:
-        return set((self.state or {}).get("deleted", []))
+        return self.state.deleted if self.state is not None else set()
 
     def tag_numbers(self) -> set[int]:
         return {n for t in self.tags if (n := version_of_tag(t)) is not None}
 
 
-def _empty_state(repo_id: str) -> dict[str, Any]:
-    return {
-        "schema": STATE_SCHEMA,
-        "module": repo_id,
-        "versions": {},
-        "deleted": [],
-        "aliases": {},
-        "history": [],
-        "yanked": {},
-        "last": None,
-    }
-
-
 def _check_state(raw: Any, repo_id: str) -> dict[str, Any]:
-    """The state file, validated: it comes from the network and decides which paths get written."""
-
-    def corrupt(why: str) -> IntegrityError:
-        return IntegrityError(f"the tunehub state of {repo_id} on the hub is corrupt: {why}")
-
-    if not isinstance(raw, dict):
-        raise corrupt("not a JSON object")
-    if raw.get("schema") != STATE_SCHEMA:
-        raise corrupt(f"schema {raw.get('schema')!r} is not {STATE_SCHEMA} (upgrade tunehub?)")
-    state = _empty_state(repo_id)
-    state.update({k: raw[k] for k in state if k in raw})
-    if not isinstance(state["versions"], dict) or not isinstance(state["aliases"], dict):
-        raise corrupt("versions and aliases must be objects")
-    if not isinstance(state["history"], list) or not isinstance(state["yanked"], dict):
-        raise corrupt("history must be a list and yanked an object")
-    if not isinstance(state["deleted"], list) or not all(isinstance(v, int) for v in state["deleted"]):
-        raise corrupt("deleted must be a list of version numbers")
-    for key, record in state["versions"].items():
-        try:
-            number = parse_version(key)
-        except InvalidReference:
-            raise corrupt(f"version record {key!r} is malformed") from None
-        if not isinstance(record, dict) or record.get("version") != number:
-            raise corrupt(f"version record {key!r} is malformed")
-        files = record.get("files")
-        if not isinstance(files, dict) or MANIFEST_FILE not in files:
-            raise corrupt(f"version {key} lists no files")
-        for path, digest in files.items():
-            try:
-                check_relative_path(path)
-            except ValueError as exc:
-                raise corrupt(f"version {key}: {exc}") from None
-            if not is_sha256(digest) or path.startswith(".tunehub/"):
-                raise corrupt(f"version {key}: bad entry for {path!r}")
-        for name in ("manifest_sha256", "kind", "created_at", "base_fingerprint", "base_model_id"):
-            if not isinstance(record.get(name), str):
-                raise corrupt(f"version {key} has no {name}")
-    for alias, version in state["aliases"].items():
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise corrupt(f"alias {alias!r} does not name a version number")
-    try:
-        [AliasMove(**m) for m in state["history"]]
-    except TypeError:
-        raise corrupt("the alias history is malformed") from None
-    return state
+    """The state file validated (see :func:`~tunehub.registry.state.parse_hub_state`, which
+    raises ``IntegrityError`` when it is corrupt) and written back as the store writes it."""
+    return hub_state_json(parse_hub_state(raw, repo_id), repo_id)
 
 
 class HubStore(ModuleStore):
@@ -331,11 +294,11 @@ class HubStore(ModuleStore):
     def _download_kwargs(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "token": self.token, "cache_dir": self.cache_dir}
 
-    def _read_state(self, repo_id: str, commit: str, *, local_only: bool = False) -> dict[str, Any] | None:
-        from huggingface_hub import hf_hub_download
+    def _read_state(self, repo_id: str, commit: str, *, local_only: bool = False) -> RegistryState | None:
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import hf_hub_download
 
-        remote_missing = getattr(hf_errors, "RemoteEntryNotFoundError", None) or getattr(hf_errors, "EntryNotFoundError")
+        remote_missing = getattr(hf_errors, "RemoteEntryNotFoundError", None) or hf_errors.EntryNotFoundError
         try:
             # by commit sha, never by branch name: a branch can move between HEAD and GET
             path = hf_hub_download(
@@ -347,7 +310,7 @@ class HubStore(ModuleStore):
             raw = json.loads(Path(path).read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise IntegrityError(f"the tunehub state of {repo_id} on the hub is not valid JSON") from None
-        return _check_state(raw, repo_id)
+        return parse_hub_state(raw, repo_id)
 
     def _remembered_path(self, repo_id: str) -> Path:
         namespace, name = repo_id.split("/", 1)
@@ -406,67 +369,19 @@ class HubStore(ModuleStore):
             except StoreError:
                 raise exc from None
 
-    def _require_module(self, ref: ModuleRef, snap: _Snapshot) -> dict[str, Any]:
-        if snap.state is None or not snap.live():
-            hint = " (every version was deleted)" if snap.state is not None and snap.deleted() else ""
-            raise ModuleNotFound(f"no module {self._public_repo(ref)} in {self.uri}{hint}")
-        return snap.state
+    def _require_module(self, ref: ModuleRef, snap: _Snapshot) -> RegistryState:
+        """The module's state; ``ModuleNotFound`` when the repo holds no live version."""
+        state = snap.state if snap.state is not None else RegistryState()
+        registry_state.require_module(state, self._public_repo(ref), self.uri)
+        return state
 
     def _resolve_version(self, ref: ModuleRef, snap: _Snapshot) -> int:
         state = self._require_module(ref, snap)
-        live, deleted, yanked = snap.live(), snap.deleted(), state["yanked"]
-        repo = self._public_repo(ref)
-        if ref.commit is not None:
-            numbers = [n for t, c in snap.tags.items() if c == ref.commit and (n := version_of_tag(t)) is not None]
-            if not numbers:
-                raise VersionNotFound(f"commit {ref.commit[:12]} is not a version of {repo} (no v<N> tag points to it)")
-            version = numbers[0]
-            if version not in live:
-                raise VersionNotFound(f"{repo}@{version} (commit {ref.commit[:12]}) was deleted")
-        elif ref.version is not None:
-            version = ref.version
-            if version in deleted:
-                raise VersionNotFound(f"{repo}@{version} was deleted")
-            if version not in live:
-                raise VersionNotFound(f"{repo} has no version {version} (latest is {max(live)})")
-        elif ref.alias is not None and ref.alias != LATEST:
-            if ref.alias not in state["aliases"]:
-                raise AliasNotFound(f"{repo} has no alias {ref.alias!r}")
-            version = state["aliases"][ref.alias]
-            if version not in live:
-                raise VersionNotFound(f"{repo}@{ref.alias} points to version {version}, which was deleted")
-        else:
-            candidates = [v for v in live if str(v) not in yanked]
-            if not candidates:
-                raise VersionNotFound(f"{repo} has no version that is not yanked")
-            return max(candidates)
-        if str(version) in yanked:
-            reason = yanked[str(version)].get("reason") or "no reason given"
-            raise VersionNotFound(f"{repo}@{version} is yanked ({reason})")
-        return version
+        return registry_state.resolve(state, ref, self._public_repo(ref), snap.tags)
 
     def _info(self, ref: ModuleRef, version: int, snap: _Snapshot) -> VersionInfo:
-        state = snap.state or _empty_state(snap.repo_id)
-        record = state["versions"][str(version)]
-        yank = state["yanked"].get(str(version))
-        return VersionInfo(
-            repo=self._public_repo(ref),
-            version=version,
-            manifest_sha256=record["manifest_sha256"],
-            kind=record["kind"],
-            created_at=record["created_at"],
-            pushed_by=record.get("pushed_by", "unknown"),
-            base_fingerprint=record["base_fingerprint"],
-            base_model_id=record["base_model_id"],
-            task=record.get("task"),
-            objective=record.get("objective"),
-            parent=record.get("parent"),
-            size_bytes=record.get("size_bytes", 0),
-            yanked=yank is not None,
-            yank_reason=(yank or {}).get("reason") if yank else None,
-            aliases=tuple(sorted(a for a, v in state["aliases"].items() if v == version)),
-            commit=snap.tags.get(f"v{version}"),
-        )
+        state = snap.state if snap.state is not None else RegistryState()
+        return version_info(state, state.record(version), self._public_repo(ref), snap.tags.get(f"v{version}"))
 
     def _resolved(self, ref: str | ModuleRef) -> tuple[ModuleRef, str, _Snapshot, VersionInfo]:
         ref, repo_id = self._repo(ref)
@@ -482,28 +397,32 @@ class HubStore(ModuleStore):
     def _backoff(self, attempt: int) -> None:
         time.sleep(random.uniform(0.02, 0.15) * min(attempt + 1, 8))
 
-    def _state_op(self, snap: _Snapshot, state: dict[str, Any]) -> Any:
+    def _state_op(self, repo_id: str, state: RegistryState, last: dict[str, Any]) -> Any:
         from huggingface_hub import CommitOperationAdd
 
-        data = json.dumps(state, indent=1, sort_keys=True).encode() + b"\n"
+        data = json.dumps(hub_state_json(state, repo_id, last), indent=1, sort_keys=True).encode() + b"\n"
         return CommitOperationAdd(path_in_repo=STATE_FILE, path_or_fileobj=data)
 
     def _update_state(
-        self, ref: ModuleRef, repo_id: str, change: Callable[[dict[str, Any], _Snapshot], tuple[Any, str]]
-    ) -> tuple[Any, _Snapshot]:
-        """Read-modify-write of the state as one commit on main, retried when main moved."""
+        self,
+        ref: ModuleRef,
+        repo_id: str,
+        change: Callable[[RegistryState, _Snapshot], tuple[RegistryState, _Result, str]],
+    ) -> tuple[_Result, _Snapshot]:
+        """Apply the pure ``change`` (new state, result, commit title) to the state read from
+        main and commit it with ``parent_commit``: when main moved meanwhile the commit is
+        refused, and the change is retried on the newer state."""
         self._require_online("changing the registry")
         for attempt in range(_MAX_ATTEMPTS):
             snap = self._online_snapshot(repo_id)
-            self._require_module(ref, snap)
-            state = copy.deepcopy(snap.state)
-            result, title = change(state, snap)  # type: ignore[arg-type]
-            state["last"] = {"action": title, "by": current_actor(), "at": _now()}
+            state = self._require_module(ref, snap)
+            new_state, result, title = change(state, snap)
+            last = {"action": title, "by": current_actor(), "at": _now()}
             try:
                 with self._errors("update", repo_id):
                     commit = self.api.create_commit(
                         repo_id,
-                        [self._state_op(snap, state)],
+                        [self._state_op(repo_id, new_state, last)],
                         commit_message=title,
                         revision="main",
                         parent_commit=snap.main,
@@ -511,7 +430,7 @@ class HubStore(ModuleStore):
             except Conflict:
                 self._backoff(attempt)
                 continue
-            snap.main, snap.state = commit.oid, state
+            snap.main, snap.state = commit.oid, new_state
             self._remember(snap)
             return result, snap
         raise Conflict(f"{repo_id} changed too often while updating it; try again")
@@ -591,11 +510,11 @@ class HubStore(ModuleStore):
                         if self._status(exc) != 404:
                             raise
                     snap.tags.pop(tag, None)
-            for alias, version in sorted(state["aliases"].items()):
+            for alias, version in state.aliases:
                 target = snap.tags.get(f"v{version}")
                 if target is not None and alias not in RESERVED_ALIASES:
                     self._move_branch(repo_id, alias, target, snap)
-            managed = {m["alias"] for m in state["history"]} - set(state["aliases"]) - RESERVED_ALIASES
+            managed = {m.alias for m in state.history} - set(state.alias_map) - RESERVED_ALIASES
             for alias in sorted(managed & set(snap.branches)):
                 try:
                     self.api.delete_branch(repo_id, branch=alias)
@@ -625,19 +544,20 @@ class HubStore(ModuleStore):
         manifest = module.manifest
         files = dict(manifest.files)
         files[MANIFEST_FILE] = sha256_file(module.path / MANIFEST_FILE)
-        record: dict[str, Any] = {
-            "manifest_sha256": files[MANIFEST_FILE],
-            "files": files,
-            "kind": manifest.kind.value,
-            "task": manifest.task,
-            "objective": manifest.objective,
-            "parent": manifest.parent,
-            "base_fingerprint": manifest.base.fingerprint,
-            "base_model_id": manifest.base.model_id,
-            "size_bytes": sum((module.path / rel).stat().st_size for rel in files),
-            "created_at": _now(),
-            "pushed_by": current_actor(),
-        }
+        record = VersionRecord(
+            version=0,  # the number is taken below, from the state read at each attempt
+            manifest_sha256=files[MANIFEST_FILE],
+            files=tuple(sorted(files.items())),
+            kind=manifest.kind.value,
+            task=manifest.task,
+            objective=manifest.objective,
+            parent=manifest.parent,
+            base_fingerprint=manifest.base.fingerprint,
+            base_model_id=manifest.base.model_id,
+            size_bytes=sum((module.path / rel).stat().st_size for rel in files),
+            created_at=_now(),
+            pushed_by=current_actor(),
+        )
         self._require_online("push")
         for attempt in range(_MAX_ATTEMPTS):
             try:
@@ -649,11 +569,11 @@ class HubStore(ModuleStore):
             state = snap.state if snap.state is not None else self._adopt(repo_id, snap)
             if snap.state is not None:
                 self._sync_refs(repo_id, snap)
-            version = max(snap.live() | snap.deleted() | snap.tag_numbers() | {0}) + 1
-            new_state = copy.deepcopy(state)
-            new_state["versions"][str(version)] = {**record, "version": version}
-            new_state["last"] = {"action": f"push v{version}", "by": record["pushed_by"], "at": record["created_at"]}
-            operations = self._push_operations(repo_id, module.path, files, manifest, snap, new_state)
+            # a tag left by a push whose state commit was lost still takes its number
+            version = registry_state.next_version(state, snap.tag_numbers())
+            new_state = registry_state.add_version(state, replace(record, version=version))
+            last = {"action": f"push v{version}", "by": record.pushed_by, "at": record.created_at}
+            operations = self._push_operations(repo_id, module.path, files, manifest, snap, new_state, last)
             try:
                 with self._errors("push", repo_id):
                     commit = self.api.create_commit(
@@ -676,7 +596,7 @@ class HubStore(ModuleStore):
             return self._info(ref, version, snap)
         raise Conflict(f"{repo_id} changed too often while pushing to it; try again")
 
-    def _adopt(self, repo_id: str, snap: _Snapshot) -> dict[str, Any]:
+    def _adopt(self, repo_id: str, snap: _Snapshot) -> RegistryState:
         """A repo without tunehub state: fine when empty (just created), refused when it holds files."""
         with self._errors("push", repo_id):
             present = self.api.list_repo_files(repo_id, revision=snap.main) if snap.main else []
@@ -686,7 +606,7 @@ class HubStore(ModuleStore):
                 f"hf repo {repo_id} exists and is not a tunehub module (no {STATE_FILE});"
                 f" it holds {', '.join(foreign[:5])}{'...' if len(foreign) > 5 else ''}: pick another name"
             )
-        return _empty_state(repo_id)
+        return RegistryState()
 
     def _push_operations(
         self,
@@ -695,7 +615,8 @@ class HubStore(ModuleStore):
         files: dict[str, str],
         manifest: Manifest,
         snap: _Snapshot,
-        state: dict[str, Any],
+        state: RegistryState,
+        last: dict[str, Any],
     ) -> list[Any]:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
@@ -710,7 +631,7 @@ class HubStore(ModuleStore):
             # the Hub lists and filters repos by their card; the module brought none, so add one
             card = model_card(manifest, repo_id).encode()
             operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_FILE, path_or_fileobj=card))
-        operations.append(self._state_op(snap, state))
+        operations.append(self._state_op(repo_id, state, last))
         keep = set(files) | {STATE_FILE, ".gitattributes", MODEL_CARD_FILE}
         with self._errors("push", repo_id):
             present = self.api.list_repo_files(repo_id, revision=snap.main) if snap.main else []
@@ -722,11 +643,12 @@ class HubStore(ModuleStore):
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref, repo_id, snap, info = self._resolved(ref)
-        files: dict[str, str] = snap.state["versions"][str(info.version)]["files"]  # type: ignore[index]
+        state = self._require_module(ref, snap)
+        files = state.record(info.version).file_digests
         owned = dest is None  # the modules folder is the store's own; a --dest folder is the user's
         if dest is None:
             dest = self.modules_dir / self.namespace / ref.name / str(info.version)
-        known = {record["manifest_sha256"] for record in snap.state["versions"].values()}  # type: ignore[index]
+        known = {record.manifest_sha256 for record in state.records()}
         snapshot: list[Path] = []  # downloaded on the first file copied: not at all when dest is current
 
         def copy_file(rel: str, target: Path) -> None:
@@ -807,10 +729,10 @@ class HubStore(ModuleStore):
                 state = self._require_module(ref, snap)
             except (ModuleNotFound, IntegrityError):
                 continue
-            candidates = [v for v in snap.live() if str(v) not in state["yanked"]]
-            if not candidates:
+            latest = state.latest_usable()
+            if latest is None:
                 continue
-            info = self._info(ref, max(candidates), snap)
+            info = self._info(ref, latest, snap)
             if filters.match(info):
                 found.append(info)
         return found
@@ -825,19 +747,17 @@ class HubStore(ModuleStore):
     def aliases(self, ref: str | ModuleRef) -> dict[str, int]:
         ref, repo_id = self._repo(ref)
         snap = self._read_snapshot(repo_id)
-        return dict(sorted(self._require_module(ref, snap)["aliases"].items()))
+        return self._require_module(ref, snap).alias_map
 
     def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
         ref, repo_id = self._repo(ref)
         snap = self._read_snapshot(repo_id)
-        moves = [AliasMove(**m) for m in self._require_module(ref, snap)["history"]]
+        moves = self._require_module(ref, snap).history
         return [m for m in moves if alias is None or m.alias == alias]
 
     @staticmethod
     def _check_alias_name(alias: str) -> None:
-        validate_alias(alias)
-        if alias == LATEST:
-            raise Conflict("'latest' is implicit (the newest version that is not yanked) and cannot be moved")
+        registry_state.check_movable_alias(alias)
         if alias in RESERVED_ALIASES or is_commit_sha(alias):
             raise InvalidReference(f"alias {alias!r} is reserved on the Hub (a branch or commit name); pick another")
 
@@ -845,19 +765,11 @@ class HubStore(ModuleStore):
         ref, repo_id = self._repo(ref)
         self._check_alias_name(alias)
 
-        def change(state: dict[str, Any], snap: _Snapshot) -> tuple[AliasMove, str]:
-            version = self._resolve_version(ref, snap)
-            move = AliasMove(
-                alias=alias,
-                action="promote",
-                from_version=state["aliases"].get(alias),
-                to_version=version,
-                by=current_actor(),
-                at=_now(),
+        def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, AliasMove, str]:
+            new_state, move = registry_state.promote(
+                state, ref, alias, self._public_repo(ref), by=current_actor(), at=_now(), tags=snap.tags
             )
-            state["aliases"][alias] = version
-            state["history"].append(move.to_dict())
-            return move, f"tunehub: promote {alias} -> v{version}"
+            return new_state, move, f"tunehub: promote {alias} -> v{move.to_version}"
 
         move, _ = self._update_state(ref, repo_id, change)
         self._sync_latest(repo_id)
@@ -867,23 +779,9 @@ class HubStore(ModuleStore):
         ref, repo_id = self._repo(ref)
         validate_alias(alias)
 
-        def change(state: dict[str, Any], snap: _Snapshot) -> tuple[AliasMove, str]:
-            if alias not in state["aliases"]:
-                raise AliasNotFound(f"{self._public_repo(ref)} has no alias {alias!r}")
-            history = [AliasMove(**m) for m in state["history"]]
-            usable = {v for v in snap.live() if str(v) not in state["yanked"]}
-            _, previous = rollback_target(history, alias, usable)
-            move = AliasMove(
-                alias=alias,
-                action="rollback",
-                from_version=state["aliases"][alias],
-                to_version=previous,
-                by=current_actor(),
-                at=_now(),
-            )
-            state["aliases"][alias] = previous
-            state["history"].append(move.to_dict())
-            return move, f"tunehub: rollback {alias} -> v{previous}"
+        def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, AliasMove, str]:
+            new_state, move = registry_state.rollback(state, alias, self._public_repo(ref), by=current_actor(), at=_now())
+            return new_state, move, f"tunehub: rollback {alias} -> v{move.to_version}"
 
         move, _ = self._update_state(ref, repo_id, change)
         self._sync_latest(repo_id)
@@ -891,15 +789,15 @@ class HubStore(ModuleStore):
 
     def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
         ref, repo_id = self._repo(ref)
-        if ref.version is None:
-            raise Conflict(f"yank takes an exact version (name@N), got {ref}")
         version = ref.version
+        if version is None:
+            raise Conflict(f"yank takes an exact version (name@N), got {ref}")
 
-        def change(state: dict[str, Any], snap: _Snapshot) -> tuple[None, str]:
-            if version not in snap.live():
-                raise VersionNotFound(f"{self._public_repo(ref)} has no version {version}")
-            state["yanked"][str(version)] = {"reason": reason, "by": current_actor(), "at": _now()}
-            return None, f"tunehub: yank v{version}"
+        def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, None, str]:
+            new_state, _ = registry_state.yank(
+                state, version, self._public_repo(ref), reason, by=current_actor(), at=_now()
+            )
+            return new_state, None, f"tunehub: yank v{version}"
 
         _, snap = self._update_state(ref, repo_id, change)
         return self._info(ref, version, snap)
@@ -909,23 +807,10 @@ class HubStore(ModuleStore):
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
 
-        def change(state: dict[str, Any], snap: _Snapshot) -> tuple[list[int], str]:
-            live = snap.live()
-            targets = sorted(live) if ref.version is None else [ref.version]
-            if ref.version is not None and ref.version not in live:
-                raise VersionNotFound(f"{self._public_repo(ref)} has no version {ref.version}")
-            pinned = {a: v for a, v in state["aliases"].items() if v in targets}
-            if pinned and not force:
-                names = ", ".join(f"{a} -> {v}" for a, v in sorted(pinned.items()))
-                raise Conflict(f"aliases point to what would be deleted ({names}); move them first or use --force")
-            for alias in pinned:
-                del state["aliases"][alias]
-            for version in targets:
-                # the number stays taken: it is never handed out again
-                del state["versions"][str(version)]
-                state["yanked"].pop(str(version), None)
-                state["deleted"] = sorted(set(state["deleted"]) | {version})
-            return targets, f"tunehub: delete {', '.join(f'v{v}' for v in targets)}"
+        def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, list[int], str]:
+            # the numbers stay taken: they are never handed out again
+            new_state, targets = registry_state.delete(state, ref.version, self._public_repo(ref), force=force)
+            return new_state, targets, f"tunehub: delete {', '.join(f'v{v}' for v in targets)}"
 
         deleted, _ = self._update_state(ref, repo_id, change)
         self._sync_latest(repo_id)

@@ -38,19 +38,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from tunehub.errors import (
-    AliasNotFound,
-    Conflict,
-    IntegrityError,
-    InvalidReference,
-    ModuleNotFound,
-    StoreError,
-    VersionNotFound,
-)
+from tunehub.registry import state as registry_state
 from tunehub.registry.files import (
-    check_relative_path,
     fsync_dir,
     is_sha256,
     open_regular,
@@ -67,21 +58,37 @@ from tunehub.registry.module import (
     install_module,
     read_verified,
 )
-from tunehub.registry.refs import LATEST, ModuleRef, parse_ref, parse_version, validate_alias
-from tunehub.registry.store import (
+from tunehub.registry.refs import ModuleRef, parse_ref, parse_version, validate_alias
+from tunehub.registry.state import (
     AliasMove,
+    RegistryState,
+    VersionRecord,
+    local_state_json,
+    parse_local_state,
+)
+from tunehub.registry.store import (
     Filters,
     ModuleStore,
     VersionInfo,
     current_actor,
-    rollback_target,
     tunehub_home,
+    version_info,
+)
+
+from tunehub.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidReference,
+    StoreError,
+    VersionNotFound,
 )
 
 _NO_NAMESPACE = "_"  # names start with a letter or digit, so this never collides with one
 _CHUNK = 1 << 20
 _STORE_LOCK = ".store.lock"
-_RECORD_FIELDS = ("manifest_sha256", "kind", "created_at", "base_fingerprint", "base_model_id")
+
+
+_Result = TypeVar("_Result")
 
 
 def _now() -> str:
@@ -133,51 +140,50 @@ class LocalStore(ModuleStore):
                 deleted.add(number)
         return live, deleted
 
-    def _record(self, module_dir: Path, version: int) -> dict[str, Any]:
+    def _record(self, module_dir: Path, version: int) -> VersionRecord:
         path = module_dir / "versions" / f"{version}.json"
         try:
-            record = read_json(path, "version record")
+            raw = read_json(path, "version record")
         except FileNotFoundError:
             raise VersionNotFound(f"version {version} does not exist") from None
-        problem = _record_problem(record, version)
-        if problem:
-            raise IntegrityError(f"version record {path} is corrupt: {problem}")
-        return record  # type: ignore[return-value]
-
-    def _state(self, module_dir: Path) -> dict[str, Any]:
         try:
-            state = read_json(module_dir / "state.json", "module state")
-        except FileNotFoundError:
-            state = {}
-        if not isinstance(state, dict):
-            raise IntegrityError(f"{module_dir / 'state.json'} is corrupt")
-        state.setdefault("aliases", {})
-        state.setdefault("history", [])
-        state.setdefault("yanked", {})
-        aliases, history, yanked = state["aliases"], state["history"], state["yanked"]
-        if (
-            not isinstance(aliases, dict)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in aliases.values())
-            or not isinstance(history, list)
-            or not all(isinstance(m, dict) for m in history)
-            or not isinstance(yanked, dict)
-            or not all(isinstance(y, dict) for y in yanked.values())
-        ):
-            raise IntegrityError(f"{module_dir / 'state.json'} is corrupt: malformed aliases, history or yanks")
-        return state
+            return registry_state.parse_record(raw, version)
+        except ValueError as exc:
+            raise IntegrityError(f"version record {path} is corrupt: {exc}") from None
 
-    @contextmanager
-    def _locked_state(self, module_dir: Path) -> Iterator[dict[str, Any]]:
-        """Read-modify-write of ``state.json`` under an exclusive flock."""
-        module_dir.mkdir(parents=True, exist_ok=True)
+    def _state(self, module_dir: Path) -> RegistryState:
+        """The module's state: version numbers from ``versions/``, the rest from ``state.json``."""
+        live, deleted = self._version_numbers(module_dir)
+        path = module_dir / "state.json"
+        try:
+            raw = read_json(path, "module state")
+        except FileNotFoundError:
+            raw = None
+        return parse_local_state(raw, live, deleted, str(path))
+
+    def _change_state(
+        self,
+        ref: ModuleRef,
+        change: Callable[[RegistryState], tuple[RegistryState, _Result]],
+        before_write: Callable[[RegistryState, _Result], None] | None = None,
+    ) -> _Result:
+        """Apply the pure ``change`` to the module's state under its exclusive flock, then swap
+        ``state.json`` atomically (write aside, fsync, rename). ``before_write`` does the file
+        moves the change implies (delete's tombstones) while the lock is still held."""
+        module_dir = self._module_dir(ref)
+        self._require_module(ref)
         with open(module_dir / ".lock", "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 state = self._state(module_dir)
-                yield state
-                write_json_atomic(module_dir / "state.json", state)
+                self._check_module(ref, state)
+                new_state, result = change(state)
+                if before_write is not None:
+                    before_write(new_state, result)
+                write_json_atomic(module_dir / "state.json", local_state_json(new_state))
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return result
 
     @contextmanager
     def _store_lock(self, *, exclusive: bool) -> Iterator[None]:
@@ -189,60 +195,14 @@ class LocalStore(ModuleStore):
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _info(self, record: dict[str, Any], repo: str, state: dict[str, Any]) -> VersionInfo:
-        version = record["version"]
-        yank = state["yanked"].get(str(version))
-        aliases = tuple(sorted(a for a, v in state["aliases"].items() if v == version))
-        return VersionInfo(
-            repo=repo,
-            version=version,
-            manifest_sha256=record["manifest_sha256"],
-            kind=record["kind"],
-            created_at=record["created_at"],
-            pushed_by=record.get("pushed_by", "unknown"),
-            base_fingerprint=record["base_fingerprint"],
-            base_model_id=record["base_model_id"],
-            task=record.get("task"),
-            objective=record.get("objective"),
-            parent=record.get("parent"),
-            size_bytes=record.get("size_bytes", 0),
-            yanked=yank is not None,
-            yank_reason=(yank or {}).get("reason") if yank else None,
-            aliases=aliases,
-        )
+    def _check_module(self, ref: ModuleRef, state: RegistryState) -> RegistryState:
+        registry_state.require_module(state, repr(ref.repo), self.uri)
+        return state
 
-    def _require_module(self, ref: ModuleRef) -> tuple[Path, set[int], set[int]]:
+    def _require_module(self, ref: ModuleRef) -> tuple[Path, RegistryState]:
+        """The module's folder and state; ``ModuleNotFound`` when it has no live version."""
         module_dir = self._module_dir(ref)
-        live, deleted = self._version_numbers(module_dir)
-        if not live:
-            hint = " (every version was deleted)" if deleted else ""
-            raise ModuleNotFound(f"no module {ref.repo!r} in {self.uri}{hint}")
-        return module_dir, live, deleted
-
-    def _resolve_version(self, ref: ModuleRef, live: set[int], deleted: set[int], state: dict[str, Any]) -> int:
-        yanked = state["yanked"]
-        if ref.version is not None:
-            version = ref.version
-            if version in deleted:
-                raise VersionNotFound(f"{ref.repo}@{version} was deleted")
-            if version not in live:
-                raise VersionNotFound(f"{ref.repo} has no version {version} (latest is {max(live)})")
-        elif ref.alias is not None and ref.alias != LATEST:
-            if ref.alias not in state["aliases"]:
-                known = ", ".join(sorted(state["aliases"])) or "none"
-                raise AliasNotFound(f"{ref.repo} has no alias {ref.alias!r} (aliases: {known})")
-            version = state["aliases"][ref.alias]
-            if version not in live:
-                raise VersionNotFound(f"{ref.repo}@{ref.alias} points to version {version}, which was deleted")
-        else:
-            candidates = [v for v in live if str(v) not in yanked]
-            if not candidates:
-                raise VersionNotFound(f"{ref.repo} has no version that is not yanked")
-            return max(candidates)
-        if str(version) in yanked:
-            reason = yanked[str(version)].get("reason") or "no reason given"
-            raise VersionNotFound(f"{ref.repo}@{version} is yanked ({reason})")
-        return version
+        return module_dir, self._check_module(ref, self._state(module_dir))
 
     # --- blobs ---------------------------------------------------------------------------------
     def _store_blob(self, source: Path, expected: str) -> int:
@@ -328,7 +288,8 @@ class LocalStore(ModuleStore):
         versions_dir = module_dir / "versions"
         versions_dir.mkdir(parents=True, exist_ok=True)
         version = self._claim_version(versions_dir, record)
-        return self._info({**record, "version": version}, ref.repo, self._state(module_dir))
+        stored = registry_state.parse_record({**record, "version": version}, version)
+        return version_info(self._state(module_dir), stored, ref.repo)
 
     def _claim_version(self, versions_dir: Path, record: dict[str, Any]) -> int:
         """Write the record aside and link it to the first free number (atomic, lock-free)."""
@@ -354,17 +315,16 @@ class LocalStore(ModuleStore):
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
         return self._resolve_record(parse_ref(ref))[0]
 
-    def _resolve_record(self, ref: ModuleRef) -> tuple[VersionInfo, dict[str, Any]]:
-        module_dir, live, deleted = self._require_module(ref)
-        state = self._state(module_dir)
-        version = self._resolve_version(ref, live, deleted, state)
+    def _resolve_record(self, ref: ModuleRef) -> tuple[VersionInfo, VersionRecord]:
+        module_dir, state = self._require_module(ref)
+        version = registry_state.resolve(state, ref, ref.repo)
         record = self._record(module_dir, version)
-        return self._info(record, ref.repo, state), record
+        return version_info(state, record, ref.repo), record
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref = parse_ref(ref)
         info, record = self._resolve_record(ref)
-        files: dict[str, str] = record["files"]  # paths and digests checked by _record
+        files = record.file_digests  # paths and digests checked by _record
         owned = dest is None  # the cache folder is the store's own; a --dest folder is the user's
         if dest is None:
             dest = self.cache_dir / (ref.namespace or _NO_NAMESPACE) / ref.name / str(info.version)
@@ -390,7 +350,7 @@ class LocalStore(ModuleStore):
     ) -> ModuleContent:
         """Read straight from the blobs: one read per file, hashed while it is read."""
         info, record = self._resolve_record(parse_ref(ref))
-        digests: dict[str, str] = record["files"]
+        digests = record.file_digests
         wanted = [rel for rel in digests if rel != MANIFEST_FILE] if files is None else [rel for rel in files if rel in digests]
         where = f"{info.ref} in {self.uri}"
         manifest_bytes = self._read_blob(digests.get(MANIFEST_FILE, ""), info.ref)
@@ -449,108 +409,70 @@ class LocalStore(ModuleStore):
         filters = Filters(base=base, kind=kind_value, task=task, namespace=namespace)
         found = []
         for repo, module_dir in self._iter_modules():
-            live, deleted = self._version_numbers(module_dir)
             state = self._state(module_dir)
-            candidates = [v for v in live if str(v) not in state["yanked"]]
-            if not candidates:
+            latest = state.latest_usable()
+            if latest is None:
                 continue
-            info = self._info(self._record(module_dir, max(candidates)), repo, state)
+            info = version_info(state, self._record(module_dir, latest), repo)
             if filters.match(info):
                 found.append(info)
         return found
 
     def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
         ref = parse_ref(ref)
-        module_dir, live, _ = self._require_module(ref)
-        state = self._state(module_dir)
-        infos = [self._info(self._record(module_dir, v), ref.repo, state) for v in sorted(live)]
+        module_dir, state = self._require_module(ref)
+        infos = [version_info(state, self._record(module_dir, v), ref.repo) for v in sorted(state.live)]
         return [i for i in infos if include_yanked or not i.yanked]
 
     def aliases(self, ref: str | ModuleRef) -> dict[str, int]:
         ref = parse_ref(ref)
-        module_dir, _, _ = self._require_module(ref)
-        return dict(sorted(self._state(module_dir)["aliases"].items()))
+        return self._require_module(ref)[1].alias_map
 
     def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
         ref = parse_ref(ref)
-        module_dir, _, _ = self._require_module(ref)
-        moves = [AliasMove(**m) for m in self._state(module_dir)["history"]]
+        moves = self._require_module(ref)[1].history
         return [m for m in moves if alias is None or m.alias == alias]
 
     def promote(self, ref: str | ModuleRef, alias: str) -> AliasMove:
         ref = parse_ref(ref)
-        validate_alias(alias)
-        if alias == LATEST:
-            raise Conflict("'latest' is implicit (the newest version that is not yanked) and cannot be moved")
-        module_dir, live, deleted = self._require_module(ref)
-        with self._locked_state(module_dir) as state:
-            version = self._resolve_version(ref, live, deleted, state)
-            move = AliasMove(
-                alias=alias,
-                action="promote",
-                from_version=state["aliases"].get(alias),
-                to_version=version,
-                by=current_actor(),
-                at=_now(),
-            )
-            state["aliases"][alias] = version
-            state["history"].append(move.to_dict())
-        return move
+        registry_state.check_movable_alias(alias)
+        return self._change_state(
+            ref, lambda state: registry_state.promote(state, ref, alias, ref.repo, by=current_actor(), at=_now())
+        )
 
     def rollback(self, ref: str | ModuleRef, alias: str) -> AliasMove:
         ref = parse_ref(ref)
         validate_alias(alias)
-        module_dir, live, _ = self._require_module(ref)
-        with self._locked_state(module_dir) as state:
-            if alias not in state["aliases"]:
-                raise AliasNotFound(f"{ref.repo} has no alias {alias!r}")
-            history = [AliasMove(**m) for m in state["history"]]
-            usable = {v for v in live if str(v) not in state["yanked"]}
-            current, previous = rollback_target(history, alias, usable)
-            move = AliasMove(
-                alias=alias,
-                action="rollback",
-                from_version=state["aliases"][alias],
-                to_version=previous,
-                by=current_actor(),
-                at=_now(),
-            )
-            state["aliases"][alias] = previous
-            state["history"].append(move.to_dict())
-        return move
+        return self._change_state(
+            ref, lambda state: registry_state.rollback(state, alias, ref.repo, by=current_actor(), at=_now())
+        )
 
     def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
         ref = parse_ref(ref)
-        if ref.version is None:
+        version = ref.version
+        if version is None:
             raise Conflict(f"yank takes an exact version (name@N), got {ref}")
-        module_dir, live, deleted = self._require_module(ref)
-        if ref.version not in live:
-            raise VersionNotFound(f"{ref.repo} has no version {ref.version}")
-        with self._locked_state(module_dir) as state:
-            state["yanked"][str(ref.version)] = {"reason": reason, "by": current_actor(), "at": _now()}
-        return self._info(self._record(module_dir, ref.version), ref.repo, self._state(module_dir))
+        self._change_state(
+            ref, lambda state: registry_state.yank(state, version, ref.repo, reason, by=current_actor(), at=_now())
+        )
+        module_dir, state = self._require_module(ref)
+        return version_info(state, self._record(module_dir, version), ref.repo)
 
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
         ref = parse_ref(ref)
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
-        module_dir, live, _ = self._require_module(ref)
-        targets = sorted(live) if ref.version is None else [ref.version]
-        if ref.version is not None and ref.version not in live:
-            raise VersionNotFound(f"{ref.repo} has no version {ref.version}")
-        with self._locked_state(module_dir) as state:
-            pinned = {a: v for a, v in state["aliases"].items() if v in targets}
-            if pinned and not force:
-                names = ", ".join(f"{a} -> {v}" for a, v in sorted(pinned.items()))
-                raise Conflict(f"aliases point to what would be deleted ({names}); move them first or use --force")
-            for alias in pinned:
-                del state["aliases"][alias]
-            versions_dir = module_dir / "versions"
+        versions_dir = self._module_dir(ref) / "versions"
+
+        def tombstone(_: RegistryState, targets: list[int]) -> None:
+            # the record becomes a tombstone, so the number is never handed out again
             for version in targets:
-                # the record becomes a tombstone, so the number is never handed out again
                 os.replace(versions_dir / f"{version}.json", versions_dir / f"{version}.deleted")
             fsync_dir(versions_dir)
-        return targets
+
+        return self._change_state(
+            ref, lambda state: registry_state.delete(state, ref.version, ref.repo, force=force), tombstone
+        )
 
     def gc(self) -> dict[str, list[str]]:
         """Remove what no live version references, and what killed writers left behind.
@@ -567,7 +489,7 @@ class LocalStore(ModuleStore):
             for module_dir in module_dirs:
                 live, _ = self._version_numbers(module_dir)
                 for version in live:
-                    referenced.update(self._record(module_dir, version)["files"].values())
+                    referenced.update(self._record(module_dir, version).file_digests.values())
             for path in sorted((self.root / "blobs" / "sha256").glob("*/*")):
                 if path.name not in referenced:
                     path.unlink(missing_ok=True)
@@ -598,31 +520,6 @@ class LocalStore(ModuleStore):
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-
-def _record_problem(record: object, version: int) -> str | None:
-    """Why a version record read back from disk cannot be trusted, or None.
-
-    Its file paths decide where pull writes and its digests which blobs are read, so both are
-    checked as strictly as the Hub store checks its state (``check_relative_path``)."""
-    if not isinstance(record, dict) or record.get("version") != version:
-        return "not a record of this version"
-    files = record.get("files")
-    if not isinstance(files, dict) or MANIFEST_FILE not in files:
-        return "it lists no files"
-    for path, digest in files.items():
-        try:
-            check_relative_path(path)
-        except ValueError as exc:
-            return f"unsafe file path: {exc}"
-        if not is_sha256(digest):
-            return f"the digest of {path!r} is not a sha256"
-    for name in _RECORD_FIELDS:
-        if not isinstance(record.get(name), str):
-            return f"no {name}"
-    if record["manifest_sha256"] != files[MANIFEST_FILE]:
-        return "manifest_sha256 disagrees with the file list"
-    return None
 
 
 __all__ = ["LocalStore"]

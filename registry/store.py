@@ -9,10 +9,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from tunehub.errors import ConfigError, Conflict, IntegrityError
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent, check_content, read_verified
+from tunehub.registry.module import (
+    LocalModule,
+    ModuleContent,
+    check_content,
+    read_verified,
+)
 from tunehub.registry.refs import ModuleRef
+
+# AliasMove and the rollback helpers live with the state machine; they stay importable from here
+from tunehub.registry.state import AliasMove as AliasMove
+from tunehub.registry.state import RegistryState, VersionRecord
+from tunehub.registry.state import rollback_target as rollback_target
+from tunehub.registry.state import target_stack as target_stack
+
+from tunehub.errors import ConfigError, IntegrityError
 
 
 @dataclass(frozen=True)
@@ -45,21 +57,6 @@ class VersionInfo:
         data["aliases"] = list(self.aliases)
         data["ref"] = self.ref
         return data
-
-
-@dataclass(frozen=True)
-class AliasMove:
-    """One recorded move of an alias: who moved it, when, from which version to which."""
-
-    alias: str
-    action: str  # "promote" | "rollback"
-    from_version: int | None
-    to_version: int
-    by: str
-    at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -209,52 +206,81 @@ class ModuleStore(ABC):
         raise ConfigError(f"{self.uri} has nothing to collect: gc works on file:// registries")
 
 
-def target_stack(history: list[AliasMove], alias: str) -> list[int]:
-    """Replay an alias's moves: a promote pushes its target, a rollback pops one."""
-    stack: list[int] = []
-    for move in history:
-        if move.alias != alias:
-            continue
-        if move.action == "rollback":
-            # pop back to the target the rollback chose (skipped dead versions go with it)
-            if stack:
-                stack.pop()
-            while stack and stack[-1] != move.to_version:
-                stack.pop()
-            if not stack:
-                stack.append(move.to_version)
-        else:
-            stack.append(move.to_version)
-    return stack
+
+def version_info(state: RegistryState, record: VersionRecord, repo: str, commit: str | None = None) -> VersionInfo:
+    """What a store reports about one version: its record plus its yank and aliases in ``state``."""
+    entry = state.entry(record.version)
+    mark = entry.yank if entry is not None and not entry.deleted else None
+    return VersionInfo(
+        repo=repo,
+        version=record.version,
+        manifest_sha256=record.manifest_sha256,
+        kind=record.kind,
+        created_at=record.created_at,
+        pushed_by=record.pushed_by,
+        base_fingerprint=record.base_fingerprint,
+        base_model_id=record.base_model_id,
+        task=record.task,
+        objective=record.objective,
+        parent=record.parent,
+        size_bytes=record.size_bytes,
+        yanked=mark is not None,
+        yank_reason=mark.reason if mark is not None else None,
+        aliases=state.aliases_of(record.version),
+        commit=commit,
+    )
 
 
-def rollback_target(history: list[AliasMove], alias: str, live: set[int]) -> tuple[int, int]:
-    """(current, previous) targets for a rollback, skipping versions no longer live."""
-    stack = target_stack(history, alias)
-    if not stack:
-        raise Conflict(f"alias {alias!r} has never been set")
-    current = stack[-1]
-    for previous in reversed(stack[:-1]):
-        if previous in live and previous != current:
-            return current, previous
-    raise Conflict(f"alias {alias!r} has no earlier target to roll back to (it points to {current})")
+# --- stores by URI scheme ------------------------------------------------------------------------
+StoreFactory = Callable[..., ModuleStore]
+_STORE_FACTORIES: dict[str, StoreFactory] = {}
+
+
+def register_store(scheme: str, factory: StoreFactory) -> None:
+    """Make ``open_store("SCHEME://REST", **options)`` call ``factory("REST", **options)``.
+
+    A later registration of the same scheme replaces the earlier one (tests register toys).
+    Raises ``ValueError`` for a scheme that is not lowercase letters, digits, '+', '-' or '.'."""
+    if not scheme or not scheme[0].isalpha() or not all(c.isalnum() or c in "+-." for c in scheme) or scheme != scheme.lower():
+        raise ValueError(f"{scheme!r} is not a URI scheme")
+    _STORE_FACTORIES[scheme] = factory
+
+
+def registered_schemes() -> list[str]:
+    """The schemes open_store knows, sorted."""
+    return sorted(_STORE_FACTORIES)
+
+
+def _open_local(path: str, **options: Any) -> ModuleStore:
+    # imported late: local.py imports this module
+    from tunehub.registry.local import LocalStore
+
+    return LocalStore(path, **options)
+
+
+def _open_hub(namespace: str, **options: Any) -> ModuleStore:
+    try:
+        from tunehub.registry.hf import HubStore
+    except ImportError:
+        raise ConfigError("the hf:// registry store is not available in this build of tunehub") from None
+    return HubStore(namespace, **options)
+
+
+register_store("file", _open_local)
+register_store("hf", _open_hub)
 
 
 def open_store(uri: str | None = None, **options: Any) -> ModuleStore:
-    """A store for ``uri``: ``file://PATH`` or a plain path (local), ``hf://NAMESPACE`` (the Hub)."""
+    """A store for ``uri``: ``SCHEME://REST`` through the factory registered for the scheme
+    (``file://PATH``, ``hf://NAMESPACE``), a plain path (local). ``options`` go to the factory.
+
+    Raises ``ConfigError`` for a scheme no store registered."""
     uri = uri or default_registry_uri()
-    if uri.startswith("file://"):
-        from tunehub.registry.local import LocalStore
-
-        return LocalStore(uri[len("file://") :], **options)
-    if uri.startswith("hf://"):
-        try:
-            from tunehub.registry.hf import HubStore  # type: ignore[attr-defined]
-        except ImportError:
-            raise ConfigError("the hf:// registry store is not available in this build of tunehub") from None
-        return HubStore(uri[len("hf://") :], **options)
-    if "://" in uri:
-        raise ConfigError(f"unknown registry scheme in {uri!r}: use file://PATH or hf://NAMESPACE")
-    from tunehub.registry.local import LocalStore
-
-    return LocalStore(uri, **options)
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return _open_local(uri, **options)
+    factory = _STORE_FACTORIES.get(scheme)
+    if factory is None:
+        known = " or ".join(f"{s}://" for s in registered_schemes())
+        raise ConfigError(f"unknown registry scheme in {uri!r}: use file://PATH or hf://NAMESPACE (known: {known})")
+    return factory(rest, **options)

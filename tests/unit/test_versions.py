@@ -9,6 +9,7 @@ import shutil
 import pytest
 from tunehub.registry.hf import _check_state, _Snapshot
 from tunehub.registry.local import LocalStore
+from tunehub.registry.state import parse_hub_state
 from tunehub.sdk import Registry
 from tunehub.sdk.cli import main
 
@@ -75,6 +76,6 @@ def test_hub_state_with_an_odd_version_key_is_corrupt(key, number):
 
 def test_hub_tags_are_versions_only_when_spelled_as_versions():
     tags = {"v1": SHA, "v3": SHA, "v03": SHA, "v²": SHA, "v" + "9" * 40: SHA, "v١": SHA, "release": SHA}
-    snapshot = _Snapshot(repo_id="acme/x", main=SHA, state=_state({"1": 1}), tags=tags)
+    snapshot = _Snapshot(repo_id="acme/x", main=SHA, state=parse_hub_state(_state({"1": 1}), "acme/x"), tags=tags)
     assert snapshot.tag_numbers() == {1, 3}
     assert snapshot.live() == {1}
