@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunehub.devices import ComputeDtype, load_quantized, resolve_compute_dtype
+from tunehub.devices import ComputeDtype, load_quantized
 from tunehub.errors import ConfigError
+from tunehub.quantization import bnb_config
 from tunehub.registry.fingerprint import (
     base_fingerprint,
     folder_tokenizer_fingerprint,
@@ -51,7 +52,7 @@ def load_base(
     matmuls compute in ``compute_dtype`` (auto: bf16 where the hardware does it natively, as
     QLoRA trains them; fp32 on CPUs without native bf16, where it is the faster of the two)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -59,16 +60,9 @@ def load_base(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=resolve_compute_dtype(compute_dtype, device),
-        )
-        kwargs["device_map"] = {"": device}
-    elif quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if quantization != "none":
+        # the same config the trainer loads the base with (tunehub.quantization): train/serve parity
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, device)
         kwargs["device_map"] = {"": device}
     if quantization == "none":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

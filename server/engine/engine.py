@@ -1,10 +1,11 @@
 """The serving engine: one base model, a module pool, mixed batches, continuous batching.
 
-Each row of a batch names its own module (or none). A prefill runs new rows together: prompt
-family rows get their virtual-token embeddings prepended, prefix rows start with their key/value
-prefix in the cache, low-rank and IA3 rows go through the patched linear layers; rows are
-left-padded with masked slots. New rows then join the running batch's cache between decode
-steps, and finished rows leave it, so requests come and go without waiting for each other.
+Each row of a batch names its own module (or none). A prefill runs new rows together: rows whose
+kind brings virtual-token embeddings get them prepended, rows whose kind brings a key/value
+prefix start with it in the cache, and the patched linear layers apply each row's per-layer
+deltas (see :mod:`tunehub.server.engine.kinds`); rows are left-padded with masked slots. New
+rows then join the running batch's cache between decode steps, and finished rows leave it, so
+requests come and go without waiting for each other.
 
 One request fails only itself. Everything that can be checked is checked at admission (token
 ids, sampling parameters; the materialiser checks module tensors at load). A row that still
@@ -28,33 +29,28 @@ from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import DynamicLayer
-
-from tunehub.devices import use_reusing_cpu_allocator
-from tunehub.errors import ConfigError, InvalidRequest, TunehubError
 from tunehub.server.engine.base import LoadedBase
-from tunehub.server.engine.layers import BatchState, build_plan, onednn_linear_works, patch_linear_layers, use_onednn_linears
+from tunehub.server.engine.layers import (
+    BatchState,
+    build_plan,
+    onednn_linear_works,
+    patch_linear_layers,
+    use_onednn_linears,
+)
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
 from tunehub.server.engine.pool import ModulePool, ModuleSource
 
+from tunehub.devices import use_reusing_cpu_allocator
+from tunehub.errors import (  # the engine's errors live in tunehub.errors; imported here under their old names
+    ConfigError,
+    InvalidRequest,
+    NonFiniteLogits,
+    PromptTooLong,
+    RequestCancelled,
+    TunehubError,
+)
+
 log = logging.getLogger("tunehub.engine")
-
-
-class PromptTooLong(TunehubError, ValueError):
-    """The prompt (with the module's virtual tokens) does not fit the base's context."""
-
-    http_status = 400
-
-
-class RequestCancelled(TunehubError):
-    http_status = 499
-
-
-class NonFiniteLogits(TunehubError, ArithmeticError):
-    """A sampled row (temperature > 0) whose logits hold NaN or Inf: a module whose weights
-    are not finite or overflow, or an overflow of the base's dtype. No distribution can be drawn
-    from them; the row fails alone (greedy rows take the argmax and are not affected)."""
-
-    http_status = 422
 
 
 #: temperatures and top_p values below this are treated as their limits (see SamplingParams)
@@ -248,7 +244,7 @@ class Engine:
         max_rank: int = 256,
         alias_ttl_s: float = 5.0,
         gather_s: float = 0.002,
-        cpu_allocator: Literal["auto", "reuse", "default"] = "auto",
+        cpu_allocator: Literal["auto", "reuse", "default"] = "default",
         cpu_linear: Literal["auto", "onednn", "default"] = "auto",
     ):
         """``gather_s``: when the engine is idle and a request arrives, how long it waits for
@@ -256,7 +252,8 @@ class Engine:
         ``cpu_allocator``: "reuse" (what "auto" picks for a base on the CPU) makes glibc keep
         freed memory for the next decode step and the next module instead of faulting in fresh
         pages (:func:`tunehub.devices.use_reusing_cpu_allocator`; it applies to the whole
-        process); "default" leaves the allocator alone.
+        process); "default" (the default: constructing an engine changes nothing process-wide)
+        leaves the allocator alone. The serve entry point passes "auto".
         ``cpu_linear``: "onednn" (what "auto" picks where this torch build has it) serves the
         base's fp32 linear layers on the CPU (of a 4-bit base: its LM head) through oneDNN, each
         weight reordered once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
@@ -487,9 +484,12 @@ class Engine:
         device, dtype = self.base.device, self.base.dtype
         embed = self.model.get_input_embeddings()
         batch = len(prompts)
-        virtual = [m.prompt.shape[0] if (m is not None and m.prompt is not None) else 0 for m in modules]
-        prefix = [m.num_virtual_tokens if (m is not None and m.prefix is not None) else 0 for m in modules]
-        lengths = [v + len(p) for v, p in zip(virtual, prompts)]
+        # the kinds' prefill hooks: embeddings before a row's tokens, key/value prefixes in its cache
+        virtual_embeds = [None if m is None else m.virtual_embeddings() for m in modules]
+        prefixes = [None if m is None else m.cache_prefix() for m in modules]
+        virtual = [0 if e is None else int(e.shape[0]) for e in virtual_embeds]
+        prefix = [int(p[0][0].shape[1]) if p else 0 for p in prefixes]
+        lengths = [v + len(p) for v, p in zip(virtual, prompts, strict=True)]
         width = max(lengths)
         prefix_width = max(prefix)
         hidden = embed.weight.shape[1]
@@ -497,11 +497,11 @@ class Engine:
         positions = torch.zeros(batch, width, dtype=torch.long, device=device)
         mask = torch.zeros(batch, prefix_width + width, dtype=torch.long, device=device)
         starts = []
-        for i, (ids, module) in enumerate(zip(prompts, modules)):
+        for i, ids in enumerate(prompts):
             pad = width - lengths[i]
             tokens = embed(torch.tensor(ids, device=device)).to(dtype)
             if virtual[i]:
-                embeds[i, pad : pad + virtual[i]] = module.prompt.to(device=device, dtype=dtype)
+                embeds[i, pad : pad + virtual[i]] = virtual_embeds[i].to(device=device, dtype=dtype)
             embeds[i, pad + virtual[i] :] = tokens
             # PEFT runs prefix rows with the prefix as cache, so their tokens start at position p
             positions[i, pad:] = torch.arange(prefix[i], prefix[i] + lengths[i], device=device)
@@ -512,7 +512,7 @@ class Engine:
                 rows[i].next_position = prefix[i] + lengths[i]
         cache = DynamicCache()
         if prefix_width:
-            cache = DynamicCache(ddp_cache_data=self._prefix_cache(modules, prefix, prefix_width))
+            cache = DynamicCache(ddp_cache_data=self._prefix_cache(prefixes, prefix, prefix_width))
         self.state.layers = self._plan_for(modules)
         try:
             out = self.model(
@@ -527,19 +527,23 @@ class Engine:
             self.state.layers = {}
         return out, starts, mask
 
-    def _prefix_cache(self, modules: list[LoadedModule | None], prefix: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefix_cache(
+        self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None], prefix: list[int], width: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batch's starting cache: row i's key/value prefix (``prefixes[i]``, ``prefix[i]``
+        slots) right-aligned in ``width`` slots per layer, zeros (masked) elsewhere."""
         config = self.model.config
         kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        batch = len(modules)
+        batch = len(prefixes)
         device, dtype = self.base.device, self.base.dtype
         layers = []
         for layer in range(config.num_hidden_layers):
             keys = torch.zeros(batch, kv_heads, width, head_dim, dtype=dtype, device=device)
             values = torch.zeros_like(keys)
-            for i, module in enumerate(modules):
+            for i, row_prefix in enumerate(prefixes):
                 if prefix[i]:
-                    k, v = module.prefix[layer]
+                    k, v = row_prefix[layer]
                     keys[i, :, width - prefix[i] :] = k.to(device=device, dtype=dtype)
                     values[i, :, width - prefix[i] :] = v.to(device=device, dtype=dtype)
             layers.append((keys, values))
@@ -615,7 +619,7 @@ class Engine:
         self._mask = torch.cat([old_mask, new_mask])
         self._rows = self._rows + list(rows)
         self._cache = _growing_cache(
-            [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv)], self._room()
+            [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv, strict=True)], self._room()
         )
 
     def _room(self) -> int:

@@ -1,23 +1,23 @@
 """Linear layers that apply each batch row's own module in one pass.
 
-For row i with module m_i, a patched layer computes (PEFT's equations, batched):
+Every linear layer inside the decoder blocks is wrapped in :class:`AdaptedLinear`. For a batch,
+the engine sets a :class:`LayerPlan` per layer that some row's module touches; the layer then
+computes, for all rows at once,
 
-    x_i' = x_i * in_scale_i                                   IA3 on feed-forward inputs
-    y_i  = W x_i' (+ bias)                                    the shared base, one call for all rows
-    y_i  = y_i * out_scale_i                                  IA3 elsewhere
-    d_i  = s_i * B_i A_i x_i                                  LoRA / AdaLoRA, one bmm over rows
-    out  = y_i + d_i                                          LoRA
-    out  = y_i + (g_i - 1) (y_i - bias) + g_i d_i             DoRA, g_i = m_i / ||W + s_i B_i A_i||
+    x' = before_k(... before_1(x))                   input transforms of the batch's kind groups
+    y  = W x' (+ bias)                               the shared base, one call for all rows
+    y' = after_k(layer, x', ... after_1(layer, x', y))   output transforms
 
-Rows without a delta at a layer get zero matrices (ranks are zero-padded to the batch's
-largest), so one bmm serves modules of different ranks and target layers.
+where each ``before``/``after`` belongs to one kind group (:mod:`tunehub.server.engine.kinds`)
+and holds stacked per-row tensors (rows of other groups get the identity), so a step costs one
+batched call per group and layer whatever modules the rows use.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,12 +27,19 @@ from tunehub.devices import release_file_pages
 
 @dataclass
 class LayerPlan:
-    in_scale: torch.Tensor | None = None  # (B, 1, in)
-    out_scale: torch.Tensor | None = None  # (B, 1, out)
-    lora_a: torch.Tensor | None = None  # (B, in, R), or (in, R) when every row shares one module
-    lora_b: torch.Tensor | None = None  # (B, R, out), or (R, out)
-    row_scale: torch.Tensor | None = None  # (B, 1, 1): s_i, 0 for rows without a delta here
-    dora_gain: torch.Tensor | None = None  # (B, 1, out): 1 for rows that are not DoRA
+    """What the batch's kind groups do at one layer: ``parts`` (group name -> the group's part,
+    which holds its stacked tensors) and their ``before``/``after`` callables, in group order."""
+
+    parts: dict[str, Any] = field(default_factory=dict)
+    before: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+    after: tuple[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+
+    @classmethod
+    def of(cls, parts: dict[str, Any]) -> "LayerPlan":
+        """The plan applying ``parts`` (each with ``before`` and/or ``after``, None when unused)."""
+        before = tuple(p.before for p in parts.values() if getattr(p, "before", None) is not None)
+        after = tuple(p.after for p in parts.values() if getattr(p, "after", None) is not None)
+        return cls(parts=parts, before=before, after=after)
 
 
 class BatchState:
@@ -112,42 +119,16 @@ class AdaptedLinear(nn.Module):
         self.in_features = int(getattr(base, "in_features", 0) or base.weight.shape[1])
         self.out_features = int(getattr(base, "out_features", 0) or base.weight.shape[0])
 
-    def dora_norms(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-        """Row norms of W + scale * B A in fp32: DoRA's denominator, (out,)."""
-        if isinstance(self.base, OneDNNLinear):
-            # W is held only in oneDNN's layout: expand the square,
-            # ||W_i + s(BA)_i||^2 = ||W_i||^2 + 2s sum_r B_ir (A W^T)_ri + s^2 B_i (A A^T) B_i^T
-            a, b = lora_a.float(), lora_b.float()
-            cross = (b * self.base.times_weight_t(a).t()).sum(dim=1)
-            own = ((b @ (a @ a.t())) * b).sum(dim=1)
-            squared = self.base.row_norms_squared + 2 * scale * cross + scale * scale * own
-            return squared.clamp_min(0).sqrt()
-        from peft.utils.integrations import dequantize_module_weight
-
-        weight = dequantize_module_weight(self.base).float()  # dequantized for 4-bit/8-bit bases
-        return (weight + scale * (lora_b.float() @ lora_a.float())).norm(p=2, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.state.layers.get(self.name)
         if plan is None:
             return self.base(x)
-        if plan.in_scale is not None:
-            x = x * plan.in_scale
+        for transform in plan.before:
+            x = transform(x)
         y = self.base(x)
-        if plan.out_scale is not None:
-            y = y * plan.out_scale
-        if plan.lora_a is None:
-            return y
-        if plan.lora_a.dim() == 2:  # one module for every row: plain matmuls
-            delta = (x @ plan.lora_a) @ plan.lora_b
-        else:
-            delta = torch.bmm(torch.bmm(x, plan.lora_a), plan.lora_b)
-        delta = delta * plan.row_scale
-        if plan.dora_gain is None:
-            return y + delta
-        bias = getattr(self.base, "bias", None)
-        plain = y if bias is None else y - bias
-        return y + (plan.dora_gain - 1) * plain + plan.dora_gain * delta
+        for transform in plan.after:
+            y = transform(self, x, y)
+        return y
 
 
 def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -178,8 +159,11 @@ def _peft_name(name: str) -> str:
 
 
 def build_plan(rows: list[Any], layers: dict[str, AdaptedLinear], device: Any, dtype: Any) -> dict[str, LayerPlan]:
-    """Per-layer stacked tensors for a batch whose row i uses module ``rows[i]`` (or None)."""
-    batch = len(rows)
+    """Per-layer plans for a batch whose row i uses module ``rows[i]`` (a LoadedModule, or None
+    for the base alone): at each layer some module touches, every kind group present in the
+    batch contributes its part (``ServedKind.plan_layer``), groups in registration order."""
+    from tunehub.server.engine import kinds
+
     modules = [m for m in rows if m is not None]
     if not modules:
         return {}
@@ -187,47 +171,20 @@ def build_plan(rows: list[Any], layers: dict[str, AdaptedLinear], device: Any, d
     for module in modules:
         touched.update(module.layers)
     shared = len({id(m) for m in rows}) == 1  # every row on one module
+    present = {id(m.served) for m in modules}
+    batch_groups = [g for g in kinds.groups() if id(g) in present]
+    # each group sees only its own rows' deltas; other rows (other groups, the base) get None
+    row_groups = [None if m is None else m.served for m in rows]
     plans: dict[str, LayerPlan] = {}
     for name in touched:
         layer = layers[name]
-        deltas = [None if m is None else m.layers.get(name) for m in rows]
-        plan = LayerPlan()
-        if any(d is not None and d.in_scale is not None for d in deltas):
-            scale = torch.ones(batch, 1, layer.in_features)
-            for i, d in enumerate(deltas):
-                if d is not None and d.in_scale is not None:
-                    scale[i, 0] = d.in_scale
-            plan.in_scale = scale.to(device=device, dtype=dtype)
-        if any(d is not None and d.out_scale is not None for d in deltas):
-            scale = torch.ones(batch, 1, layer.out_features)
-            for i, d in enumerate(deltas):
-                if d is not None and d.out_scale is not None:
-                    scale[i, 0] = d.out_scale
-            plan.out_scale = scale.to(device=device, dtype=dtype)
-        ranks = [d.rank if d is not None else 0 for d in deltas]
-        max_rank = max(ranks)
-        if max_rank:
-            if shared:
-                d = deltas[0]
-                plan.lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
-                plan.lora_b = d.lora_b.t().contiguous().to(device=device, dtype=dtype)
-            else:
-                a = torch.zeros(batch, layer.in_features, max_rank)
-                b = torch.zeros(batch, max_rank, layer.out_features)
-                for i, d in enumerate(deltas):
-                    if d is not None and d.rank:
-                        a[i, :, : d.rank] = d.lora_a.t()
-                        b[i, : d.rank, :] = d.lora_b.t()
-                plan.lora_a = a.to(device=device, dtype=dtype)
-                plan.lora_b = b.to(device=device, dtype=dtype)
-            plan.row_scale = torch.tensor(
-                [d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device
-            ).view(batch, 1, 1)
-            if any(d is not None and d.dora_gain is not None for d in deltas):
-                gain = torch.ones(batch, 1, layer.out_features)
-                for i, d in enumerate(deltas):
-                    if d is not None and d.dora_gain is not None:
-                        gain[i, 0] = d.dora_gain
-                plan.dora_gain = gain.to(device=device, dtype=dtype)
-        plans[name] = plan
+        parts: dict[str, Any] = {}
+        for group in batch_groups:
+            deltas = [m.layers.get(name) if g is group else None for m, g in zip(rows, row_groups, strict=True)]
+            if all(d is None for d in deltas):
+                continue
+            part = group.plan_layer(deltas, layer, shared, device, dtype)
+            if part is not None:
+                parts[group.name] = part
+        plans[name] = LayerPlan.of(parts)
     return plans

@@ -6,10 +6,6 @@ import shutil
 
 import pytest
 import torch
-
-from tunehub.devices import resolve_compute_dtype
-from tests.unit.test_engine_isolation import push_unchecked
-from tunehub.errors import IncompatibleBase, ModuleNotFound
 from tunehub.registry.local import LocalStore
 from tunehub.server.engine import (
     Engine,
@@ -20,6 +16,10 @@ from tunehub.server.engine import (
     load_base,
 )
 from tunehub.server.engine.modules import InvalidModuleWeights
+
+from tests.unit.test_engine_isolation import push_unchecked
+from tunehub.devices import resolve_compute_dtype
+from tunehub.errors import IncompatibleBase, ModuleNotFound
 
 pytestmark = pytest.mark.integration
 KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"]
@@ -92,7 +92,7 @@ def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, s
     tok = engine.tokenizer
     refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
     prompts = PROMPTS + ["another lora with rank eight"]
-    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(prompts, refs)]
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(prompts, refs, strict=False)]
     logits = engine.logits(rows)
     requests = [
         GenerationRequest(input_ids=ids, module=ref, params=SamplingParams(max_tokens=6, stop_token_ids=[]))
@@ -100,7 +100,7 @@ def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, s
     ]
     results = engine.generate(requests)
     tolerance = 1e-4 if quantization == "none" else 1e-3  # nf4 matmuls compute in bf16
-    for (ids, ref), got, result in zip(rows, logits, results):
+    for (ids, ref), got, result in zip(rows, logits, results, strict=False):
         kind = ref.split("/")[1] if ref else None
         model = _peft_model(tiny_llama_path, store, kind, quantization)
         torch.testing.assert_close(got, _peft_logits(model, kind, ids), atol=tolerance, rtol=0)
@@ -113,16 +113,16 @@ def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, s
 def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
     tok = engine.tokenizer
-    rows = [(tok(p)["input_ids"], f"t/{k}") for p, k in zip(PROMPTS, KINDS)]
+    rows = [(tok(p)["input_ids"], f"t/{k}") for p, k in zip(PROMPTS, KINDS, strict=False)]
     mixed = engine.logits(rows)
-    for row, expected in zip(rows, mixed):
+    for row, expected in zip(rows, mixed, strict=False):
         torch.testing.assert_close(engine.logits([row])[0], expected, atol=1e-5, rtol=0)
     engine.close()
 
 
 def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store, max_batch=4)
-    specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10])]
+    specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10], strict=False)]
     alone = []
     for prompt, ref, n in specs:
         params = SamplingParams(max_tokens=n, stop_token_ids=[])
@@ -132,7 +132,7 @@ def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
         engine.submit(GenerationRequest(prompt=p, module=ref, params=SamplingParams(max_tokens=n, stop_token_ids=[])))
         for p, ref, n in specs
     ]
-    for handle, expected in zip(handles, alone):
+    for handle, expected in zip(handles, alone, strict=False):
         assert handle.result(timeout=60).token_ids == expected
     streamed = engine.submit(GenerationRequest(prompt=PROMPTS[0], module="t/prefix",
                                                params=SamplingParams(max_tokens=5, stop_token_ids=[])))
@@ -212,7 +212,7 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
         "t/missing": (ModuleNotFound, "no module"),
     }
     handles = {ref: engine.submit(GenerationRequest(prompt="we", module=ref, params=params)) for ref in cases}
-    good = [engine.submit(GenerationRequest(prompt=p, module=f"t/{k}", params=params)) for p, k in zip(PROMPTS, KINDS)]
+    good = [engine.submit(GenerationRequest(prompt=p, module=f"t/{k}", params=params)) for p, k in zip(PROMPTS, KINDS, strict=False)]
     too_long = engine.submit(GenerationRequest(input_ids=[5] * 600, params=params))
     for ref, (error, message) in cases.items():
         with pytest.raises(error, match=message):
@@ -279,7 +279,7 @@ def test_isolation_modules_trained_to_answer_differently(tiny_llama_path, tmp_pa
         GenerationRequest(prompt=f"Q: {' '.join(rng.sample(words, 3))}\nA:", module=ref, params=params) for ref in refs
     ]
     rng.shuffle(requests)
-    for request, result in zip(requests, engine.generate(requests)):
+    for request, result in zip(requests, engine.generate(requests), strict=False):
         text = result.text.strip()
         if request.module is None:
             assert not any(text.startswith(a) for a in answers.values()), text
@@ -305,8 +305,8 @@ def test_fp32_cpu_base_serves_through_onednn_linears_with_the_same_logits(tiny_l
     assert not any(n.endswith(("proj.weight", "lm_head.weight")) for n in names) and names
     tok = packed.tokenizer
     refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
-    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS + ["rank eight"], refs)]
-    for got, expected in zip(packed.logits(rows), plain.logits(rows)):
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS + ["rank eight"], refs, strict=False)]
+    for got, expected in zip(packed.logits(rows), plain.logits(rows), strict=False):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     packed.close()
     plain.close()
@@ -325,8 +325,13 @@ def test_nf4_base_keeps_its_4bit_layers_and_packs_only_its_fp32_head(tiny_llama_
 
 def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
     from torch import nn
-
-    from tunehub.server.engine.layers import AdaptedLinear, BatchState, OneDNNLinear, onednn_linear_works
+    from tunehub.server.engine.kinds.low_rank import dora_norms
+    from tunehub.server.engine.layers import (
+        AdaptedLinear,
+        BatchState,
+        OneDNNLinear,
+        onednn_linear_works,
+    )
 
     onednn_linear_works.cache_clear()
     torch.manual_seed(0)
@@ -345,7 +350,7 @@ def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
             for scale in (0.0, 0.5, 2.0):
                 expected = (dense.weight + scale * (b @ a)).norm(p=2, dim=1)
                 for base in (dense, packed):
-                    got = AdaptedLinear("x", base, BatchState()).dora_norms(a, b, scale)
+                    got = dora_norms(AdaptedLinear("x", base, BatchState()), a, b, scale)
                     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,147 @@
+"""Module kinds the engine serves, one file per group. A group's file defines a
+:class:`ServedKind` and calls :func:`register_kind`; :func:`discover` imports every file here,
+so adding a kind is adding a file (the engine core names no kind).
+
+A group says, for its :class:`~tunehub.registry.manifest.ModuleKind` values:
+
+- ``materialize``: how a verified module's tensors become what the engine keeps (a
+  :class:`~tunehub.server.engine.modules.LoadedModule`'s per-layer ``layers`` and its ``data``),
+  with the group's validation; the materialiser has already refused non-finite weights;
+- ``plan_layer``: what the group contributes, at one linear layer, to a mixed batch's plan: a
+  part whose ``before(x)`` / ``after(layer, x, y)`` the patched layer calls around the base
+  (see :class:`~tunehub.server.engine.layers.LayerPlan`); built once per batch composition;
+- ``virtual_embeddings`` / ``cache_prefix``: the prefill hooks, embeddings prepended to a row's
+  tokens and per-layer key/value prefixes that a row's tokens attend to.
+
+A kind no group registers is refused with :class:`~tunehub.server.engine.modules.UnsupportedModule`
+and the message :func:`refusal` writes (the one place that says what to do instead).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+from tunehub.registry.manifest import Manifest, ModuleKind
+
+if TYPE_CHECKING:
+    import torch
+    from tunehub.server.engine.layers import AdaptedLinear
+    from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
+
+
+class ServedKind:
+    """One group of kinds the engine serves. Subclass it, set ``name`` and ``kinds``, override
+    ``materialize`` and whichever hooks the group uses (the defaults contribute nothing)."""
+
+    name: str = ""
+    kinds: tuple[ModuleKind, ...] = ()
+
+    def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        """Fill ``loaded.layers`` (layer name -> this group's delta) and/or ``loaded.data`` from
+        ``weights`` (finite tensors of the verified module ``name``).
+
+        Raises UnsupportedModule, IncompatibleBase, InvalidModuleWeights or IntegrityError naming
+        the module; any other error torch raises on the tensors becomes InvalidModuleWeights."""
+        raise NotImplementedError
+
+    def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> Any | None:
+        """This group's part of one layer's plan, or None. ``deltas[i]``: row i's delta at this
+        layer when row i's module is of this group, else None (at least one is not None).
+        ``shared``: every row of the batch uses one module. The part has ``before`` and/or
+        ``after`` callables (None when unused)."""
+        return None
+
+    def virtual_embeddings(self, module: LoadedModule) -> torch.Tensor | None:
+        """(n, hidden) embeddings prefilled before the row's own tokens, or None."""
+        return None
+
+    def cache_prefix(self, module: LoadedModule) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per decoder layer (keys, values) of shape (kv_heads, n, head_dim) that the row's tokens
+        attend to as if already in the cache (its tokens start at position n), or None."""
+        return None
+
+
+#: kinds no group serves yet, and what to do with such a module instead (the one place)
+NOT_SERVABLE: dict[ModuleKind, str] = {
+    ModuleKind.FULL: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
+    ModuleKind.SELECTIVE: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
+    ModuleKind.BOTTLENECK: "bottleneck adapters are not servable yet: serve it with PEFT, or train a lora module instead",
+    ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
+    ModuleKind.TEMPLATE: "template modules are not servable yet: apply the template in the client's prompt",
+}
+
+_GROUPS: dict[str, ServedKind] = {}
+_BY_KIND: dict[ModuleKind, ServedKind] = {}
+_LOCK = threading.Lock()  # registration may race the engine thread's look-ups in tests
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_discovered = False
+
+
+def register_kind(group: ServedKind) -> ServedKind:
+    """Add ``group`` for its kinds (order of registration is the order in which groups apply at
+    a layer). Raises ValueError for a bad name or a kind another group already serves."""
+    if not _NAME.fullmatch(group.name or ""):
+        raise ValueError(f"kind group name {group.name!r} must be lowercase letters, digits and '_'")
+    with _LOCK:
+        if group.name in _GROUPS and _GROUPS[group.name] is not group:
+            raise ValueError(f"kind group {group.name!r} is registered twice")
+        for kind in group.kinds:
+            owner = _BY_KIND.get(kind)
+            if owner is not None and owner is not group:
+                raise ValueError(f"kind {kind.value} is already served by group {owner.name!r}")
+        _GROUPS[group.name] = group
+        for kind in group.kinds:
+            _BY_KIND[kind] = group
+    return group
+
+
+def unregister_kind(group: ServedKind) -> None:
+    """Remove ``group`` (tests that register a kind of their own)."""
+    with _LOCK:
+        if _GROUPS.get(group.name) is group:
+            del _GROUPS[group.name]
+        for kind in [k for k, g in _BY_KIND.items() if g is group]:
+            del _BY_KIND[kind]
+
+
+def discover() -> None:
+    """Import every group file under this package (each registers itself), once."""
+    global _discovered
+    if _discovered:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True
+
+
+def served_kind(kind: ModuleKind) -> ServedKind | None:
+    """The group that serves ``kind``, or None when the engine cannot serve it."""
+    discover()
+    return _BY_KIND.get(kind)
+
+
+def groups() -> list[ServedKind]:
+    """The registered groups, in registration order."""
+    discover()
+    with _LOCK:
+        return list(_GROUPS.values())
+
+
+def carries_tokenizer(manifest: Manifest) -> bool:
+    """Whether ``manifest``'s module (or one of its components) brings its own tokenizer, so the
+    base's tokenizer fingerprint need not match the one it was trained with."""
+    return manifest.kind is ModuleKind.TOKENIZER or any(part.kind is ModuleKind.TOKENIZER for part in manifest.components)
+
+
+def refusal(kind: ModuleKind, name: str) -> str:
+    """The message refusing module ``name`` of an unservable ``kind``."""
+    message = f"{name}: modules of kind {kind.value} cannot be served in mixed batches yet"
+    instead = NOT_SERVABLE.get(kind)
+    return f"{message}; {instead}" if instead else message
+
+
+__all__ = ["NOT_SERVABLE", "ServedKind", "carries_tokenizer", "discover", "groups", "refusal", "register_kind", "served_kind", "unregister_kind"]

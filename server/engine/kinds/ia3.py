@@ -1,0 +1,105 @@
+"""ia3: per layer a learned vector that scales the layer's input (feed-forward layers) or its
+output (elsewhere), as PEFT applies it:
+
+    x_i' = x_i * in_scale_i          before the base, on feed-forward layers
+    y_i  = y_i * out_scale_i         after the base, elsewhere
+
+Rows of other modules get ones, so one elementwise product serves the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tunehub.registry.manifest import ModuleKind
+from tunehub.server.engine.kinds import ServedKind, register_kind
+from tunehub.server.engine.layers import AdaptedLinear
+from tunehub.server.engine.modules import (
+    InvalidModuleWeights,
+    LoadedModule,
+    ModuleMaterializer,
+    UnsupportedModule,
+    layer_and_param,
+)
+
+from tunehub.errors import IncompatibleBase
+
+
+@dataclass
+class IA3Delta:
+    """What one IA3 module does to one linear layer (one of the two is set)."""
+
+    in_scale: Any = None  # (in,): IA3 on feed-forward layers scales the input
+    out_scale: Any = None  # (out,): IA3 elsewhere scales the output
+
+
+class IA3Part:
+    """A batch's IA3 vectors at one layer; ``before``/``after`` are None where no row scales."""
+
+    def __init__(self, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None):
+        self.in_scale = in_scale  # (B, 1, in)
+        self.out_scale = out_scale  # (B, 1, out)
+        # an unused transform is None on the instance (it shadows the method): the layer skips it
+        if in_scale is None:
+            self.before = None
+        if out_scale is None:
+            self.after = None
+
+    def before(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.in_scale
+
+    def after(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y * self.out_scale
+
+
+def _matches(names: set[str], layer: str) -> bool:
+    return any(layer == n or layer.endswith("." + n) for n in names)
+
+
+class IA3(ServedKind):
+    name = "ia3"
+    kinds = (ModuleKind.IA3,)
+
+    def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        feedforward = set(loaded.manifest.params.get("feedforward_modules") or [])
+        for key, tensor in weights.items():
+            layer, param = layer_and_param(key)
+            if param != "ia3_l":
+                raise UnsupportedModule(f"{name}: unexpected IA3 tensor {key}")
+            target = materializer.target_layer(layer, name)
+            if tensor.dim() == 0:
+                raise InvalidModuleWeights(f"{name}: tensor {key!r} is a scalar, not an IA3 vector")
+            vector = tensor.float().reshape(-1)
+            is_ff = tensor.shape[0] == 1 or _matches(feedforward, layer)
+            if is_ff:
+                if vector.numel() != target.in_features:
+                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer takes {target.in_features}")
+                loaded.layers[layer] = IA3Delta(in_scale=vector.contiguous())
+            else:
+                if vector.numel() != target.out_features:
+                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer gives {target.out_features}")
+                loaded.layers[layer] = IA3Delta(out_scale=vector.contiguous())
+
+    def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> IA3Part | None:
+        batch = len(deltas)
+        in_scale = out_scale = None
+        if any(d is not None and d.in_scale is not None for d in deltas):
+            scale = torch.ones(batch, 1, layer.in_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.in_scale is not None:
+                    scale[i, 0] = d.in_scale
+            in_scale = scale.to(device=device, dtype=dtype)
+        if any(d is not None and d.out_scale is not None for d in deltas):
+            scale = torch.ones(batch, 1, layer.out_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.out_scale is not None:
+                    scale[i, 0] = d.out_scale
+            out_scale = scale.to(device=device, dtype=dtype)
+        if in_scale is None and out_scale is None:
+            return None
+        return IA3Part(in_scale, out_scale)
+
+
+register_kind(IA3())

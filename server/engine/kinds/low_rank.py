@@ -1,0 +1,197 @@
+"""lora, dora, adalora: low-rank deltas of linear layers.
+
+At load, per layer ``A`` (r x in), ``B`` (out x r) and a scale; AdaLoRA's ``E`` is folded into
+``A``; DoRA's per-output magnitude over the row norm of ``W + s B A`` is precomputed as
+``dora_gain`` (PEFT detaches that norm, so it is a constant at inference).
+
+In a batch, for row i with module m_i (PEFT's equations, batched):
+
+    d_i  = s_i * B_i A_i x_i                                  one bmm over rows
+    out  = y_i + d_i                                          LoRA, AdaLoRA
+    out  = y_i + (g_i - 1) (y_i - bias) + g_i d_i             DoRA, g_i = m_i / ||W + s_i B_i A_i||
+
+Rows without a delta at a layer get zero matrices (ranks are zero-padded to the batch's
+largest), so one bmm serves modules of different ranks and target layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tunehub.registry.manifest import ModuleKind
+from tunehub.server.engine.kinds import ServedKind, register_kind
+from tunehub.server.engine.layers import AdaptedLinear, OneDNNLinear
+from tunehub.server.engine.modules import (
+    LoadedModule,
+    ModuleMaterializer,
+    UnsupportedModule,
+    check_finite,
+    check_ndim,
+    layer_and_param,
+)
+
+from tunehub.errors import IncompatibleBase, IntegrityError
+
+
+@dataclass
+class LayerDelta:
+    """What one low-rank module does to one linear layer."""
+
+    lora_a: Any = None  # (r, in)
+    lora_b: Any = None  # (out, r)
+    scale: float = 0.0
+    dora_gain: Any = None  # (out,): magnitude / ||W + s B A||_row
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_a is None else int(self.lora_a.shape[0])
+
+
+class LowRankPart:
+    """A batch's low-rank deltas at one layer: added after the base."""
+
+    __slots__ = ("lora_a", "lora_b", "row_scale", "dora_gain")
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, row_scale: torch.Tensor, dora_gain: torch.Tensor | None):
+        self.lora_a = lora_a  # (B, in, R), or (in, R) when every row shares one module
+        self.lora_b = lora_b  # (B, R, out), or (R, out)
+        self.row_scale = row_scale  # (B, 1, 1): s_i, 0 for rows without a delta here
+        self.dora_gain = dora_gain  # (B, 1, out): 1 for rows that are not DoRA
+
+    def after(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.lora_a.dim() == 2:  # one module for every row: plain matmuls
+            delta = (x @ self.lora_a) @ self.lora_b
+        else:
+            delta = torch.bmm(torch.bmm(x, self.lora_a), self.lora_b)
+        delta = delta * self.row_scale
+        if self.dora_gain is None:
+            return y + delta
+        bias = getattr(layer.base, "bias", None)
+        plain = y if bias is None else y - bias
+        return y + (self.dora_gain - 1) * plain + self.dora_gain * delta
+
+
+def dora_norms(layer: AdaptedLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms of W + scale * B A in fp32 for ``layer``'s base weight: DoRA's denominator, (out,)."""
+    base = layer.base
+    if isinstance(base, OneDNNLinear):
+        # W is held only in oneDNN's layout: expand the square,
+        # ||W_i + s(BA)_i||^2 = ||W_i||^2 + 2s sum_r B_ir (A W^T)_ri + s^2 B_i (A A^T) B_i^T
+        a, b = lora_a.float(), lora_b.float()
+        cross = (b * base.times_weight_t(a).t()).sum(dim=1)
+        own = ((b @ (a @ a.t())) * b).sum(dim=1)
+        squared = base.row_norms_squared + 2 * scale * cross + scale * scale * own
+        return squared.clamp_min(0).sqrt()
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight = dequantize_module_weight(base).float()  # dequantized for 4-bit/8-bit bases
+    return (weight + scale * (lora_b.float() @ lora_a.float())).norm(p=2, dim=1)
+
+
+def _pattern(pattern: dict[str, Any], layer: str, default: Any) -> Any:
+    # PEFT matches rank/alpha patterns by key suffix
+    for key, value in pattern.items():
+        if layer == key or layer.endswith("." + key) or re.fullmatch(key, layer):
+            return value
+    return default
+
+
+class LowRank(ServedKind):
+    name = "low_rank"
+    kinds = (ModuleKind.LORA, ModuleKind.DORA, ModuleKind.ADALORA)
+
+    def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
+        params = loaded.manifest.params
+        if params.get("modules_to_save"):
+            raise UnsupportedModule(f"{name} trains whole modules ({params['modules_to_save']}); the engine mixes deltas only")
+        grouped: dict[str, dict[str, Any]] = {}
+        for key, tensor in weights.items():
+            layer, param = layer_and_param(key)
+            grouped.setdefault(layer, {})[param] = tensor
+        alpha = float(params.get("lora_alpha", 8))
+        alpha_pattern = params.get("alpha_pattern") or {}
+        rslora = bool(params.get("use_rslora", False))
+        adalora = loaded.kind is ModuleKind.ADALORA
+        for layer, tensors in grouped.items():
+            if "lora_A" not in tensors or "lora_B" not in tensors:
+                raise IntegrityError(f"{name}: layer {layer} lacks lora_A or lora_B")
+            target = materializer.target_layer(layer, name)
+            check_ndim(tensors["lora_A"], 2, f"{layer}.lora_A", name)
+            check_ndim(tensors["lora_B"], 2, f"{layer}.lora_B", name)
+            a = tensors["lora_A"].float()
+            b = tensors["lora_B"].float()
+            rank = int(a.shape[0])
+            if rank > materializer.max_rank:
+                raise UnsupportedModule(f"{name}: rank {rank} at {layer} is above this server's maximum of {materializer.max_rank}")
+            if a.shape[1] != target.in_features or b.shape[0] != target.out_features or b.shape[1] != rank:
+                raise IncompatibleBase(
+                    f"{name}: {layer} has shapes {tuple(a.shape)}/{tuple(b.shape)}, the base layer is"
+                    f" {target.in_features} -> {target.out_features}"
+                )
+            if adalora:
+                e = tensors.get("lora_E")
+                if e is None:
+                    raise IntegrityError(f"{name}: AdaLoRA layer {layer} lacks lora_E")
+                if e.numel() != rank:
+                    raise IncompatibleBase(f"{name}: {layer}.lora_E has shape {tuple(e.shape)}, the layer's rank is {rank}")
+                a = a * e.float().reshape(rank, 1)  # fold the singular values into A
+                scale = alpha / (float(rank) + 1e-5)  # PEFT divides by the live rank (ranknum)
+            else:
+                # the tensor's own rank is the layer's rank (rank_pattern is already applied to it)
+                layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
+                # rank 0 (AdaLoRA-style pruning, or an empty layer): no delta, and no division by zero
+                scale = layer_alpha / (math.sqrt(rank) if rslora else rank) if rank else 0.0
+            delta = LayerDelta(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
+            magnitude = tensors.get("lora_magnitude_vector")
+            if loaded.kind is ModuleKind.DORA:
+                if magnitude is None:
+                    raise IntegrityError(f"{name}: DoRA layer {layer} lacks its magnitude vector")
+                if magnitude.numel() != target.out_features:
+                    raise IncompatibleBase(
+                        f"{name}: {layer}.lora_magnitude_vector has {magnitude.numel()} entries, the layer gives {target.out_features}"
+                    )
+                with torch.no_grad():
+                    norm = dora_norms(target, a, b, scale)
+                delta.dora_gain = (magnitude.float().reshape(-1) / norm).contiguous()
+            loaded.layers[layer] = delta
+        # what load computed from finite weights can still overflow (DoRA's gain over a zero norm)
+        for layer, delta in loaded.layers.items():
+            check_finite({"dora_gain": delta.dora_gain}, name, f"the computed {layer}")
+
+    def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> LowRankPart | None:
+        batch = len(deltas)
+        ranks = [d.rank if d is not None else 0 for d in deltas]
+        max_rank = max(ranks)
+        if not max_rank:
+            return None
+        if shared:
+            d = deltas[0]
+            lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
+            lora_b = d.lora_b.t().contiguous().to(device=device, dtype=dtype)
+        else:
+            a = torch.zeros(batch, layer.in_features, max_rank)
+            b = torch.zeros(batch, max_rank, layer.out_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.rank:
+                    a[i, :, : d.rank] = d.lora_a.t()
+                    b[i, : d.rank, :] = d.lora_b.t()
+            lora_a = a.to(device=device, dtype=dtype)
+            lora_b = b.to(device=device, dtype=dtype)
+        row_scale = torch.tensor(
+            [d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device
+        ).view(batch, 1, 1)
+        dora_gain = None
+        if any(d is not None and d.dora_gain is not None for d in deltas):
+            gain = torch.ones(batch, 1, layer.out_features)
+            for i, d in enumerate(deltas):
+                if d is not None and d.dora_gain is not None:
+                    gain[i, 0] = d.dora_gain
+            dora_gain = gain.to(device=device, dtype=dtype)
+        return LowRankPart(lora_a, lora_b, row_scale, dora_gain)
+
+
+register_kind(LowRank())
