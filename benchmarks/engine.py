@@ -335,7 +335,7 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     loras = [f"lora-{i}" for i in range(sizes.batch)]
 
     base = load_base(spec["base"], quantization=spec["quantization"])
-    engine = Engine(base, store, max_batch=sizes.batch, pool_bytes=1 << 34)
+    engine = Engine(base, store, max_batch=sizes.batch, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
     # PEFT gets its own, unpatched copy of the identical base (same loader, same quantization)
     peft_base = load_base(spec["base"], quantization=spec["quantization"])
     peft = PeftModel.from_pretrained(peft_base.model, folders[loras[0]], adapter_name=loras[0])
@@ -619,7 +619,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     store = LocalStore(spec["registry"], cache_dir=cache)
     folders: dict[str, str] = spec["folders"]
     base = load_base(spec["base"], quantization=spec["quantization"])
-    engine = Engine(base, store, pool_bytes=1 << 34)
+    engine = Engine(base, store, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
     names = [f"lora-{i}" for i in range(sizes.cold_modules)]
 
     def blobs(folder: Path) -> tuple[list[Path], Path]:
@@ -761,7 +761,7 @@ def worker_zipf(spec: dict[str, Any]) -> dict[str, Any]:
     work = Path(spec["work"])
     store = LocalStore(spec["registry"], cache_dir=work / f"cache-zipf-{os.getpid()}")
     base = load_base(spec["base"], quantization="none")  # the pool's work does not touch base weights for LoRA
-    engine = Engine(base, store, pool_bytes=1 << 34)
+    engine = Engine(base, store, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
     pool = engine.pool
     names = [f"zipf/m-{i:04d}" for i in range(sizes.zipf_modules)]
 

@@ -55,7 +55,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -1783,8 +1783,11 @@ def serve(
     token_file: str | Path | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     verbose: bool = False,
+    announce: Callable[[str], Any] | None = None,
 ) -> None:
-    """Serve ``root`` until interrupted (SIGINT/SIGTERM end it cleanly)."""
+    """Serve ``root`` until interrupted (SIGINT/SIGTERM end it cleanly). ``announce`` gets the
+    line saying where it serves (the CLI prints it); by default it is logged at INFO."""
+    import logging
     import signal
 
     server = make_server(
@@ -1796,7 +1799,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     auth = f"writes need one of {len(server.config.tokens)} token(s)" if server.config.tokens else "no token needed"
-    print(f"tunehub hub serving {server.storage.root} on {server.url} ({auth})", flush=True)
+    (announce or logging.getLogger("tunehub.hub").info)(f"tunehub hub serving {server.storage.root} on {server.url} ({auth})")
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

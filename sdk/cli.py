@@ -39,6 +39,25 @@ RegistryOption = typer.Option(
 JsonOption = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (same as TUNEHUB_LOG_LEVEL=debug)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only (TUNEHUB_LOG_LEVEL=warning)"),
+) -> None:
+    """Train task modules on one base model, version them, serve them all at once."""
+    from tunehub.logs import LOG_LEVEL_ENV, configure_logging, level_from_flags
+
+    try:
+        level = level_from_flags(verbose, quiet)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if level is not None:
+        # the user's choice, for this process and the ones it starts (the serve child and its
+        # worker, accelerate's ranks), which configure their logging from the environment
+        os.environ[LOG_LEVEL_ENV] = level
+    configure_logging(level)
+
+
 def _registry(uri: str | None):
     from tunehub.sdk.registry import Registry
 
@@ -305,7 +324,8 @@ def hub_serve(
     """Serve a local folder over the Hugging Face Hub HTTP API (clients set HF_ENDPOINT and HF_HUB_DISABLE_XET=1)."""
     from tunehub.registry.hub_server import serve
 
-    serve(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose)
+    serve(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose,
+          announce=typer.echo)  # where it listens, on stdout (scripts read the URL from it)
 
 
 @app.command()
@@ -337,6 +357,9 @@ def serve(
         pool_bytes=pool_bytes, max_batch=max_batch, host=host, port=port,
         admin_key_file=str(admin_key_file) if admin_key_file else None, max_body_bytes=max_body_bytes,
         alias_ttl_s=alias_ttl, audit_log=audit_log, log_level=log_level,
+        # process-wide choices belong to the serve entry point: glibc keeps freed memory for the
+        # next decode step in the inference worker when the base is on the CPU
+        cpu_allocator="auto",
     )
     raise typer.Exit(run_server(config))
 

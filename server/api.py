@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 
 import litserve as ls
 
-from tunehub.errors import InvalidRequest, TunehubError
+from tunehub.errors import InvalidRequest, TunehubError, public_error_name
 
 log = logging.getLogger("tunehub.server")
 
@@ -49,6 +49,9 @@ class WorkerSettings:
     pool_bytes: int = 1 << 30
     max_batch: int = 16
     alias_ttl_s: float = 5.0
+    # glibc's allocator policy for this worker process (Engine's cpu_allocator), chosen by the
+    # serve entry point: an Engine left to its default changes nothing process-wide
+    cpu_allocator: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +69,8 @@ def error_message(exc: BaseException, request_id: str | None = None) -> dict[str
             log.info("%s refused (%d %s): %s", where, exc.http_status, type(exc).__name__, exc)
         else:
             log.error("%s failed (%d %s): %s", where, exc.http_status, type(exc).__name__, exc, exc_info=exc)
-        return {"type": "error", "status": exc.http_status, "error": type(exc).__name__, "message": str(exc)}
+        # a private helper class travels under its public parent's name: the SDK raises that type
+        return {"type": "error", "status": exc.http_status, "error": public_error_name(exc), "message": str(exc)}
     log.error("unexpected error in %s: %r", where, exc, exc_info=exc)
     return {"type": "error", "status": 500, "error": "ServerError", "message": f"internal error ({type(exc).__name__})"}
 
@@ -83,10 +87,14 @@ class TunehubAPI(ls.LitAPI):
         from tunehub.registry.store import open_store
         from tunehub.server.engine import Engine, load_base
 
+        from tunehub.logs import configure_logging_from_env
+
+        configure_logging_from_env()  # a spawned process: TUNEHUB_LOG_LEVEL, when the user chose one
         s = self.settings
         base = load_base(s.base, quantization=s.quantization, device=device)  # type: ignore[arg-type]
         self.engine = Engine(
-            base, open_store(s.registry), pool_bytes=s.pool_bytes, max_batch=s.max_batch, alias_ttl_s=s.alias_ttl_s
+            base, open_store(s.registry), pool_bytes=s.pool_bytes, max_batch=s.max_batch, alias_ttl_s=s.alias_ttl_s,
+            cpu_allocator=s.cpu_allocator,  # type: ignore[arg-type]
         )
         self._loads: dict[str, int] = {}
         self._evictions: dict[str, int] = {}

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunehub.errors import InvalidRequest, TunehubError
+from tunehub.errors import InvalidRequest, TunehubError, public_error_name
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters of one stop string (each is matched against the text every step)
@@ -317,7 +317,7 @@ def _parse_messages(messages: Any, problems: _Problems) -> list[dict[str, str]] 
 def error_body(exc: TunehubError, status: int) -> dict[str, Any]:
     """An OpenAI-style error object (message, type, param, code) that also names the tunehub
     error class; ``param`` is the request field at fault where validation knows it."""
-    name = getattr(exc, "error_name", type(exc).__name__)  # errors relayed from the worker keep theirs
+    name = public_error_name(exc)  # errors relayed from the worker keep theirs; private classes their parent's
     return {
         "error": {
             "message": str(exc),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -49,13 +50,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunehub.bases import resolve_base_folder
 from tunehub.errors import ConfigError
+from tunehub.quantization import QUANTIZATIONS
+
+log = logging.getLogger("tunehub.serve")
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LITSERVE_HOSTS = {"127.0.0.1", "0.0.0.0", "::"}  # the hosts LitServe accepts
-QUANTIZATIONS = ("nf4", "int8", "none")
 DRAIN_S = 4.0  # how long in-flight requests may still run after SIGTERM (TUNEHUB_SERVE_DRAIN_S)
 MAX_DRAIN_S = 60.0
+CPU_ALLOCATORS = ("auto", "reuse", "default")
 DRAIN_ENV = "TUNEHUB_SERVE_DRAIN_S"
 WORKER_EXIT_S = 2.0  # how long the inference worker may take to exit once asked to
 # uvicorn's graceful timeout (and LitServe's wait for uvicorn): a backstop, since requests end
@@ -98,6 +103,9 @@ class ServeConfig:
     audit_log: str | None = None
     log_level: str = "warning"
     drain_s: float = field(default_factory=default_drain_s)
+    # the inference worker's glibc allocator policy (Engine's cpu_allocator): set by this entry
+    # point, never by constructing an engine; "auto" keeps freed memory when the base is on the CPU
+    cpu_allocator: str = "auto"
 
 
 @dataclass
@@ -123,22 +131,9 @@ def read_admin_key(path: str | Path) -> str:
 
 
 def resolve_base(base: str) -> str:
-    """A local model folder for ``base``: a path, or a Hub id fetched into the HF cache."""
-    path = Path(base).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} is not a model folder (no config.json)")
-        return str(path.resolve())
-    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(
-                base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-            )
-        except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one clear line
-            raise ConfigError(f"cannot fetch base {base!r} from the Hub: {exc}") from None
-    raise ConfigError(f"base {base!r} is neither a model folder nor a Hub id (namespace/name)")
+    """A local model folder for ``base`` (absolute): a path, or a Hub id fetched into the HF
+    cache. Raises ConfigError as :func:`tunehub.bases.resolve_base_folder` does."""
+    return str(resolve_base_folder(base).resolve())
 
 
 def check_config(config: ServeConfig) -> _Resolved:
@@ -164,6 +159,8 @@ def check_config(config: ServeConfig) -> _Resolved:
             problems.append(f"{name} must be at least {low}, got {value}")
     if config.alias_ttl_s < 0:
         problems.append("--alias-ttl must be >= 0")
+    if config.cpu_allocator not in CPU_ALLOCATORS:
+        problems.append(f"cpu_allocator must be one of {', '.join(CPU_ALLOCATORS)}, got {config.cpu_allocator!r}")
     if not 0 <= config.drain_s <= MAX_DRAIN_S:  # NaN fails too
         problems.append(f"{DRAIN_ENV} must be a number of seconds from 0 to {MAX_DRAIN_S:g}")
     if config.tenants:
@@ -200,8 +197,11 @@ def check_config(config: ServeConfig) -> _Resolved:
 
 
 def serve(config: ServeConfig, *, echo: Any = None) -> int:
-    """Run the server until SIGTERM or SIGINT; returns the exit code. Blocks."""
-    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    """Run the server until SIGTERM or SIGINT; returns the exit code. Blocks. ``echo`` gets the
+    supervisor's progress lines; by default they are logged (``tunehub.serve``: INFO, and WARNING
+    for a forced kill or an unexpected exit)."""
+    say = echo or log.info
+    warn = echo or log.warning
     resolved = check_config(config)
     cfg = resolved.config
     payload = {"config": asdict(cfg), "admin_key_hash": resolved.admin_key_hash}
@@ -237,7 +237,7 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
                 pass
             if "at" in stopping:
                 if time.monotonic() - stopping["at"] > grace_s(cfg.drain_s):
-                    say("tunehub serve: shutdown is taking too long; killing the server's processes")
+                    warn("tunehub serve: shutdown is taking too long; killing the server's processes")
                     _signal_group(child.pid, signal.SIGKILL)
             elif not ready and _healthy(display, cfg.port):
                 ready = True
@@ -249,7 +249,7 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
     if "at" in stopping:
         say("tunehub serve: stopped")
         return 0
-    say(f"tunehub serve: the server exited with code {code}")
+    warn(f"tunehub serve: the server exited with code {code}")
     return code or 1
 
 
@@ -371,7 +371,8 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
     ))
     api = TunehubAPI(
         WorkerSettings(base=config.base, quantization=config.quantization, registry=config.registry,
-                       pool_bytes=config.pool_bytes, max_batch=config.max_batch, alias_ttl_s=config.alias_ttl_s),
+                       pool_bytes=config.pool_bytes, max_batch=config.max_batch, alias_ttl_s=config.alias_ttl_s,
+                       cpu_allocator=config.cpu_allocator),
         spec,
     )
     server = ls.LitServer(
@@ -414,6 +415,9 @@ def _set_event(event: Any) -> None:
 
 
 def _child_main() -> int:
+    from tunehub.logs import configure_logging_from_env
+
+    configure_logging_from_env()  # TUNEHUB_LOG_LEVEL (the CLI's --verbose/--quiet), when the user chose one
     payload = json.loads(os.environ.pop("TUNEHUB_SERVE_CONFIG"))
     config = ServeConfig(**payload["config"])
     server = build_server(config, payload["admin_key_hash"])

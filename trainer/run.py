@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunehub.devices import device_type, load_quantized, resolve_compute_dtype, use_lean_cpu_allocator
+from tunehub.bases import resolve_base_folder
+from tunehub.devices import device_type, load_quantized, use_lean_cpu_allocator
 from tunehub.errors import ConfigError
+from tunehub.quantization import bnb_config
 from tunehub.registry.manifest import Manifest
 from tunehub.registry.store import VersionInfo
 from tunehub.trainer.config import RunConfig
@@ -43,31 +45,15 @@ class TrainResult:
 
 # --- base model -------------------------------------------------------------------------------
 def resolve_base(config: RunConfig) -> Path:
-    """A local folder for ``base.path``: the folder itself, or a Hub snapshot when it is a hub id."""
-    path = Path(config.base.path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"base.path: {path} is not a model folder (no config.json)")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
+    """A local folder for ``base.path``: the folder itself, or a Hub snapshot when it is a hub id.
 
-        return Path(
-            snapshot_download(
-                config.base.path,
-                revision=config.base.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-            )
-        )
-    except Exception as exc:  # offline, unknown repo, no network: one clear message
-        raise ConfigError(
-            f"base.path: {config.base.path!r} is not a local folder and could not be fetched from the Hub ({type(exc).__name__})"
-        ) from None
+    Raises ConfigError (naming ``base.path``) as :func:`tunehub.bases.resolve_base_folder` does."""
+    return resolve_base_folder(config.base.path, revision=config.base.revision, field="base.path")
 
 
 def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     objective = config.objective.name
     if objective == "mlm":
@@ -80,15 +66,8 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     kwargs: dict[str, Any] = {}
     quantization = config.base.quantization
     if quantization != "none":
-        if quantization == "nf4":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=resolve_compute_dtype(config.base.compute_dtype),
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # the same config the server loads the base with (tunehub.quantization): train/serve parity
+        kwargs["quantization_config"] = bnb_config(quantization, config.base.compute_dtype)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local_rank if device_type() == "cuda" else "cpu"}
     else:
@@ -207,7 +186,8 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
 
 # --- progress -----------------------------------------------------------------------------------
 def progress_callback(total_steps: int) -> Any:
-    """Rich progress on a terminal; plain log lines elsewhere (CI, files, pipes)."""
+    """Rich progress on a terminal; plain log lines elsewhere (CI, files, pipes): INFO records of
+    the ``tunehub.trainer`` logger, shown by the CLI's logging setup (``tunehub.logs``)."""
     from transformers import TrainerCallback
 
     interactive = sys.stderr.isatty()
@@ -219,7 +199,12 @@ def progress_callback(total_steps: int) -> Any:
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             if interactive and state.is_world_process_zero:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+                from rich.progress import (
+                    BarColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
 
                 self.bar = Progress(
                     TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -242,7 +227,7 @@ def progress_callback(total_steps: int) -> Any:
             if self.bar is not None:
                 self.bar.update(self.task, info=text)
             else:
-                print(f"step {state.global_step}/{total_steps} {text}", file=sys.stderr, flush=True)
+                log.info("step %d/%d %s", state.global_step, total_steps, text)
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if self.bar is not None:
@@ -289,7 +274,7 @@ def choose_optimizer(config: RunConfig) -> str:
     if wanted == "auto":
         wanted = "paged_adamw_8bit" if (config.base.quantization != "none" and cuda) else "adamw_torch"
     if wanted.startswith("paged") and not cuda:
-        print(f"notice: {wanted} needs CUDA; using adamw_torch on this machine", file=sys.stderr, flush=True)
+        log.warning("notice: %s needs CUDA; using adamw_torch on this machine", wanted)
         wanted = "adamw_torch"
     return wanted
 
@@ -305,8 +290,13 @@ def train(
 ) -> TrainResult:
     """Train one module as ``config`` says; returns where it was written and what was measured."""
     import torch
-    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
-
+    from transformers import (
+        AutoTokenizer,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     from tunehub.trainer.methods import BuildContext, get_method
 
     started = time.perf_counter()
@@ -418,9 +408,10 @@ def train(
         manifest = _write_module(module_dir, peft_model, base_dir, config, method, prepared, metrics, history)
         push = push or config.output.push
         if push:
-            from tunehub.sdk.registry import Registry
+            # the store directly, not tunehub.sdk: imports flow sdk -> trainer -> registry
+            from tunehub.registry.store import open_store
 
-            pushed = Registry(registry or config.output.registry).push(module_dir, push)
+            pushed = open_store(registry or config.output.registry).push(module_dir, push)
     return TrainResult(
         module_dir=module_dir, manifest=manifest, metrics=metrics, pushed=pushed, log_history=history, model=peft_model
     )

@@ -145,6 +145,55 @@ class ServerError(TunehubError):
     http_status = 500
 
 
+# --- errors of the serving engine (``tunehub.server.engine``; the SDK raises them by name) ----------
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt (with the module's virtual tokens) does not fit the base's context."""
+
+    http_status = 400
+
+
+class RequestCancelled(TunehubError):
+    """A generation request cancelled before it finished (its client went away, or the server
+    is stopping)."""
+
+    http_status = 499
+
+
+class NonFiniteLogits(InvalidRequest, ArithmeticError):
+    """A sampled row (temperature > 0) whose logits hold NaN or Inf: a module whose weights
+    are not finite or overflow, or an overflow of the base's dtype. No distribution can be drawn
+    from them; the row fails alone (greedy rows take the argmax and are not affected)."""
+
+    http_status = 422
+
+
+class UnsupportedModule(InvalidRequest):
+    """A module the engine cannot apply in a mixed batch (kind, targets or size)."""
+
+    http_status = 422
+
+
+class InvalidModuleWeights(InvalidRequest):
+    """A module whose weights cannot be served: not a readable safetensors file, NaN or Inf
+    values, tensors of impossible shapes. Its bytes matched their sha256 (the reader checks
+    that before a parse error counts), so the module is at fault, not the store: the request
+    for it is refused (422), never a server error."""
+
+    http_status = 422
+
+
+def public_error_name(exc: BaseException) -> str:
+    """The name an error travels under (the ``tunehub_error`` of an HTTP error body): its
+    ``error_name`` when it sets one, else the name of its nearest class that is not private, so
+    that a client can always find the type in this module."""
+    name = getattr(exc, "error_name", None)
+    if isinstance(name, str) and name:
+        return name
+    return next(cls.__name__ for cls in type(exc).__mro__ if not cls.__name__.startswith("_"))
+
+
 __all__ = [
     "TunehubError",
     "InvalidReference",
@@ -166,4 +215,9 @@ __all__ = [
     "Forbidden",
     "RateLimited",
     "ServerError",
+    "PromptTooLong",
+    "RequestCancelled",
+    "NonFiniteLogits",
+    "UnsupportedModule",
+    "InvalidModuleWeights",
 ]

@@ -114,3 +114,42 @@ def test_release_file_pages_drops_a_mapped_weights_pages_and_keeps_its_content(t
     # anonymous memory is not paged out (it is freed with the tensor; paging would write swap)
     anonymous = torch.ones(1024 * 1024)
     assert not devices.release_file_pages([anonymous]) and bool((anonymous == 1).all())
+
+
+def test_constructing_an_engine_changes_nothing_process_wide(tiny_llama_path, monkeypatch):
+    import os
+
+    from tunehub.server.engine import Engine, load_base
+
+    calls = []
+    monkeypatch.setattr(devices, "_mallopt", lambda *settings: calls.append(settings) or True)
+    base = load_base(tiny_llama_path, quantization="none", device="cpu")
+    environ = dict(os.environ)
+    Engine(base)  # on the CPU: the reusing allocator is the serve entry point's choice, not the engine's
+    assert calls == [] and dict(os.environ) == environ
+    Engine(base, cpu_allocator="auto")  # what `tunehub serve` passes
+    assert calls == [((devices._M_MMAP_THRESHOLD, devices.REUSING_MMAP_THRESHOLD),
+                      (devices._M_TRIM_THRESHOLD, devices.REUSING_TRIM_THRESHOLD))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_an_engine_leaves_glibcs_default_allocator_in_place(tiny_llama_path):
+    # observed as the allocator tests above do: in a child process, freed 2 MiB blocks go back to
+    # the OS under glibc's default policy and stay resident under the reusing one
+    script = textwrap.dedent("""
+        import os, sys, torch
+        from tunehub.server.engine import Engine, load_base
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        environ = dict(os.environ)
+        Engine(load_base(sys.argv[1], quantization="none", device="cpu"))
+        assert dict(os.environ) == environ, "the engine changed the environment"
+        blocks = [torch.ones(512 * 1024) for _ in range(64)]
+        pin = torch.ones(512 * 1024)
+        before = rss()
+        del blocks
+        print(before - rss())
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_llama_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 120 * 1024 * 1024  # glibc's default returned the 128 MiB
