@@ -543,7 +543,7 @@ def profile_decode(engine: Any, peft: Any, prompts: list[list[int]], loras: list
         "peft_one_row (a step of peft_sequential)": peft_batch(prompts[:1], loras[1]),
     }
     best: dict[str, dict[str, Any]] = {name: {} for name in cases}
-    for name, run in cases.items():
+    for run in cases.values():
         run(Nothing())  # warm
     for _ in range(rounds):
         for name, run in cases.items():
@@ -694,7 +694,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         store.resolve(ref)
         t1 = time.perf_counter()
-        content = store.read(ref, ["adapter_model.safetensors"], check=lambda m: engine.materializer.admit(m, ref), parse=engine.pool._materializer(ref))
+        content = store.read(ref, ["adapter_model.safetensors"], check=lambda m, ref=ref: engine.materializer.admit(m, ref), parse=engine.pool._materializer(ref))
         t2 = time.perf_counter()
         data = bytearray(weights.read_bytes())
         t3 = time.perf_counter()

@@ -49,6 +49,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
+from tunehub.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidReference,
+    ModuleNotFound,
+    StoreError,
+    TunehubError,
+    VersionNotFound,
+)
 from tunehub.registry import state as registry_state
 from tunehub.registry.files import sha256_file, write_json_atomic
 from tunehub.registry.manifest import (
@@ -86,16 +95,6 @@ from tunehub.registry.store import (
     current_actor,
     tunehub_home,
     version_info,
-)
-
-from tunehub.errors import (
-    Conflict,
-    IntegrityError,
-    InvalidReference,
-    ModuleNotFound,
-    StoreError,
-    TunehubError,
-    VersionNotFound,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

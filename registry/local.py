@@ -40,6 +40,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from tunehub.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidReference,
+    StoreError,
+    VersionNotFound,
+)
 from tunehub.registry import state as registry_state
 from tunehub.registry.files import (
     fsync_dir,
@@ -73,14 +80,6 @@ from tunehub.registry.store import (
     current_actor,
     tunehub_home,
     version_info,
-)
-
-from tunehub.errors import (
-    Conflict,
-    IntegrityError,
-    InvalidReference,
-    StoreError,
-    VersionNotFound,
 )
 
 _NO_NAMESPACE = "_"  # names start with a letter or digit, so this never collides with one

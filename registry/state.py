@@ -18,6 +18,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tunehub.errors import (
+    AliasNotFound,
+    Conflict,
+    IntegrityError,
+    InvalidReference,
+    ModuleNotFound,
+    VersionNotFound,
+)
 from tunehub.registry.files import check_relative_path, is_sha256
 from tunehub.registry.manifest import MANIFEST_FILE
 from tunehub.registry.refs import (
@@ -26,15 +34,6 @@ from tunehub.registry.refs import (
     parse_version,
     validate_alias,
     version_of_tag,
-)
-
-from tunehub.errors import (
-    AliasNotFound,
-    Conflict,
-    IntegrityError,
-    InvalidReference,
-    ModuleNotFound,
-    VersionNotFound,
 )
 
 HUB_STATE_SCHEMA = 1

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from tunehub.errors import ConfigError, IntegrityError
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
 from tunehub.registry.module import (
     LocalModule,
@@ -23,8 +24,6 @@ from tunehub.registry.state import AliasMove as AliasMove
 from tunehub.registry.state import RegistryState, VersionRecord
 from tunehub.registry.state import rollback_target as rollback_target
 from tunehub.registry.state import target_stack as target_stack
-
-from tunehub.errors import ConfigError, IntegrityError
 
 
 @dataclass(frozen=True)

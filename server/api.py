@@ -84,10 +84,9 @@ class TunehubAPI(ls.LitAPI):
 
     # --- LitServe hooks (run in the worker process) ---------------------------------------------
     def setup(self, device: str) -> None:
+        from tunehub.logs import configure_logging_from_env
         from tunehub.registry.store import open_store
         from tunehub.server.engine import Engine, load_base
-
-        from tunehub.logs import configure_logging_from_env
 
         configure_logging_from_env()  # a spawned process: TUNEHUB_LOG_LEVEL, when the user chose one
         s = self.settings

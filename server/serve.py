@@ -355,6 +355,8 @@ def _reap() -> None:
 def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
     """The LitServer for a checked config (one API server process, one inference worker)."""
     import litserve as ls
+
+    from tunehub import __version__
     from tunehub.server.api import TunehubAPI, WorkerSettings
     from tunehub.server.spec import (
         HttpSettings,
@@ -362,8 +364,6 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
         TunehubSpec,
         install_error_handlers,
     )
-
-    from tunehub import __version__
 
     spec = TunehubSpec(HttpSettings(
         tenants_file=config.tenants, admin_key_hash=admin_key_hash, registry=config.registry,

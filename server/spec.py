@@ -48,6 +48,18 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from tunehub.errors import (
+    Forbidden,
+    InvalidReference,
+    InvalidRequest,
+    ModuleNotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    TunehubError,
+    Unauthorized,
+)
 from tunehub.registry.refs import parse_ref
 from tunehub.server.metrics import AuditLog, CallRecord, ServerMetrics
 from tunehub.server.protocol import (
@@ -61,18 +73,6 @@ from tunehub.server.protocol import (
     usage,
 )
 from tunehub.server.tenants import Admission, Tenant, Tenants
-
-from tunehub.errors import (
-    Forbidden,
-    InvalidReference,
-    InvalidRequest,
-    ModuleNotFound,
-    PayloadTooLarge,
-    RateLimited,
-    ServerError,
-    TunehubError,
-    Unauthorized,
-)
 
 log = logging.getLogger("tunehub.server")
 

@@ -297,6 +297,7 @@ def train(
         TrainingArguments,
         set_seed,
     )
+
     from tunehub.trainer.methods import BuildContext, get_method
 
     started = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from tunehub.errors import ConfigError
 from tunehub.registry.manifest import ModuleKind
@@ -52,9 +52,9 @@ def make_lora_model(
     """An in-memory ``PeftModel`` over the base at ``base_path`` with random non-zero LoRA B matrices."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
     from tunehub.trainer.run import peft_deprecations_silenced
-    from peft.tuners.lora import LoraLayer
 
     kind = ModuleKind(kind)
     if kind not in (ModuleKind.LORA, ModuleKind.DORA):
@@ -76,7 +76,7 @@ def make_lora_model(
     with torch.no_grad():
         for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
             if isinstance(module, LoraLayer):
-                for adapter, layer in module.lora_B.items():
+                for layer in module.lora_B.values():
                     weight = layer.weight
                     noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * B_INIT_STD
                     weight.copy_(noise.to(weight.dtype))

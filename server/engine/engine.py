@@ -29,16 +29,6 @@ from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import DynamicLayer
-from tunehub.server.engine.base import LoadedBase
-from tunehub.server.engine.layers import (
-    BatchState,
-    build_plan,
-    onednn_linear_works,
-    patch_linear_layers,
-    use_onednn_linears,
-)
-from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
-from tunehub.server.engine.pool import ModulePool, ModuleSource
 
 from tunehub.devices import use_reusing_cpu_allocator
 from tunehub.errors import (  # the engine's errors live in tunehub.errors; imported here under their old names
@@ -49,6 +39,16 @@ from tunehub.errors import (  # the engine's errors live in tunehub.errors; impo
     RequestCancelled,
     TunehubError,
 )
+from tunehub.server.engine.base import LoadedBase
+from tunehub.server.engine.layers import (
+    BatchState,
+    build_plan,
+    onednn_linear_works,
+    patch_linear_layers,
+    use_onednn_linears,
+)
+from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
+from tunehub.server.engine.pool import ModulePool, ModuleSource
 
 log = logging.getLogger("tunehub.engine")
 

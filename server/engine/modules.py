@@ -24,10 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule, ModuleContent
-from tunehub.server.engine import kinds
-
 from tunehub.errors import (  # the module errors live in tunehub.errors; imported here under their old names
     IncompatibleBase,
     IntegrityError,
@@ -35,6 +31,9 @@ from tunehub.errors import (  # the module errors live in tunehub.errors; import
     TunehubError,
     UnsupportedModule,
 )
+from tunehub.registry.manifest import Manifest, ModuleKind
+from tunehub.registry.module import LocalModule, ModuleContent
+from tunehub.server.engine import kinds
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 

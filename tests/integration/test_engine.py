@@ -6,6 +6,10 @@ import shutil
 
 import pytest
 import torch
+
+from tests.unit.test_engine_isolation import push_unchecked
+from tunehub.devices import resolve_compute_dtype
+from tunehub.errors import IncompatibleBase, ModuleNotFound
 from tunehub.registry.local import LocalStore
 from tunehub.server.engine import (
     Engine,
@@ -16,10 +20,6 @@ from tunehub.server.engine import (
     load_base,
 )
 from tunehub.server.engine.modules import InvalidModuleWeights
-
-from tests.unit.test_engine_isolation import push_unchecked
-from tunehub.devices import resolve_compute_dtype
-from tunehub.errors import IncompatibleBase, ModuleNotFound
 
 pytestmark = pytest.mark.integration
 KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"]
@@ -325,6 +325,7 @@ def test_nf4_base_keeps_its_4bit_layers_and_packs_only_its_fp32_head(tiny_llama_
 
 def test_onednn_linear_and_its_dora_norms_match_the_dense_weight():
     from torch import nn
+
     from tunehub.server.engine.kinds.low_rank import dora_norms
     from tunehub.server.engine.layers import (
         AdaptedLinear,

@@ -88,7 +88,7 @@ def test_one_tenants_bad_requests_fail_alone(server, bad_modules):  # noqa: F811
         responses = list(pool.map(lambda job: _post(server.url, job[0], job[1]), jobs))
     failed_good = [(job[1], r.status_code, r.text) for job, r in zip(jobs, responses) if job[0] == "other" and r.status_code != 200]
     assert failed_good == []
-    for (tenant, body, (kind, i)), response in zip(jobs, responses):
+    for (_tenant, body, (kind, i)), response in zip(jobs, responses):
         if kind == "good":
             assert response.json()["choices"][0]["text"] == alone[i], body
             continue

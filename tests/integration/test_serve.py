@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tunehub.server.tenants import hash_key
 
 from tunehub.errors import (
     InvalidReference,
@@ -27,6 +26,7 @@ from tunehub.errors import (
     RateLimited,
     Unauthorized,
 )
+from tunehub.server.tenants import hash_key
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ import weakref
 
 import pytest
 import torch
+
 from tunehub.server.engine.engine import _cache_tensors, _growing_cache, _GrowingLayer
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from tunehub.registry.local import LocalStore
 from tunehub.registry.manifest import Manifest, ModuleKind
 from tunehub.server.engine import (
@@ -83,6 +84,7 @@ def scale_output_kind():
 def _toy_module(source: Path, dest: Path, vector: torch.Tensor) -> Path:
     """A copy of a module folder turned into a toy-kind module scaling TOY_LAYER by ``vector``."""
     from safetensors.torch import save_file
+
     from tunehub.registry.module import write_module
 
     shutil.copytree(source, dest)

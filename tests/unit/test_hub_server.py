@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tunehub.registry.hub_server import (
     HubError,
     card_data,

@@ -11,12 +11,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from tunehub.registry.local import LocalStore
-from tunehub.server.engine.modules import LayerDelta, LoadedModule, parse_weights
-from tunehub.server.engine.pool import ModulePool
 
 from tests.helpers import FAKE_FINGERPRINT, make_fake_module
 from tunehub.errors import IncompatibleBase, ModuleNotFound
+from tunehub.registry.local import LocalStore
+from tunehub.server.engine.modules import LayerDelta, LoadedModule, parse_weights
+from tunehub.server.engine.pool import ModulePool
 
 MODULE_BYTES = 65_536
 

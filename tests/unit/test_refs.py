@@ -1,4 +1,6 @@
 import pytest
+
+from tunehub.errors import InvalidReference
 from tunehub.registry.refs import (
     MAX_VERSION,
     ModuleRef,
@@ -8,8 +10,6 @@ from tunehub.registry.refs import (
     validate_name,
     version_of_tag,
 )
-
-from tunehub.errors import InvalidReference
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from tunehub.registry import state as rs
-from tunehub.registry.refs import ModuleRef
-from tunehub.registry.state import AliasMove, VersionRecord, Yank
-from tunehub.registry.store import ModuleStore, open_store, register_store
 
 from tunehub.errors import (
     AliasNotFound,
@@ -21,6 +17,10 @@ from tunehub.errors import (
     ModuleNotFound,
     VersionNotFound,
 )
+from tunehub.registry import state as rs
+from tunehub.registry.refs import ModuleRef
+from tunehub.registry.state import AliasMove, VersionRecord, Yank
+from tunehub.registry.store import ModuleStore, open_store, register_store
 
 REPO = "acme/sum"
 ROOT = Path(__file__).resolve().parents[2]

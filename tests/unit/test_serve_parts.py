@@ -8,8 +8,6 @@ import json
 import httpx
 import pytest
 import yaml
-from tunehub.server.protocol import error_body, parse_request
-from tunehub.server.tenants import Tenant, Tenants, hash_key, new_key, parse_tenants
 
 from tunehub.errors import (
     ConfigError,
@@ -22,6 +20,8 @@ from tunehub.errors import (
     ServerError,
     Unauthorized,
 )
+from tunehub.server.protocol import error_body, parse_request
+from tunehub.server.tenants import Tenant, Tenants, hash_key, new_key, parse_tenants
 
 
 def _tenants(**overrides):
@@ -300,8 +300,9 @@ def test_an_unexpected_failure_is_one_log_line_with_the_request_id(caplog):
 
 
 def test_cli_hash_key():
-    from tunehub.sdk.cli import app
     from typer.testing import CliRunner
+
+    from tunehub.sdk.cli import app
 
     runner = CliRunner()
     assert runner.invoke(app, ["tenants", "hash-key", "abc"]).output.strip() == hash_key("abc")

@@ -4,9 +4,9 @@ import pytest
 import yaml
 
 from tunehub.errors import ConfigError
+from tunehub.registry.manifest import ModuleKind
 from tunehub.trainer.config import load_run_config, validate_run_config
 from tunehub.trainer.methods import Method, MethodConfig, get_method, method_names, register_method
-from tunehub.registry.manifest import ModuleKind
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -7,14 +7,14 @@ import re
 import shutil
 
 import pytest
+
+from tests.helpers import make_fake_module
+from tunehub.errors import IntegrityError, InvalidReference
 from tunehub.registry.hf import _check_state, _Snapshot
 from tunehub.registry.local import LocalStore
 from tunehub.registry.state import parse_hub_state
 from tunehub.sdk import Registry
 from tunehub.sdk.cli import main
-
-from tests.helpers import make_fake_module
-from tunehub.errors import IntegrityError, InvalidReference
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -29,6 +29,7 @@ from tunehub.registry.manifest import Manifest, ModuleKind
 
 if TYPE_CHECKING:
     import torch
+
     from tunehub.server.engine.layers import AdaptedLinear
     from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from tunehub.errors import IncompatibleBase
 from tunehub.registry.manifest import ModuleKind
 from tunehub.server.engine.kinds import ServedKind, register_kind
 from tunehub.server.engine.layers import AdaptedLinear
@@ -23,8 +25,6 @@ from tunehub.server.engine.modules import (
     UnsupportedModule,
     layer_and_param,
 )
-
-from tunehub.errors import IncompatibleBase
 
 
 @dataclass

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from tunehub.errors import IncompatibleBase, IntegrityError
 from tunehub.registry.manifest import ModuleKind
 from tunehub.server.engine.kinds import ServedKind, register_kind
 from tunehub.server.engine.layers import AdaptedLinear, OneDNNLinear
@@ -33,8 +35,6 @@ from tunehub.server.engine.modules import (
     check_ndim,
     layer_and_param,
 )
-
-from tunehub.errors import IncompatibleBase, IntegrityError
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from tunehub.errors import IncompatibleBase, IntegrityError
 from tunehub.registry.manifest import ModuleKind
 from tunehub.server.engine.kinds import ServedKind, register_kind
 from tunehub.server.engine.modules import (
@@ -17,8 +19,6 @@ from tunehub.server.engine.modules import (
     ModuleMaterializer,
     check_ndim,
 )
-
-from tunehub.errors import IncompatibleBase, IntegrityError
 
 
 class Prefix(ServedKind):

@@ -1,0 +1,14 @@
+"""ruff's checks (configured in pyproject.toml) run with the tests, so the README's test command
+and CI refuse code they flag."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ruff_finds_nothing():
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
