@@ -508,6 +508,4 @@ def _write_module(
         metrics=metrics,
         config=config.resolved(),
         description=config.output.description,
-        # a hub base is recorded by its hub id, not by the snapshot folder it was read from
-        base_model_id=None if Path(config.base.path).expanduser().exists() else config.base.path,
     )

@@ -132,6 +132,21 @@ def groups() -> list[ServedKind]:
         return list(_GROUPS.values())
 
 
+def stacked_row_vectors(deltas: list[Any], attr: str, width: int, device: Any, dtype: Any) -> Any:
+    """A (rows, 1, width) tensor of each row's ``attr`` vector (ones where a row has none), or
+    None when no row has one: how per-row scales and gains enter a batched plan."""
+    import torch
+
+    if not any(d is not None and getattr(d, attr) is not None for d in deltas):
+        return None
+    stacked = torch.ones(len(deltas), 1, width)
+    for i, delta in enumerate(deltas):
+        vector = getattr(delta, attr) if delta is not None else None
+        if vector is not None:
+            stacked[i, 0] = vector
+    return stacked.to(device=device, dtype=dtype)
+
+
 def carries_tokenizer(manifest: Manifest) -> bool:
     """Whether ``manifest``'s module (or one of its components) brings its own tokenizer, so the
     base's tokenizer fingerprint need not match the one it was trained with."""

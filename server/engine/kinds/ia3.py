@@ -16,7 +16,7 @@ import torch
 
 from tunehub.errors import IncompatibleBase
 from tunehub.registry.manifest import ModuleKind
-from tunehub.server.engine.kinds import ServedKind, register_kind
+from tunehub.server.engine.kinds import ServedKind, register_kind, stacked_row_vectors
 from tunehub.server.engine.layers import AdaptedLinear
 from tunehub.server.engine.modules import (
     InvalidModuleWeights,
@@ -83,20 +83,8 @@ class IA3(ServedKind):
                 loaded.layers[layer] = IA3Delta(out_scale=vector.contiguous())
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> IA3Part | None:
-        batch = len(deltas)
-        in_scale = out_scale = None
-        if any(d is not None and d.in_scale is not None for d in deltas):
-            scale = torch.ones(batch, 1, layer.in_features)
-            for i, d in enumerate(deltas):
-                if d is not None and d.in_scale is not None:
-                    scale[i, 0] = d.in_scale
-            in_scale = scale.to(device=device, dtype=dtype)
-        if any(d is not None and d.out_scale is not None for d in deltas):
-            scale = torch.ones(batch, 1, layer.out_features)
-            for i, d in enumerate(deltas):
-                if d is not None and d.out_scale is not None:
-                    scale[i, 0] = d.out_scale
-            out_scale = scale.to(device=device, dtype=dtype)
+        in_scale = stacked_row_vectors(deltas, "in_scale", layer.in_features, device, dtype)
+        out_scale = stacked_row_vectors(deltas, "out_scale", layer.out_features, device, dtype)
         if in_scale is None and out_scale is None:
             return None
         return IA3Part(in_scale, out_scale)

@@ -25,7 +25,7 @@ import torch
 
 from tunehub.errors import IncompatibleBase, IntegrityError
 from tunehub.registry.manifest import ModuleKind
-from tunehub.server.engine.kinds import ServedKind, register_kind
+from tunehub.server.engine.kinds import ServedKind, register_kind, stacked_row_vectors
 from tunehub.server.engine.layers import AdaptedLinear, OneDNNLinear
 from tunehub.server.engine.modules import (
     LoadedModule,
@@ -184,13 +184,7 @@ class LowRank(ServedKind):
         row_scale = torch.tensor(
             [d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device
         ).view(batch, 1, 1)
-        dora_gain = None
-        if any(d is not None and d.dora_gain is not None for d in deltas):
-            gain = torch.ones(batch, 1, layer.out_features)
-            for i, d in enumerate(deltas):
-                if d is not None and d.dora_gain is not None:
-                    gain[i, 0] = d.dora_gain
-            dora_gain = gain.to(device=device, dtype=dtype)
+        dora_gain = stacked_row_vectors(deltas, "dora_gain", layer.out_features, device, dtype)
         return LowRankPart(lora_a, lora_b, row_scale, dora_gain)
 
 
