@@ -13,6 +13,7 @@ import struct
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -242,52 +243,72 @@ _NON_FINITE_BITS: dict[str, tuple[int, int]] = {
 }
 
 
-def check_safetensors_file(path: str | Path, name: str | None = None) -> None:
-    """Refuse ``path`` unless it is a well-formed safetensors file with finite float values.
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """Where one tensor of a safetensors file lies: ``begin``/``end`` count from the data section."""
 
-    Checked without torch, with the file read once: an 8-byte little-endian header length that
-    is at most :data:`MAX_SAFETENSORS_HEADER` and inside the file; a header that is a JSON object
-    of tensors with known dtypes and shapes; byte ranges that match ``dtype size * prod(shape)``
-    and tile the data section exactly (inside it, no overlap, no gap, nothing after, as the
-    safetensors format itself requires); no NaN or infinity in float tensors. So a pickle named
-    ``.safetensors``, a truncated file or an absurd header is refused when it is pushed, not
-    when a server loads it. Raises IntegrityError naming the file and the problem."""
+    name: str
+    dtype: str
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def read_safetensors_layout(
+    handle: BinaryIO, size: int, bad: Callable[[str], Exception]
+) -> tuple[list[SafetensorsTensor], int]:
+    """The tensors of the safetensors file open in ``handle`` (``size`` bytes), ordered by
+    position, and where its data section starts; only the header is read.
+
+    Everything is checked as the format requires, without torch: an 8-byte little-endian header
+    length at most :data:`MAX_SAFETENSORS_HEADER` and inside the file; a header that is a JSON
+    object of tensors with known dtypes and shapes; byte ranges of ``dtype size * prod(shape)``
+    that tile the data section exactly (no overlap, no gap, nothing after). Raises ``bad(why)``."""
+    head = handle.read(8)
+    if len(head) != 8:
+        raise bad("it is shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise bad(f"header length {header_len} is above the limit of {MAX_SAFETENSORS_HEADER} bytes")
+    if 8 + header_len > size:
+        raise bad(f"header length {header_len} runs past the end of the file ({size} bytes)")
+    raw = handle.read(header_len)
+    if len(raw) != header_len:
+        raise bad("the file changed size while it was read")
+    tensors = sorted(_parse_safetensors_header(raw, bad), key=lambda t: (t.begin, t.end))
+    data_len = size - 8 - header_len
+    position = 0
+    for tensor in tensors:
+        if tensor.begin < position:
+            raise bad(f"tensor {tensor.name!r} overlaps the tensor before it")
+        if tensor.begin > position:
+            raise bad(f"tensor {tensor.name!r} leaves unused bytes before it")
+        if tensor.end > data_len:
+            raise bad(f"tensor {tensor.name!r} lies outside the data section ({tensor.end} > {data_len} bytes)")
+        position = tensor.end
+    if position != data_len:
+        raise bad(f"{data_len - position} bytes after the last tensor belong to no tensor")
+    return tensors, 8 + header_len
+
+
+def check_safetensors_file(path: str | Path, name: str | None = None) -> None:
+    """Refuse ``path`` unless it is a well-formed safetensors file (:func:`read_safetensors_layout`)
+    with finite float values, reading the file once and never through torch. So a pickle named
+    ``.safetensors``, a truncated file or an absurd header is refused when it is pushed, not when a
+    server loads it. Raises IntegrityError naming the file and the problem."""
     label = name or str(path)
 
     def bad(why: str) -> IntegrityError:
         return IntegrityError(f"{label} is not a valid safetensors file: {why}")
 
     with open_regular(path) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        head = handle.read(8)
-        if len(head) != 8:
-            raise bad("it is shorter than the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_SAFETENSORS_HEADER:
-            raise bad(f"header length {header_len} is above the limit of {MAX_SAFETENSORS_HEADER} bytes")
-        if 8 + header_len > size:
-            raise bad(f"header length {header_len} runs past the end of the file ({size} bytes)")
-        raw = handle.read(header_len)
-        if len(raw) != header_len:
-            raise bad("the file changed size while it was read")
-        tensors = _parse_safetensors_header(raw, bad)
-        data_len = size - 8 - header_len
-        position = 0
-        for tensor, (dtype, begin, end) in sorted(tensors.items(), key=lambda item: (item[1][1], item[1][2])):
-            if begin < position:
-                raise bad(f"tensor {tensor!r} overlaps the tensor before it")
-            if begin > position:
-                raise bad(f"tensor {tensor!r} leaves unused bytes before it")
-            if end > data_len:
-                raise bad(f"tensor {tensor!r} lies outside the data section ({end} > {data_len} bytes)")
-            _check_finite(handle, dtype, end - begin, tensor, bad)
-            position = end
-        if position != data_len:
-            raise bad(f"{data_len - position} bytes after the last tensor belong to no tensor")
+        tensors, _ = read_safetensors_layout(handle, os.fstat(handle.fileno()).st_size, bad)
+        for tensor in tensors:  # they tile the data section: read on, in order
+            _check_finite(handle, tensor.dtype, tensor.end - tensor.begin, tensor.name, bad)
 
 
-def _parse_safetensors_header(raw: bytes, bad: Callable[[str], IntegrityError]) -> dict[str, tuple[str, int, int]]:
-    """tensor name -> (dtype, begin, end) from a safetensors header, every field type-checked."""
+def _parse_safetensors_header(raw: bytes, bad: Callable[[str], Exception]) -> list[SafetensorsTensor]:
+    """Every tensor of a safetensors header, every field type-checked."""
     if not raw.lstrip().startswith(b"{"):
         raise bad("the header is not a JSON object")
     try:
@@ -296,7 +317,7 @@ def _parse_safetensors_header(raw: bytes, bad: Callable[[str], IntegrityError]) 
         raise bad("the header is not valid JSON") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
-    tensors: dict[str, tuple[str, int, int]] = {}
+    tensors: list[SafetensorsTensor] = []
     for tensor, info in header.items():
         if tensor == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
@@ -320,7 +341,7 @@ def _parse_safetensors_header(raw: bytes, bad: Callable[[str], IntegrityError]) 
         expected = elements * SAFETENSORS_DTYPE_SIZES[dtype]
         if end - begin != expected:
             raise bad(f"tensor {tensor!r} holds {end - begin} bytes, but {dtype} of shape {shape} needs {expected}")
-        tensors[tensor] = (dtype, begin, end)
+        tensors.append(SafetensorsTensor(tensor, dtype, shape, begin, end))
     return tensors
 
 

@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from tunehub.errors import ManifestError
+from tunehub.registry.files import SAFETENSORS_DTYPE_SIZES, SafetensorsTensor, read_safetensors_layout
 
 #: scheme prefixes of the two fingerprint forms (see the module docstring)
 CONTENT_SCHEME = "w1"
@@ -76,13 +76,8 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_MAX_HEADER_BYTES = 100_000_000
 # float dtypes hashed canonically (as bfloat16 values); numpy dtype of each
 _FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-_ITEM_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}
 _CHUNK_BYTES = 16 << 20  # bounds the memory a large tensor takes while it is hashed
 _CACHE_VERSION = 1  # bump with any change to how a tensor is hashed: old digests then never match
 _CACHE_MAX_BYTES = 64 << 20  # a bigger cache file is not ours: ignored
@@ -94,27 +89,17 @@ def _canonical(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def _read_header(handle: Any, path: Path) -> tuple[dict[str, Any], int]:
-    head = handle.read(8)
-    if len(head) != 8:
-        raise ManifestError(f"{path} is not a safetensors file")
-    (length,) = struct.unpack("<Q", head)
-    if length > _MAX_HEADER_BYTES:
-        raise ManifestError(f"{path} has an implausible safetensors header")
-    try:
-        header = json.loads(handle.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ManifestError(f"{path} has a safetensors header that is not JSON") from None
-    if not isinstance(header, dict):
-        raise ManifestError(f"{path} has a safetensors header that is not a JSON object")
-    return header, 8 + length
+def _layout(handle: Any, path: Path) -> tuple[list[SafetensorsTensor], int]:
+    """The tensors of a base's weight file (the registry's one safetensors reader)."""
+    size = os.fstat(handle.fileno()).st_size
+    return read_safetensors_layout(handle, size, lambda why: ManifestError(f"{path} is not a valid safetensors file: {why}"))
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a safetensors file's header, without loading any tensor."""
     with open(path, "rb") as handle:
-        header, _ = _read_header(handle, Path(path))
-    return {name: list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        tensors, _ = _layout(handle, Path(path))
+    return {tensor.name: list(tensor.shape) for tensor in tensors}
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -219,42 +204,20 @@ def _bfloat16_bits(raw: bytes, dtype: str) -> Any:
     return rounded
 
 
-def _tensor_entries(header: dict[str, Any], data_start: int, file_size: int, path: Path) -> list[tuple[str, str, list[int], int, int]]:
-    """(name, dtype, shape, begin, end) of every tensor, checked against the file's size."""
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ManifestError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in _ITEM_SIZES or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ManifestError(f"{path}: tensor {name!r} has dtype {dtype!r} or shape {shape!r} tunehub cannot hash")
-        count = 1
-        for dim in shape:
-            count *= dim
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != count * _ITEM_SIZES[dtype] \
-                or begin < 0 or data_start + end > file_size:
-            raise ManifestError(f"{path}: tensor {name!r} has data offsets that do not fit its shape or the file")
-        entries.append((name, dtype, shape, begin, end))
-    return sorted(entries, key=lambda entry: entry[3])
-
-
 def hash_weight_file(path: Path) -> dict[str, list[Any]]:
     """Tensor name -> [kind, shape, sha256 of its values] for one safetensors file (reads it all).
 
     ``kind`` is "float" for float tensors (hashed as bfloat16 values), else the stored dtype.
     """
-    file_size = path.stat().st_size
     tensors: dict[str, list[Any]] = {}
     with open(path, "rb") as handle:
-        header, data_start = _read_header(handle, path)
-        for name, dtype, shape, begin, end in _tensor_entries(header, data_start, file_size, path):
+        layout, data_start = _layout(handle, path)
+        for tensor in layout:
+            name, dtype, shape = tensor.name, tensor.dtype, tensor.shape
             digest = hashlib.sha256()
-            handle.seek(data_start + begin)
-            remaining = end - begin
-            step = _CHUNK_BYTES - _CHUNK_BYTES % _ITEM_SIZES[dtype]
+            handle.seek(data_start + tensor.begin)
+            remaining = tensor.end - tensor.begin
+            step = _CHUNK_BYTES - _CHUNK_BYTES % SAFETENSORS_DTYPE_SIZES[dtype]
             while remaining:
                 raw = handle.read(min(step, remaining))
                 if not raw:
