@@ -101,14 +101,44 @@ class Sizes:
 
 
 FULL = Sizes(
-    name="full", preset="bench-100m", batch=8, prompt_tokens=32, new_tokens=32, rounds=3, lora_rank=16,
-    virtual_tokens=8, cold_modules=8, zipf_preset="small", zipf_modules=1000, zipf_distinct=16, zipf_rank=8,
-    zipf_slots=64, zipf_requests=5000, zipf_warmup=1000, zipf_s=1.1, noise_budget_s=90.0,
+    name="full",
+    preset="bench-100m",
+    batch=8,
+    prompt_tokens=32,
+    new_tokens=32,
+    rounds=3,
+    lora_rank=16,
+    virtual_tokens=8,
+    cold_modules=8,
+    zipf_preset="small",
+    zipf_modules=1000,
+    zipf_distinct=16,
+    zipf_rank=8,
+    zipf_slots=64,
+    zipf_requests=5000,
+    zipf_warmup=1000,
+    zipf_s=1.1,
+    noise_budget_s=90.0,
 )
 QUICK = Sizes(
-    name="quick", preset="small", batch=8, prompt_tokens=16, new_tokens=16, rounds=3, lora_rank=16,
-    virtual_tokens=8, cold_modules=4, zipf_preset="tiny", zipf_modules=200, zipf_distinct=4, zipf_rank=8,
-    zipf_slots=32, zipf_requests=1000, zipf_warmup=200, zipf_s=1.1, noise_budget_s=10.0,
+    name="quick",
+    preset="small",
+    batch=8,
+    prompt_tokens=16,
+    new_tokens=16,
+    rounds=3,
+    lora_rank=16,
+    virtual_tokens=8,
+    cold_modules=4,
+    zipf_preset="tiny",
+    zipf_modules=200,
+    zipf_distinct=4,
+    zipf_rank=8,
+    zipf_slots=32,
+    zipf_requests=1000,
+    zipf_warmup=200,
+    zipf_s=1.1,
+    noise_budget_s=10.0,
 )
 
 #: the rows of the mixed-kinds batch (part 2): module names pushed by ``setup``
@@ -213,7 +243,9 @@ def run_engine(engine: Any, prompts: list[list[int]], modules: list[str | None],
 
     # built before the submits, so that nothing between two submits can hand the GIL to the engine thread
     requests = [
-        GenerationRequest(input_ids=p, module=m, params=SamplingParams(max_tokens=new_tokens, stop_token_ids=[]))  # []: never stop early
+        GenerationRequest(
+            input_ids=p, module=m, params=SamplingParams(max_tokens=new_tokens, stop_token_ids=[])
+        )  # []: never stop early
         for p, m in zip(prompts, modules)
     ]
     # let the engine finish retiring the previous batch's rows first, so that this batch starts
@@ -240,8 +272,15 @@ def run_engine(engine: Any, prompts: list[list[int]], modules: list[str | None],
     if steps != new_tokens - 1 or any(c != new_tokens for c in counts):
         raise NotOneBatch(f"{steps} decode steps for {len(prompts)} rows of {new_tokens} tokens (completions {counts})")
     rows = len(prompts)
-    return Timed(ended - stamps[0], ended - started, rows * (new_tokens - 1), rows * new_tokens,
-                 [list(r.token_ids) for r in results], _diffs(stamps), rows)
+    return Timed(
+        ended - stamps[0],
+        ended - started,
+        rows * (new_tokens - 1),
+        rows * new_tokens,
+        [list(r.token_ids) for r in results],
+        _diffs(stamps),
+        rows,
+    )
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -268,8 +307,15 @@ def _step_clock() -> tuple[Any, list[float]]:
     return StepClock(), stamps
 
 
-def run_peft(model: Any, prompts: list[list[int]], new_tokens: int, pad_id: int, adapter_names: list[str] | None = None,
-             *, collect: bool = True) -> Timed:
+def run_peft(
+    model: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    pad_id: int,
+    adapter_names: list[str] | None = None,
+    *,
+    collect: bool = True,
+) -> Timed:
     import torch
     from transformers import LogitsProcessorList
 
@@ -281,11 +327,17 @@ def run_peft(model: Any, prompts: list[list[int]], new_tokens: int, pad_id: int,
     started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]), **extra,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([clock]),
+            **extra,
         )
     ended = time.perf_counter()
-    generated = out[:, ids.shape[1]:].tolist()
+    generated = out[:, ids.shape[1] :].tolist()
     if any(len(g) != new_tokens for g in generated):
         raise RuntimeError(f"PEFT generated {[len(g) for g in generated]} tokens, expected {new_tokens}")
     rows = len(prompts)
@@ -397,16 +449,24 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     for name in order:  # warm-up: loads every module into the pool, first-call costs, caches
         outputs[name] = timed(name, measured=False).tokens
     for round_ in range(sizes.rounds):
-        rotated = order[round_ % len(order):] + order[: round_ % len(order)]
+        rotated = order[round_ % len(order) :] + order[: round_ % len(order)]
         for name in rotated:
             one = timed(name)
-            runs[name].append({
-                "decode_tps": one.decode_tps, "total_tps": one.total_tps, "decode_s": one.decode_s,
-                "total_s": one.total_s, "disturbed": one.disturbed, "step_s": one.step_s,
-                "rows_per_step": one.rows_per_step,
-            })
-            print(f"  round {round_ + 1} {name}: {one.decode_tps:.1f} decode tok/s"
-                  f" (others used {one.disturbed:.0%} of the CPUs)", flush=True)
+            runs[name].append(
+                {
+                    "decode_tps": one.decode_tps,
+                    "total_tps": one.total_tps,
+                    "decode_s": one.decode_s,
+                    "total_s": one.total_s,
+                    "disturbed": one.disturbed,
+                    "step_s": one.step_s,
+                    "rows_per_step": one.rows_per_step,
+                }
+            )
+            print(
+                f"  round {round_ + 1} {name}: {one.decode_tps:.1f} decode tok/s (others used {one.disturbed:.0%} of the CPUs)",
+                flush=True,
+            )
 
     summary = {
         name: {
@@ -448,8 +508,9 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 # --- profile (optional) ----------------------------------------------------------------------------------
 
 
-def profile_decode(engine: Any, peft: Any, prompts: list[list[int]], loras: list[str], pad_id: int,
-                   *, steps: int = 8, rounds: int = 3) -> dict[str, str]:
+def profile_decode(
+    engine: Any, peft: Any, prompts: list[list[int]], loras: list[str], pad_id: int, *, steps: int = 8, rounds: int = 3
+) -> dict[str, str]:
     """Per-decode-step profiles of tunehub and PEFT batches: ops (torch.profiler) and Python (cProfile).
 
     torch.profiler and cProfile record only the thread that started them, and the engine decodes
@@ -493,7 +554,9 @@ def profile_decode(engine: Any, peft: Any, prompts: list[list[int]], loras: list
     def engine_batch(modules: list[str]) -> Callable[[Any], float]:
         def run(recorder: Any) -> float:
             handles = [
-                RequestHandle(GenerationRequest(input_ids=p, module=m, params=SamplingParams(max_tokens=10**6, stop_token_ids=[])))
+                RequestHandle(
+                    GenerationRequest(input_ids=p, module=m, params=SamplingParams(max_tokens=10**6, stop_token_ids=[]))
+                )
                 for p, m in zip(prompts, modules)
             ]
             with engine._lock, torch.no_grad():
@@ -509,6 +572,7 @@ def profile_decode(engine: Any, peft: Any, prompts: list[list[int]], loras: list
                     engine._release(row)
                 engine._rows, engine._kv, engine._mask = [], [], None
             return elapsed
+
         return run
 
     def peft_batch(rows: list[list[int]], adapter: str | None, adapter_names: list[str] | None = None) -> Callable[[Any], float]:
@@ -528,10 +592,18 @@ def profile_decode(engine: Any, peft: Any, prompts: list[list[int]], loras: list
 
             extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
             with recorder, torch.no_grad():
-                peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
-                              min_new_tokens=steps + 1, do_sample=False, pad_token_id=pad_id,
-                              logits_processor=LogitsProcessorList([Mark()]), **extra)
+                peft.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=steps + 1,
+                    min_new_tokens=steps + 1,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    logits_processor=LogitsProcessorList([Mark()]),
+                    **extra,
+                )
             return stamps[-1] - stamps[0]
+
         return run
 
     cases = {
@@ -593,7 +665,7 @@ def _trim_pstats(text: str) -> str:
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if line.strip().startswith("ncalls"):
-            return "\n".join(lines[i - 2 if i >= 2 else 0:])
+            return "\n".join(lines[i - 2 if i >= 2 else 0 :])
     return text
 
 
@@ -694,13 +766,20 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         store.resolve(ref)
         t1 = time.perf_counter()
-        content = store.read(ref, ["adapter_model.safetensors"], check=lambda m, ref=ref: engine.materializer.admit(m, ref), parse=engine.pool._materializer(ref))
+        content = store.read(
+            ref,
+            ["adapter_model.safetensors"],
+            check=lambda m, ref=ref: engine.materializer.admit(m, ref),
+            parse=engine.pool._materializer(ref),
+        )
         t2 = time.perf_counter()
         data = bytearray(weights.read_bytes())
         t3 = time.perf_counter()
         hashlib.sha256(data).hexdigest()
         t4 = time.perf_counter()
-        engine.materializer.load(ModuleContent(manifest=content.manifest, files={"adapter_model.safetensors": memoryview(data)}), ref)
+        engine.materializer.load(
+            ModuleContent(manifest=content.manifest, files={"adapter_model.safetensors": memoryview(data)}), ref
+        )
         t5 = time.perf_counter()
         for key, value in zip(steps, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
             steps[key].append(value)
@@ -744,7 +823,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
 def zipf_draws(n_items: int, s: float, count: int, seed: int) -> list[int]:
     """``count`` item indices with P(rank k) proportional to 1 / k**s, ranks shuffled onto items."""
     rng = random.Random(seed)
-    weights = [1.0 / (k ** s) for k in range(1, n_items + 1)]
+    weights = [1.0 / (k**s) for k in range(1, n_items + 1)]
     ranked = list(range(n_items))
     rng.shuffle(ranked)  # popularity must not follow the names' (or contents') order
     return [ranked[k] for k in rng.choices(range(n_items), weights=weights, k=count)]
@@ -890,8 +969,11 @@ def setup(work: Path, sizes: Sizes) -> dict[str, Any]:
         zipf_store.push(distinct[i % len(distinct)], f"zipf/m-{i:04d}")
     push_s = time.perf_counter() - started
     info = {
-        "base": str(base), "zipf_base": str(zipf_base), "folders": folders,
-        "registry": str(work / "registry"), "zipf_registry": str(work / "zipf-registry"),
+        "base": str(base),
+        "zipf_base": str(zipf_base),
+        "folders": folders,
+        "registry": str(work / "registry"),
+        "zipf_registry": str(work / "zipf-registry"),
         "zipf_push_ms": 1000 * push_s / sizes.zipf_modules,
     }
     marker.write_text(json.dumps(info))
@@ -910,7 +992,10 @@ def spawn(work: Path, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_worker", str(spec_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
         )
         assert proc.stdout is not None
         for line in proc.stdout:  # progress to stderr as it comes, everything to the log
@@ -937,15 +1022,23 @@ def ratio_entry(name: str, value: float) -> dict[str, Any]:
     return {"value": round(value, 4), "target": f"{op} {target}", "pass": _verdict(op, target, value)}
 
 
-def summarize(sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[str, Any], cold: dict[str, Any], zipf: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[str, Any], cold: dict[str, Any], zipf: dict[str, Any]
+) -> dict[str, Any]:
     tps = {name: side["decode_tps"] for name, side in thr["sides"].items()}
     p25 = {name: side["p25_step_tps"] for name, side in thr["sides"].items()}
     ratios = {
         "mixed_vs_single": ratio_entry("mixed_vs_single", tps["tunehub_mixed"] / tps["tunehub_single"]),
-        "mixed_vs_peft_adapter_names": ratio_entry("mixed_vs_peft_adapter_names", tps["tunehub_mixed"] / tps["peft_adapter_names"]),
+        "mixed_vs_peft_adapter_names": ratio_entry(
+            "mixed_vs_peft_adapter_names", tps["tunehub_mixed"] / tps["peft_adapter_names"]
+        ),
         "mixed_vs_peft_sequential": ratio_entry("mixed_vs_peft_sequential", tps["tunehub_mixed"] / tps["peft_sequential"]),
-        "mixed_kinds_vs_single_lora": ratio_entry("mixed_kinds_vs_single_lora", tps["tunehub_mixed_kinds"] / tps["tunehub_single"]),
-        "cold_load_vs_safetensors": ratio_entry("cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]),
+        "mixed_kinds_vs_single_lora": ratio_entry(
+            "mixed_kinds_vs_single_lora", tps["tunehub_mixed_kinds"] / tps["tunehub_single"]
+        ),
+        "cold_load_vs_safetensors": ratio_entry(
+            "cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]
+        ),
     }
     growth = zipf["rss_growth_after_warmup"]
     op, target = FIGURE_TARGETS["rss_growth_after_warmup"]
@@ -962,7 +1055,7 @@ def summarize(sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[s
         "new_tokens": sizes.new_tokens,
         "lora_rank": sizes.lora_rank,
         "timed": "decode phase: first generated token -> last, rows x (new_tokens - 1) tokens; median of "
-                 f"{sizes.rounds} interleaved rounds after a warm-up round",
+        f"{sizes.rounds} interleaved rounds after a warm-up round",
         "decode_tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
         "p25_step_tokens_per_s": {k: round(v, 2) for k, v in p25.items()},
         "ratios_from_p25_steps": {
@@ -982,9 +1075,16 @@ def summarize(sizes: Sizes, quantization: str, info: dict[str, Any], thr: dict[s
         "gate_waited_s": thr["gate_waited_s"],
         "disturbed_runs_repeated": thr["disturbed_runs_repeated"],
         "cold": {k: v for k, v in cold.items() if k != "profile"},
-        "zipf": {**{k: v for k, v in zipf.items() if k != "rss_mb"}, "rss_mb_by_request": zipf["rss_mb"],
-                 "push_ms_per_module": round(info["zipf_push_ms"], 2)},
-        "process_seconds": {"throughput": thr["process_seconds"], "cold": cold["process_seconds"], "zipf": zipf["process_seconds"]},
+        "zipf": {
+            **{k: v for k, v in zipf.items() if k != "rss_mb"},
+            "rss_mb_by_request": zipf["rss_mb"],
+            "push_ms_per_module": round(info["zipf_push_ms"], 2),
+        },
+        "process_seconds": {
+            "throughput": thr["process_seconds"],
+            "cold": cold["process_seconds"],
+            "zipf": zipf["process_seconds"],
+        },
     }
     return {"benchmark": BENCHMARK, "ratios": ratios, "figures": figures}
 
@@ -995,8 +1095,10 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
 
     console = Console(width=140)
     fig = report["figures"]
-    table = Table(title=f"engine throughput ({fig['sizes']} run: {fig['model']}, {fig['quantization']}, batch {fig['batch']},"
-                        f" {fig['prompt_tokens']}+{fig['new_tokens']} tokens, greedy)")
+    table = Table(
+        title=f"engine throughput ({fig['sizes']} run: {fig['model']}, {fig['quantization']}, batch {fig['batch']},"
+        f" {fig['prompt_tokens']}+{fig['new_tokens']} tokens, greedy)"
+    )
     for col in ("side", "rows", "decode tok/s", "prefill+decode tok/s", "runs (decode tok/s)", "p25-step tok/s"):
         table.add_column(col)
     rows = {
@@ -1008,8 +1110,14 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         "peft_sequential": "set_adapter, 8 x batch 1",
     }
     for key, label in rows.items():
-        table.add_row(key, label, f"{fig['decode_tokens_per_s'][key]:.1f}", f"{fig['prefill_plus_decode_tokens_per_s'][key]:.1f}",
-                      ", ".join(f"{v:.1f}" for v in fig["decode_tokens_per_s_runs"][key]), f"{fig['p25_step_tokens_per_s'][key]:.1f}")
+        table.add_row(
+            key,
+            label,
+            f"{fig['decode_tokens_per_s'][key]:.1f}",
+            f"{fig['prefill_plus_decode_tokens_per_s'][key]:.1f}",
+            ", ".join(f"{v:.1f}" for v in fig["decode_tokens_per_s_runs"][key]),
+            f"{fig['p25_step_tokens_per_s'][key]:.1f}",
+        )
     console.print(table)
 
     cold, zipf = fig["cold"], fig["zipf"]
@@ -1018,15 +1126,25 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         other.add_column(col)
     other.add_row("cold pool.acquire, median", f"{cold['pool_median_ms']:.2f} ms ({cold['weights_mb']:.1f} MB weights)")
     other.add_row("bare safetensors load_file, median", f"{cold['safetensors_median_ms']:.2f} ms")
-    other.add_row("reference: read once + sha256 + load(bytes)", f"{cold['one_pass_read_hash_load_median_ms']:.2f} ms"
-                  f" (x{cold['one_pass_read_hash_load_median_ms'] / cold['safetensors_median_ms']:.2f} of load_file)")
+    other.add_row(
+        "reference: read once + sha256 + load(bytes)",
+        f"{cold['one_pass_read_hash_load_median_ms']:.2f} ms"
+        f" (x{cold['one_pass_read_hash_load_median_ms'] / cold['safetensors_median_ms']:.2f} of load_file)",
+    )
     other.add_row("acquire steps, median", ", ".join(f"{k} {v:.2f} ms" for k, v in cold["breakdown_median_ms"].items()))
-    other.add_row(f"Zipf pool ({zipf['preset']}, {zipf['modules']} modules, budget {zipf['budget_modules']})",
-                  f"hit rate {zipf['hit_rate']:.3f} (after warm-up {zipf['hit_rate_after_warmup']:.3f};"
-                  f" static top-{zipf['budget_modules']} would be {zipf['ideal_static_top_hit_rate']:.3f})")
-    other.add_row("acquire+release latency", f"hit {zipf['hit_us_median']:.0f} us, miss {zipf['miss_ms_median']:.2f} ms (medians)")
-    other.add_row("RSS after warm-up -> end", f"{zipf['rss_mb_by_request'][1][1]:.1f} -> {zipf['rss_mb_by_request'][-1][1]:.1f} MB"
-                                              f" ({zipf['rss_growth_after_warmup_mb']:+.2f} MB)")
+    other.add_row(
+        f"Zipf pool ({zipf['preset']}, {zipf['modules']} modules, budget {zipf['budget_modules']})",
+        f"hit rate {zipf['hit_rate']:.3f} (after warm-up {zipf['hit_rate_after_warmup']:.3f};"
+        f" static top-{zipf['budget_modules']} would be {zipf['ideal_static_top_hit_rate']:.3f})",
+    )
+    other.add_row(
+        "acquire+release latency", f"hit {zipf['hit_us_median']:.0f} us, miss {zipf['miss_ms_median']:.2f} ms (medians)"
+    )
+    other.add_row(
+        "RSS after warm-up -> end",
+        f"{zipf['rss_mb_by_request'][1][1]:.1f} -> {zipf['rss_mb_by_request'][-1][1]:.1f} MB"
+        f" ({zipf['rss_growth_after_warmup_mb']:+.2f} MB)",
+    )
     console.print(other)
 
     verdicts = Table(title="verdict (decode-phase medians; last column: the same ratio from the quickest quarter of steps)")
@@ -1034,19 +1152,32 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         verdicts.add_column(col)
     robust = fig["ratios_from_p25_steps"]
     for name, entry in report["ratios"].items():
-        verdicts.add_row(name, f"{entry['value']:.3f}", entry["target"], "[green]PASS" if entry["pass"] else "[red]FAIL",
-                         f"{robust[name]:.3f}" if name in robust else "")
-    verdicts.add_row("rss_growth_after_warmup", f"{fig['rss_growth_after_warmup']:.4f}", fig["rss_growth_after_warmup_target"],
-                     "[green]PASS" if fig["rss_growth_after_warmup_pass"] else "[red]FAIL")
+        verdicts.add_row(
+            name,
+            f"{entry['value']:.3f}",
+            entry["target"],
+            "[green]PASS" if entry["pass"] else "[red]FAIL",
+            f"{robust[name]:.3f}" if name in robust else "",
+        )
+    verdicts.add_row(
+        "rss_growth_after_warmup",
+        f"{fig['rss_growth_after_warmup']:.4f}",
+        fig["rss_growth_after_warmup_target"],
+        "[green]PASS" if fig["rss_growth_after_warmup_pass"] else "[red]FAIL",
+    )
     verdicts.add_row("pool_hit_rate", f"{fig['pool_hit_rate']:.3f}", "(figure)", "")
     console.print(verdicts)
     shares = fig["max_others_cpu_share_in_timed_runs"]
     if max(shares.values()) > 0.10:
-        console.print(f"note: other processes used up to {max(shares.values()):.0%} of the CPUs during the timed runs;"
-                      " batched sides suffer more from that than batch-1 ones"
-                      + ("" if fig["torch_threads"] == 1 else " (with 2+ torch threads; --threads 1 is steadier)"))
+        console.print(
+            f"note: other processes used up to {max(shares.values()):.0%} of the CPUs during the timed runs;"
+            " batched sides suffer more from that than batch-1 ones"
+            + ("" if fig["torch_threads"] == 1 else " (with 2+ torch threads; --threads 1 is steadier)")
+        )
     if fig["sizes"] == "quick":
-        console.print(f"note: --quick runs the '{fig['model']}' preset with {fig['new_tokens']} new tokens; the targets are set for bench-100m")
+        console.print(
+            f"note: --quick runs the '{fig['model']}' preset with {fig['new_tokens']} new tokens; the targets are set for bench-100m"
+        )
     print_profiles(profiles, cold_profile)
 
 
@@ -1080,9 +1211,16 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         info = setup(work, sizes)
-        common = {"sizes": asdict(sizes), "registry": info["registry"], "folders": info["folders"], "base": info["base"],
-                  "quantization": args.quantization, "profile": args.profile or args.profile_only,
-                  "profile_only": args.profile_only, "threads": args.threads}
+        common = {
+            "sizes": asdict(sizes),
+            "registry": info["registry"],
+            "folders": info["folders"],
+            "base": info["base"],
+            "quantization": args.quantization,
+            "profile": args.profile or args.profile_only,
+            "profile_only": args.profile_only,
+            "threads": args.threads,
+        }
         if args.profile_only:
             thr = spawn(work, "throughput", common)
             cold = spawn(work, "cold", common)

@@ -152,11 +152,13 @@ def prepare(work: Path, sizes: Sizes, preset: str) -> dict[str, Any]:
     workload = []
     for _ in range(sizes.requests):
         words = rng.randint(*sizes.prompt_words)
-        workload.append({
-            "module": f"m{rng.randrange(sizes.modules):02d}",
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
-            "max_tokens": rng.choice(sizes.max_tokens),
-        })
+        workload.append(
+            {
+                "module": f"m{rng.randrange(sizes.modules):02d}",
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
+                "max_tokens": rng.choice(sizes.max_tokens),
+            }
+        )
     (work / "modules.json").write_text(json.dumps(modules))
     return {"base": str(base), "modules": modules, "workload": workload}
 
@@ -178,9 +180,26 @@ def _env() -> dict[str, str]:
 
 def start_tunehub(work: Path, prepared: dict[str, Any], sizes: Sizes, quantization: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "tunehub.sdk.cli", "serve", "--base", prepared["base"], "--quantization", quantization,
-           "--registry", f"file://{work / 'registry'}", "--port", str(port), "--max-batch", str(sizes.clients),
-           "--pool-bytes", str(4 << 30), "--audit-log", str(work / "audit.jsonl")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunehub.sdk.cli",
+        "serve",
+        "--base",
+        prepared["base"],
+        "--quantization",
+        quantization,
+        "--registry",
+        f"file://{work / 'registry'}",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(sizes.clients),
+        "--pool-bytes",
+        str(4 << 30),
+        "--audit-log",
+        str(work / "audit.jsonl"),
+    ]
     log = open(work / "tunehub.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=_env())
     return proc, f"http://127.0.0.1:{port}"
@@ -190,8 +209,18 @@ def start_baseline(work: Path, prepared: dict[str, Any], quantization: str) -> t
     port = _free_port()
     script = work / "litserve_peft_server.py"
     script.write_text(BASELINE_SERVER)
-    cmd = [sys.executable, str(script), "--base", prepared["base"], "--modules", str(work / "modules.json"),
-           "--quantization", quantization, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--base",
+        prepared["base"],
+        "--modules",
+        str(work / "modules.json"),
+        "--quantization",
+        quantization,
+        "--port",
+        str(port),
+    ]
     log = open(work / "litserve_peft.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=work, env=_env())
     return proc, f"http://127.0.0.1:{port}"
@@ -232,8 +261,13 @@ def stop(proc: subprocess.Popen, sig: int) -> None:
 
 
 def tunehub_request(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return "/v1/completions", {"model": f"bench/{item['module']}", "prompt": item["prompt"],
-                               "max_tokens": item["max_tokens"], "temperature": 0, "ignore_eos": True}
+    return "/v1/completions", {
+        "model": f"bench/{item['module']}",
+        "prompt": item["prompt"],
+        "max_tokens": item["max_tokens"],
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 def baseline_request(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -322,15 +356,24 @@ def summarize(sizes: Sizes, preset: str, quantization: str, tunehub: dict[str, A
     value = tunehub["requests_per_s"] / baseline["requests_per_s"] if baseline["requests_per_s"] else float("inf")
     op, target = TARGETS["requests_per_s_vs_litserve_peft"]
     ratios["requests_per_s_vs_litserve_peft"] = {
-        "value": round(value, 3), "target": f"{op} {target}", "pass": value >= target,
+        "value": round(value, 3),
+        "target": f"{op} {target}",
+        "pass": value >= target,
     }
     shared = set(tunehub["_texts"]) & set(baseline["_texts"])
     same = sum(1 for i in shared if tunehub["_texts"][i] == baseline["_texts"][i])
     figures = {
         "sizes": sizes.name,
-        "workload": {"modules": sizes.modules, "requests": sizes.requests, "clients": sizes.clients,
-                     "prompt_words": list(sizes.prompt_words), "max_tokens": list(sizes.max_tokens),
-                     "preset": preset, "quantization": quantization, "ranks": list(RANKS)},
+        "workload": {
+            "modules": sizes.modules,
+            "requests": sizes.requests,
+            "clients": sizes.clients,
+            "prompt_words": list(sizes.prompt_words),
+            "max_tokens": list(sizes.max_tokens),
+            "preset": preset,
+            "quantization": quantization,
+            "ranks": list(RANKS),
+        },
         "tunehub": {k: v for k, v in tunehub.items() if not k.startswith("_")},
         "litserve_peft": {k: v for k, v in baseline.items() if not k.startswith("_")},
         "same_text_share": round(same / len(shared), 3) if shared else None,
@@ -341,11 +384,20 @@ def summarize(sizes: Sizes, preset: str, quantization: str, tunehub: dict[str, A
 
 def print_report(report: dict[str, Any]) -> None:
     fig = report["figures"]
-    rows = [("requests/s", "requests_per_s"), ("tokens/s", "tokens_per_s"), ("p50 latency ms", "p50_ms"),
-            ("p99 latency ms", "p99_ms"), ("errors", "errors"), ("wall s", "wall_s")]
+    rows = [
+        ("requests/s", "requests_per_s"),
+        ("tokens/s", "tokens_per_s"),
+        ("p50 latency ms", "p50_ms"),
+        ("p99 latency ms", "p99_ms"),
+        ("errors", "errors"),
+        ("wall s", "wall_s"),
+    ]
     w = fig["workload"]
-    print(f"\nserve benchmark ({fig['sizes']}): {w['modules']} modules, {w['requests']} requests, {w['clients']} clients,"
-          f" base preset {w['preset']} ({w['quantization']})", file=sys.stderr)
+    print(
+        f"\nserve benchmark ({fig['sizes']}): {w['modules']} modules, {w['requests']} requests, {w['clients']} clients,"
+        f" base preset {w['preset']} ({w['quantization']})",
+        file=sys.stderr,
+    )
     print(f"{'':18}{'tunehub':>14}{'litserve_peft':>16}", file=sys.stderr)
     for label, key in rows:
         print(f"{label:18}{fig['tunehub'][key]:>14}{fig['litserve_peft'][key]:>16}", file=sys.stderr)
@@ -368,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepared = prepare(work, sizes, args.preset)
         results = {}
-        for kind, start, sig in (("tunehub", lambda: start_tunehub(work, prepared, sizes, args.quantization), signal.SIGTERM),
-                                 ("litserve_peft", lambda: start_baseline(work, prepared, args.quantization), signal.SIGINT)):
+        for kind, start, sig in (
+            ("tunehub", lambda: start_tunehub(work, prepared, sizes, args.quantization), signal.SIGTERM),
+            ("litserve_peft", lambda: start_baseline(work, prepared, args.quantization), signal.SIGINT),
+        ):
             proc, url = start()
             try:
                 wait_ready(proc, url)

@@ -80,15 +80,39 @@ class Sizes:
 # out of the timing (one-time kernel and optimizer setup).
 FULL = Sizes(
     name="full",
-    memory_preset="bench-300m", memory_steps=3, memory_batch=2, memory_seq=256,
-    speed_preset="bench-100m", speed_steps=10, speed_batch=2, speed_seq=256, speed_rounds=2, small_speed_steps=12,
-    pack_preset="small", pack_examples=192, pack_batch=8, pack_min_len=16, pack_max_len=512,
+    memory_preset="bench-300m",
+    memory_steps=3,
+    memory_batch=2,
+    memory_seq=256,
+    speed_preset="bench-100m",
+    speed_steps=10,
+    speed_batch=2,
+    speed_seq=256,
+    speed_rounds=2,
+    small_speed_steps=12,
+    pack_preset="small",
+    pack_examples=192,
+    pack_batch=8,
+    pack_min_len=16,
+    pack_max_len=512,
 )
 QUICK = Sizes(
     name="quick",
-    memory_preset="small", memory_steps=2, memory_batch=2, memory_seq=256,
-    speed_preset="small", speed_steps=8, speed_batch=2, speed_seq=256, speed_rounds=1, small_speed_steps=None,
-    pack_preset="small", pack_examples=48, pack_batch=8, pack_min_len=16, pack_max_len=512,
+    memory_preset="small",
+    memory_steps=2,
+    memory_batch=2,
+    memory_seq=256,
+    speed_preset="small",
+    speed_steps=8,
+    speed_batch=2,
+    speed_seq=256,
+    speed_rounds=1,
+    small_speed_steps=None,
+    pack_preset="small",
+    pack_examples=48,
+    pack_batch=8,
+    pack_min_len=16,
+    pack_max_len=512,
 )
 
 LORA = {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
@@ -622,7 +646,10 @@ def spawn(work: Path, label: str, kind: str, config: dict[str, Any], *, memory: 
     with log_path.open("w") as log:
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--_worker", str(spec_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
         )
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]
@@ -661,9 +688,7 @@ class QuietGate:
             self.budget_s -= time.monotonic() - started
 
 
-def spawn_timed(
-    work: Path, gate: QuietGate, label: str, kind: str, config: dict[str, Any], attempts: int = 3
-) -> dict[str, Any]:
+def spawn_timed(work: Path, gate: QuietGate, label: str, kind: str, config: dict[str, Any], attempts: int = 3) -> dict[str, Any]:
     """``spawn`` for a timed run: after a quiet wait, and again (at most ``attempts`` in all) when
     other processes took more than the gate's threshold of the CPUs during the timed steps; the
     least disturbed attempt is kept."""
@@ -702,8 +727,15 @@ def bench_memory(work: Path, sizes: Sizes, gradient_checkpointing: bool) -> dict
     runs = {}
     for label, quantization, dtype in (("nf4", "nf4", "float32"), ("bf16", "none", "bfloat16"), ("fp32", "none", "float32")):
         config = tunehub_config(
-            base, work / f"out-mem-{label}", objective="clm", data=data, max_length=sizes.memory_seq,
-            batch=sizes.memory_batch, steps=sizes.memory_steps, quantization=quantization, dtype=dtype,
+            base,
+            work / f"out-mem-{label}",
+            objective="clm",
+            data=data,
+            max_length=sizes.memory_seq,
+            batch=sizes.memory_batch,
+            steps=sizes.memory_steps,
+            quantization=quantization,
+            dtype=dtype,
             save_steps=10**6,  # only the final checkpoint, after on_train_end: not in the window
             gradient_checkpointing=gradient_checkpointing,
             cpu_allocator="lean",  # the same allocator policy in all three runs (nf4's default)
@@ -731,8 +763,14 @@ def bench_speed(work: Path, gate: QuietGate, preset: str, sizes: Sizes, steps: i
     for round_ in range(1, rounds + 1):
         for label, kind, save_steps in variants:
             config = tunehub_config(
-                base, work / f"out-speed-{preset}-{label}", objective="clm", data=data, max_length=sizes.speed_seq,
-                batch=sizes.speed_batch, steps=steps, save_steps=save_steps,
+                base,
+                work / f"out-speed-{preset}-{label}",
+                objective="clm",
+                data=data,
+                max_length=sizes.speed_seq,
+                batch=sizes.speed_batch,
+                steps=steps,
+                save_steps=save_steps,
             )
             name = f"throughput {preset} {label}" + (f" round {round_}" if rounds > 1 else "")
             result = spawn_timed(work, gate, name, kind, config)
@@ -755,8 +793,15 @@ def bench_packing(work: Path, sizes: Sizes, gate: QuietGate) -> dict[str, Any]:
     runs = {}
     for label, packing in (("packing", True), ("padding", False)):
         config = tunehub_config(
-            base, work / f"out-pack-{label}", objective="sft", data=data, max_length=sizes.pack_max_len,
-            batch=sizes.pack_batch, steps=None, packing=packing, save_steps=10**6,
+            base,
+            work / f"out-pack-{label}",
+            objective="sft",
+            data=data,
+            max_length=sizes.pack_max_len,
+            batch=sizes.pack_batch,
+            steps=None,
+            packing=packing,
+            save_steps=10**6,
         )
         runs[label] = spawn_timed(work, gate, f"sft {label}", "tunehub", config)
     return {"preset": sizes.pack_preset, "params": model_params(base), "data": stats, "runs": runs}
@@ -892,9 +937,12 @@ def print_report(report: dict[str, Any]) -> None:
     for label in ("nf4", "bf16", "fp32"):
         m = mem[label]
         table.add_row(
-            "memory", f"lora r16 on {label} base", _model_label(mem),
+            "memory",
+            f"lora r16 on {label} base",
+            _model_label(mem),
             f"peak RSS over baseline: load / train (weights), grad ckpt {checkpointing}",
-            f"{m['peak_mb']:.0f} MB: {m['load_peak_mb']:.0f} / {m['train_peak_mb']:.0f} ({m['param_mb']:.0f})", "",
+            f"{m['peak_mb']:.0f} MB: {m['load_peak_mb']:.0f} / {m['train_peak_mb']:.0f} ({m['param_mb']:.0f})",
+            "",
         )
     parts = [("throughput", ("tunehub", "trainer", "tunehub_no_ckpt"), "tokens/s")]
     if "throughput_small" in fig:
@@ -905,8 +953,12 @@ def print_report(report: dict[str, Any]) -> None:
         for label in names:
             r = section[label]
             table.add_row(
-                part, label, _model_label(section), f"{measure} over {r['timed_steps']} steps",
-                f"{r['tokens_per_s']:.1f}", f"{r['other_processes_cpu_share']:.0%}",
+                part,
+                label,
+                _model_label(section),
+                f"{measure} over {r['timed_steps']} steps",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['other_processes_cpu_share']:.0%}",
             )
     console.print(table)
 
@@ -935,11 +987,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (memory on the 'small' preset)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (bases, logs, results)")
     parser.add_argument(
-        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
         help="memory runs without gradient checkpointing (default on, as tunehub does for quantized bases)",
     )
     parser.add_argument("--only", choices=("memory", "throughput", "packing"), help="run one part (no verdict)")
-    parser.add_argument("--max-wait", type=float, help="seconds timed runs may wait in all for quiet CPUs (default 600, quick 60)")
+    parser.add_argument(
+        "--max-wait", type=float, help="seconds timed runs may wait in all for quiet CPUs (default 600, quick 60)"
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -948,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tunehub-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+
     def part(name: str, run: Any) -> Any:
         """A part's result; with --keep, a part already measured in DIR is reused (said on stderr)."""
         saved = work / f"part-{name}.json"
@@ -964,18 +1021,28 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": lambda: bench_speed(work, gate, sizes.speed_preset, sizes, sizes.speed_steps, sizes.speed_rounds),
         "throughput_small": (
             (lambda: bench_speed(work, gate, "small", sizes, sizes.small_speed_steps, sizes.speed_rounds))
-            if sizes.small_speed_steps else None
+            if sizes.small_speed_steps
+            else None
         ),
         "packing": lambda: bench_packing(work, sizes, gate),
     }
     try:
         if args.only:
-            print(json.dumps({"benchmark": BENCHMARK, "part": args.only, "result": part(args.only, parts[args.only])}, default=float))
+            print(
+                json.dumps(
+                    {"benchmark": BENCHMARK, "part": args.only, "result": part(args.only, parts[args.only])}, default=float
+                )
+            )
             return 0
         results = {name: (part(name, run) if run is not None else None) for name, run in parts.items()}
         report = summarize(
-            sizes, results["memory"], results["throughput"], results["throughput_small"], results["packing"],
-            gate, args.gradient_checkpointing,
+            sizes,
+            results["memory"],
+            results["throughput"],
+            results["throughput_small"],
+            results["packing"],
+            gate,
+            args.gradient_checkpointing,
         )
     finally:
         if not args.keep:

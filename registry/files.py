@@ -97,8 +97,14 @@ def is_pickle_name(path: str | Path) -> bool:
 
 
 def _kind_of(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -178,9 +184,7 @@ def verify_files(folder: Path, expected: dict[str, str], *, allow_extra: bool = 
     for rel, digest in sorted(expected.items()):
         actual = sha256_file(folder / rel)
         if actual != digest:
-            raise IntegrityError(
-                f"{folder}: {rel} does not match its sha256 (expected {digest[:12]}..., got {actual[:12]}...)"
-            )
+            raise IntegrityError(f"{folder}: {rel} does not match its sha256 (expected {digest[:12]}..., got {actual[:12]}...)")
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -223,10 +227,23 @@ def read_json(path: Path, what: str = "file") -> object:
 MAX_SAFETENSORS_HEADER = 100_000_000
 #: bytes per element of every safetensors dtype tunehub accepts (sub-byte F4/F6 are not)
 SAFETENSORS_DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 # Float dtypes: (width in bytes of the integer view, mask). A value is NaN or infinite exactly
 # when all the bits of the mask are set (its exponent field is all ones; for F8_E4M3, which has
@@ -254,9 +271,7 @@ class SafetensorsTensor:
     end: int
 
 
-def read_safetensors_layout(
-    handle: BinaryIO, size: int, bad: Callable[[str], Exception]
-) -> tuple[list[SafetensorsTensor], int]:
+def read_safetensors_layout(handle: BinaryIO, size: int, bad: Callable[[str], Exception]) -> tuple[list[SafetensorsTensor], int]:
     """The tensors of the safetensors file open in ``handle`` (``size`` bytes), ordered by
     position, and where its data section starts; only the header is read.
 

@@ -289,7 +289,9 @@ def _store_cache(path: Path, new_entries: dict[str, dict[str, list[Any]]]) -> No
             pass
 
 
-def _file_tensors(path: Path, cache: dict[str, dict[str, list[Any]]], fresh: dict[str, dict[str, list[Any]]]) -> dict[str, list[Any]]:
+def _file_tensors(
+    path: Path, cache: dict[str, dict[str, list[Any]]], fresh: dict[str, dict[str, list[Any]]]
+) -> dict[str, list[Any]]:
     for _ in range(3):
         before = os.stat(path)
         key = _identity(before)

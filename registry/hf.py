@@ -143,7 +143,11 @@ def _is_offline() -> bool:
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Transport errors of whichever HTTP library this huggingface_hub uses (httpx2, httpx, requests)."""
     errors: list[type[BaseException]] = []
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         lib = sys.modules.get(module)
         for name in names:
             cls = getattr(lib, name, None) if lib is not None else None
@@ -300,9 +304,7 @@ class HubStore(ModuleStore):
         remote_missing = getattr(hf_errors, "RemoteEntryNotFoundError", None) or hf_errors.EntryNotFoundError
         try:
             # by commit sha, never by branch name: a branch can move between HEAD and GET
-            path = hf_hub_download(
-                repo_id, STATE_FILE, revision=commit, local_files_only=local_only, **self._download_kwargs()
-            )
+            path = hf_hub_download(repo_id, STATE_FILE, revision=commit, local_files_only=local_only, **self._download_kwargs())
         except remote_missing:
             return None
         try:
@@ -655,9 +657,7 @@ class HubStore(ModuleStore):
                 snapshot.append(self._snapshot_download(repo_id, info, snap))
             _copy_verified(snapshot[0] / rel, target, files[rel], f"{info.ref}: {rel}")
 
-        path, manifest = install_module(
-            dest, files, copy_file, known_manifests=known, owned=owned, force=force, where=info.ref
-        )
+        path, manifest = install_module(dest, files, copy_file, known_manifests=known, owned=owned, force=force, where=info.ref)
         return LocalModule(path=path, manifest=manifest, ref=info.ref, version=info.version)
 
     def _snapshot_download(self, repo_id: str, info: VersionInfo, snap: _Snapshot) -> Path:
@@ -793,9 +793,7 @@ class HubStore(ModuleStore):
             raise Conflict(f"yank takes an exact version (name@N), got {ref}")
 
         def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, None, str]:
-            new_state, _ = registry_state.yank(
-                state, version, self._public_repo(ref), reason, by=current_actor(), at=_now()
-            )
+            new_state, _ = registry_state.yank(state, version, self._public_repo(ref), reason, by=current_actor(), at=_now())
             return new_state, None, f"tunehub: yank v{version}"
 
         _, snap = self._update_state(ref, repo_id, change)
@@ -841,8 +839,7 @@ def _copy_verified(source: Path, target: Path, digest: str, what: str) -> None:
     if check.hexdigest() != digest:
         _evict(source)  # the next pull downloads it again instead of trusting the bad copy
         raise IntegrityError(
-            f"{what} from the hub is damaged: its sha256 is {check.hexdigest()[:12]}..., the registry recorded"
-            f" {digest[:12]}..."
+            f"{what} from the hub is damaged: its sha256 is {check.hexdigest()[:12]}..., the registry recorded {digest[:12]}..."
         )
 
 

@@ -74,14 +74,37 @@ LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
 #: extensions the Hub's default .gitattributes routes to LFS
 LFS_SUFFIXES = frozenset(
     {
-        ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".model", ".gguf",
-        ".npy", ".npz", ".pkl", ".pickle", ".zip", ".tar", ".gz", ".tgz", ".zst", ".arrow", ".parquet",
-        ".png", ".jpg", ".jpeg", ".wasm", ".tflite", ".ot", ".joblib",
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".onnx",
+        ".msgpack",
+        ".model",
+        ".gguf",
+        ".npy",
+        ".npz",
+        ".pkl",
+        ".pickle",
+        ".zip",
+        ".tar",
+        ".gz",
+        ".tgz",
+        ".zst",
+        ".arrow",
+        ".parquet",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".wasm",
+        ".tflite",
+        ".ot",
+        ".joblib",
     }
 )
-GITATTRIBUTES = "".join(
-    f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in sorted(LFS_SUFFIXES)
-).encode()
+GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in sorted(LFS_SUFFIXES)).encode()
 PAGE_SIZE = 1000
 _CHUNK = 1 << 20
 _SIGNED_URL_TTL_S = 3600
@@ -623,8 +646,7 @@ class HubStorage:
             if parent is not None and parent != head:
                 raise HubError(
                     412,
-                    f"A commit has happened since {parent[:12]} (the head of {branch} is {head[:12]}):"
-                    " refresh and try again",
+                    f"A commit has happened since {parent[:12]} (the head of {branch} is {head[:12]}): refresh and try again",
                 )
             files = dict(self.commit(repo, head).files)
             for op, path, entry in operations:
@@ -648,9 +670,7 @@ class HubStorage:
                         raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
                     for p in inside:
                         del files[p]
-            commit = self._make_commit(
-                repo, parents=[head], title=title, message=message, author=author, files=files
-            )
+            commit = self._make_commit(repo, parents=[head], title=title, message=message, author=author, files=files)
             refs["branches"][branch] = commit.id
             self.write_refs(repo, refs)
             return commit
@@ -1185,7 +1205,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.server._meta_cache[key] = data  # type: ignore[assignment]
         return data
 
-    def _model_summary(self, namespace: str, name: str, commit: Commit, *, card: bool, siblings: bool, blobs: bool) -> dict[str, Any]:
+    def _model_summary(
+        self, namespace: str, name: str, commit: Commit, *, card: bool, siblings: bool, blobs: bool
+    ) -> dict[str, Any]:
         repo = self.server.storage.repo_dir(namespace, name)
         meta = self.server.storage.repo_meta(repo)
         data = self._card_of(repo, commit) or {}
@@ -1269,9 +1291,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         page = found[cursor : cursor + limit]
         headers = {}
         if cursor + limit < len(found) and limit_param is None:
-            query = "&".join(
-                f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values
-            )
+            query = "&".join(f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values)
             headers["Link"] = f'<{self._base_url()}/api/models?{query}&cursor={cursor + limit}>; rel="next"'
         self._send_json(200, page, headers)
 
@@ -1457,7 +1477,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise _bad(f"invalid LFS size {size!r}")
             if size > self.server.config.max_body_bytes:
                 answers.append(
-                    {"oid": oid, "size": size, "error": {"code": 413, "message": f"object larger than {self.server.config.max_body_bytes} bytes"}}
+                    {
+                        "oid": oid,
+                        "size": size,
+                        "error": {"code": 413, "message": f"object larger than {self.server.config.max_body_bytes} bytes"},
+                    }
                 )
                 continue
             if storage.object_size(oid) == size:
@@ -1475,9 +1499,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     "actions": {"upload": {"href": href, "expires_in": _SIGNED_URL_TTL_S}, "verify": {"href": verify}},
                 }
             )
-        self._send_bytes(
-            200, json.dumps({"transfer": "basic", "objects": answers}).encode(), "application/vnd.git-lfs+json"
-        )
+        self._send_bytes(200, json.dumps({"transfer": "basic", "objects": answers}).encode(), "application/vnd.git-lfs+json")
 
     def _check_signed(self, namespace: str, name: str, oid: str) -> int:
         size_raw = (self.query.get("size") or [""])[-1]
@@ -1544,7 +1566,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if parent is not None and (not isinstance(parent, str) or not _SHA1.fullmatch(parent)):
                 raise _bad("parentCommit must be a 40-hex commit id")
             commit = storage.apply_commit(
-                repo, branch, parent=parent, title=summary.strip()[:1000], message=description, author=user,
+                repo,
+                branch,
+                parent=parent,
+                title=summary.strip()[:1000],
+                message=description,
+                author=user,
                 operations=operations,
             )
         finally:
@@ -1736,7 +1763,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         try:
             handle = open(blob, "rb")  # noqa: SIM115 - entered with `with` below, once it exists
         except FileNotFoundError:
-            raise HubError(404, f"the content of {path} is missing from this hub", "EntryNotFound", {"X-Repo-Commit": commit.id}) from None
+            raise HubError(
+                404, f"the content of {path} is missing from this hub", "EntryNotFound", {"X-Repo-Commit": commit.id}
+            ) from None
         with handle:
             length = max(0, end - start + 1)
             self.send_response(status)
@@ -1790,9 +1819,7 @@ def serve(
     import logging
     import signal
 
-    server = make_server(
-        root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose
-    )
+    server = make_server(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose)
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

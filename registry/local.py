@@ -469,9 +469,7 @@ class LocalStore(ModuleStore):
                 os.replace(versions_dir / f"{version}.json", versions_dir / f"{version}.deleted")
             fsync_dir(versions_dir)
 
-        return self._change_state(
-            ref, lambda state: registry_state.delete(state, ref.version, ref.repo, force=force), tombstone
-        )
+        return self._change_state(ref, lambda state: registry_state.delete(state, ref.version, ref.repo, force=force), tombstone)
 
     def gc(self) -> dict[str, list[str]]:
         """Remove what no live version references, and what killed writers left behind.

@@ -197,7 +197,9 @@ def read_verified(
     return files, parsed
 
 
-def _read_into_memory(rel: str, open_file: Callable[[str], BinaryIO], progress: queue.SimpleQueue[tuple[str, Any]], where: str) -> memoryview:
+def _read_into_memory(
+    rel: str, open_file: Callable[[str], BinaryIO], progress: queue.SimpleQueue[tuple[str, Any]], where: str
+) -> memoryview:
     with open_file(rel) as stream:
         size = os.fstat(stream.fileno()).st_size
         view = _uninitialized_buffer(size)

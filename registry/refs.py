@@ -106,8 +106,7 @@ def validate_name(value: str, what: str = "name") -> str:
         raise InvalidReference(f"{what} {value!r} has upper-case letters; names are lowercase")
     if not _NAME.fullmatch(value):
         raise InvalidReference(
-            f"{what} {value!r} is not allowed: use lowercase letters, digits, '-', '_' and '.',"
-            " starting with a letter or digit"
+            f"{what} {value!r} is not allowed: use lowercase letters, digits, '-', '_' and '.', starting with a letter or digit"
         )
     # the Hub's repo-name rules (huggingface_hub.utils.validate_repo_id): every name must be
     # usable as a repo on an hf:// registry, so a name never works in one store and not another

@@ -311,9 +311,7 @@ def rollback(state: RegistryState, alias: str, repo: str, *, by: str, at: str) -
     return replace(state._with_aliases(aliases), history=state.history + (move,)), move
 
 
-def yank(
-    state: RegistryState, version: int, repo: str, reason: str = "", *, by: str, at: str
-) -> tuple[RegistryState, Yank]:
+def yank(state: RegistryState, version: int, repo: str, reason: str = "", *, by: str, at: str) -> tuple[RegistryState, Yank]:
     """Hide live ``version`` from resolution (its record stays); ``VersionNotFound`` otherwise."""
     if version not in state.live:
         raise VersionNotFound(f"{repo} has no version {version}")
@@ -322,9 +320,7 @@ def yank(
     return state._with_versions(entries), mark
 
 
-def delete(
-    state: RegistryState, version: int | None, repo: str, *, force: bool = False
-) -> tuple[RegistryState, list[int]]:
+def delete(state: RegistryState, version: int | None, repo: str, *, force: bool = False) -> tuple[RegistryState, list[int]]:
     """Delete one live version, or every live version when ``version`` is None.
 
     The numbers become deleted entries (never handed out again) and lose their record and yank.

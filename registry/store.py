@@ -205,7 +205,6 @@ class ModuleStore(ABC):
         raise ConfigError(f"{self.uri} has nothing to collect: gc works on file:// registries")
 
 
-
 def version_info(state: RegistryState, record: VersionRecord, repo: str, commit: str | None = None) -> VersionInfo:
     """What a store reports about one version: its record plus its yank and aliases in ``state``."""
     entry = state.entry(record.version)

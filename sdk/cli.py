@@ -76,8 +76,16 @@ def _version_table(infos: list[VersionInfo], title: str) -> None:
     if not sys.stdout.isatty():
         for info in infos:
             note = f"yanked: {info.yank_reason or ''}" if info.yanked else ""
-            row = (info.ref, info.kind, info.task or "", ",".join(info.aliases), str(info.size_bytes),
-                   info.created_at, info.pushed_by, note)
+            row = (
+                info.ref,
+                info.kind,
+                info.task or "",
+                ",".join(info.aliases),
+                str(info.size_bytes),
+                info.created_at,
+                info.pushed_by,
+                note,
+            )
             typer.echo("\t".join(" ".join(value.split()) if value else "" for value in row))
         return
     from rich.console import Console
@@ -324,8 +332,9 @@ def hub_serve(
     """Serve a local folder over the Hugging Face Hub HTTP API (clients set HF_ENDPOINT and HF_HUB_DISABLE_XET=1)."""
     from tunehub.registry.hub_server import serve
 
-    serve(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose,
-          announce=typer.echo)  # where it listens, on stdout (scripts read the URL from it)
+    serve(
+        root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose, announce=typer.echo
+    )  # where it listens, on stdout (scripts read the URL from it)
 
 
 @app.command()
@@ -353,10 +362,19 @@ def serve(
     from tunehub.server.serve import serve as run_server
 
     config = ServeConfig(
-        base=base, quantization=quantization, registry=registry, tenants=str(tenants) if tenants else None,
-        pool_bytes=pool_bytes, max_batch=max_batch, host=host, port=port,
-        admin_key_file=str(admin_key_file) if admin_key_file else None, max_body_bytes=max_body_bytes,
-        alias_ttl_s=alias_ttl, audit_log=audit_log, log_level=log_level,
+        base=base,
+        quantization=quantization,
+        registry=registry,
+        tenants=str(tenants) if tenants else None,
+        pool_bytes=pool_bytes,
+        max_batch=max_batch,
+        host=host,
+        port=port,
+        admin_key_file=str(admin_key_file) if admin_key_file else None,
+        max_body_bytes=max_body_bytes,
+        alias_ttl_s=alias_ttl,
+        audit_log=audit_log,
+        log_level=log_level,
         # process-wide choices belong to the serve entry point: glibc keeps freed memory for the
         # next decode step in the inference worker when the base is on the CPU
         cpu_allocator="auto",
@@ -384,7 +402,7 @@ def generate(
     with Client(url, api_key) as client:
         if stream:
             printed = ""
-            with (client.stream_chat(model, prompt, **options) if chat else client.stream_complete(model, prompt, **options)) as s:
+            with client.stream_chat(model, prompt, **options) if chat else client.stream_complete(model, prompt, **options) as s:
                 for chunk in s:
                     typer.echo(chunk.text, nl=False)
                     printed = (printed + chunk.text)[-1:]

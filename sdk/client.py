@@ -93,7 +93,9 @@ def _make_error(status: int, message: str, name: str | None, headers: Any = None
         cls = _BY_STATUS.get(status) or (ServerError if status >= 500 or status == 0 else InvalidRequest)
     if cls is RateLimited:
         retry = (headers or {}).get("retry-after") if headers is not None else None
-        exc: TunehubError = RateLimited(message, retry_after=float(retry) if retry and retry.isascii() and retry.isdigit() else None)
+        exc: TunehubError = RateLimited(
+            message, retry_after=float(retry) if retry and retry.isascii() and retry.isdigit() else None
+        )
     else:
         try:
             exc = cls(message)
@@ -159,8 +161,9 @@ class _StreamState:
         payload = json.loads(data)
         if "error" in payload:
             err = payload["error"]
-            raise _make_error(_status_for_name(err.get("tunehub_error")), err.get("message", "stream failed"),
-                              err.get("tunehub_error"))
+            raise _make_error(
+                _status_for_name(err.get("tunehub_error")), err.get("message", "stream failed"), err.get("tunehub_error")
+            )
         self.model = payload.get("model", self.model)
         self.usage = payload.get("usage") or self.usage
         self.extra = payload.get("tunehub") or self.extra
@@ -275,28 +278,61 @@ def _headers(api_key: str | None) -> dict[str, str]:
 class Client:
     """Blocking client for a ``tunehub serve`` server (OpenAI-compatible routes plus admin)."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, admin_key: str | None = None,
-                 timeout: float = 300.0, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        admin_key: str | None = None,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.url = url.rstrip("/")
         self.admin_key = admin_key
         self._http = httpx.Client(base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
     # --- generation ------------------------------------------------------------------------------
-    def complete(self, model: str, prompt: str | list[int], *, max_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: str | list[str] | None = None, **options: Any) -> Completion:
+    def complete(
+        self,
+        model: str,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **options: Any,
+    ) -> Completion:
         """Continue ``prompt`` with module ``model`` (a reference or the base's name)."""
-        body = _body(model, prompt=prompt, stream=False, options=dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options))
+        body = _body(
+            model,
+            prompt=prompt,
+            stream=False,
+            options=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options),
+        )
         response = self._post("/v1/completions", body)
         return _completion(response.json(), response.headers)
 
-    def chat(self, model: str, messages: Messages | str, *, max_tokens: int | None = None,
-             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | list[str] | None = None, **options: Any) -> Completion:
+    def chat(
+        self,
+        model: str,
+        messages: Messages | str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **options: Any,
+    ) -> Completion:
         """Answer chat ``messages`` (a list of {role, content}, or one user message as a string)."""
-        body = _body(model, messages=messages, stream=False, options=dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options))
+        body = _body(
+            model,
+            messages=messages,
+            stream=False,
+            options=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options),
+        )
         response = self._post("/v1/chat/completions", body)
         return _completion(response.json(), response.headers)
 
@@ -306,7 +342,9 @@ class Client:
 
     def stream_chat(self, model: str, messages: Messages | str, **options: Any) -> CompletionStream:
         """Like :meth:`chat`, streamed."""
-        return CompletionStream(self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options)))
+        return CompletionStream(
+            self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options))
+        )
 
     # --- discovery and operations --------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
@@ -383,33 +421,70 @@ def _admin_headers(admin_key: str | None) -> dict[str, str]:
 class AsyncClient:
     """The asyncio form of :class:`Client` (same methods, awaited)."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, admin_key: str | None = None,
-                 timeout: float = 300.0, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        admin_key: str | None = None,
+        timeout: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.url = url.rstrip("/")
         self.admin_key = admin_key
         self._http = httpx.AsyncClient(base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
-    async def complete(self, model: str, prompt: str | list[int], *, max_tokens: int | None = None,
-                       temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                       stop: str | list[str] | None = None, **options: Any) -> Completion:
-        body = _body(model, prompt=prompt, stream=False, options=dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options))
+    async def complete(
+        self,
+        model: str,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **options: Any,
+    ) -> Completion:
+        body = _body(
+            model,
+            prompt=prompt,
+            stream=False,
+            options=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options),
+        )
         response = await self._request("POST", "/v1/completions", body)
         return _completion(response.json(), response.headers)
 
-    async def chat(self, model: str, messages: Messages | str, *, max_tokens: int | None = None,
-                   temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                   stop: str | list[str] | None = None, **options: Any) -> Completion:
-        body = _body(model, messages=messages, stream=False, options=dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options))
+    async def chat(
+        self,
+        model: str,
+        messages: Messages | str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **options: Any,
+    ) -> Completion:
+        body = _body(
+            model,
+            messages=messages,
+            stream=False,
+            options=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, **options),
+        )
         response = await self._request("POST", "/v1/chat/completions", body)
         return _completion(response.json(), response.headers)
 
     async def stream_complete(self, model: str, prompt: str | list[int], **options: Any) -> AsyncCompletionStream:
-        return AsyncCompletionStream(await self._stream("/v1/completions", _body(model, prompt=prompt, stream=True, options=options)))
+        return AsyncCompletionStream(
+            await self._stream("/v1/completions", _body(model, prompt=prompt, stream=True, options=options))
+        )
 
     async def stream_chat(self, model: str, messages: Messages | str, **options: Any) -> AsyncCompletionStream:
-        return AsyncCompletionStream(await self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options)))
+        return AsyncCompletionStream(
+            await self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options))
+        )
 
     async def models(self) -> list[dict[str, Any]]:
         return (await self._request("GET", "/v1/models")).json()["data"]

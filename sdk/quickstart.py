@@ -37,9 +37,34 @@ from typing import Any
 from tunehub.sdk.quickstart_tasks import TASKS, exact_match, write_task_data
 
 _STDLIB_MODULES = (
-    "collections", "json", "pathlib", "re", "string", "textwrap", "itertools", "functools", "datetime",
-    "random", "statistics", "fractions", "decimal", "heapq", "bisect", "shutil", "tempfile", "csv",
-    "argparse", "logging", "typing", "enum", "dataclasses", "os", "io", "math", "calendar", "difflib",
+    "collections",
+    "json",
+    "pathlib",
+    "re",
+    "string",
+    "textwrap",
+    "itertools",
+    "functools",
+    "datetime",
+    "random",
+    "statistics",
+    "fractions",
+    "decimal",
+    "heapq",
+    "bisect",
+    "shutil",
+    "tempfile",
+    "csv",
+    "argparse",
+    "logging",
+    "typing",
+    "enum",
+    "dataclasses",
+    "os",
+    "io",
+    "math",
+    "calendar",
+    "difflib",
 )
 
 
@@ -60,11 +85,29 @@ class Sizes:
 # steps (the DoRA one is at 77% after 120); 200 leave a margin. The clm stage is kept short and
 # gentle on purpose: at this scale a longer one (60 steps at 3e-3) pulls the base towards
 # docstring tokens and halved the held-out accuracy of a topic module trained after it.
-FULL = Sizes(preset="small", clm_steps=10, clm_learning_rate=1e-3, sft_steps=200, sft_learning_rate=5e-3,
-             train_size=1200, heldout_size=40, rank=16, corpus_chars=100_000)
+FULL = Sizes(
+    preset="small",
+    clm_steps=10,
+    clm_learning_rate=1e-3,
+    sft_steps=200,
+    sft_learning_rate=5e-3,
+    train_size=1200,
+    heldout_size=40,
+    rank=16,
+    corpus_chars=100_000,
+)
 # a smoke test of the whole pipeline: the accuracy is not the point
-FAST = Sizes(preset="tiny", clm_steps=4, clm_learning_rate=1e-3, sft_steps=12, sft_learning_rate=5e-3,
-             train_size=96, heldout_size=4, rank=8, corpus_chars=20_000)
+FAST = Sizes(
+    preset="tiny",
+    clm_steps=4,
+    clm_learning_rate=1e-3,
+    sft_steps=12,
+    sft_learning_rate=5e-3,
+    train_size=96,
+    heldout_size=4,
+    rank=8,
+    corpus_chars=20_000,
+)
 
 
 def stdlib_corpus(max_chars: int) -> str:
@@ -105,8 +148,16 @@ class Reporter:
     def table(self, rows: list[dict[str, Any]]) -> None:
         headers = ("task", "kind", "module", "base acc", "module acc", "trainable", "size KiB", "train s")
         cells = [
-            (r["task"], r["kind"], r["module"], f"{r['base_accuracy']:.0%}", f"{r['module_accuracy']:.0%}",
-             f"{r['trainable_share']:.2%}", f"{r['size_kib']:.0f}", f"{r['train_seconds']:.0f}")
+            (
+                r["task"],
+                r["kind"],
+                r["module"],
+                f"{r['base_accuracy']:.0%}",
+                f"{r['module_accuracy']:.0%}",
+                f"{r['trainable_share']:.2%}",
+                f"{r['size_kib']:.0f}",
+                f"{r['train_seconds']:.0f}",
+            )
             for r in rows
         ]
         if self.rich:
@@ -190,15 +241,23 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
     corpus = work / "data" / "stdlib.txt"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     corpus.write_text(stdlib_corpus(sizes.corpus_chars))
-    clm = _train({
-        "base": {"path": str(base_init)},
-        "method": {"name": "lora", "r": sizes.rank, "alpha": 2 * sizes.rank, "dropout": 0.0},
-        "objective": {"name": "clm"},
-        "data": {"train": str(corpus), "max_length": 128, "eval_fraction": 0.05},
-        "training": {"max_steps": sizes.clm_steps, "batch_size": 8, "learning_rate": sizes.clm_learning_rate,
-                     "logging_steps": 5, "save_steps": sizes.clm_steps, "gradient_checkpointing": False},
-        "output": {"dir": str(work / "runs" / "stdlib-clm"), "task": "stdlib-clm"},
-    })
+    clm = _train(
+        {
+            "base": {"path": str(base_init)},
+            "method": {"name": "lora", "r": sizes.rank, "alpha": 2 * sizes.rank, "dropout": 0.0},
+            "objective": {"name": "clm"},
+            "data": {"train": str(corpus), "max_length": 128, "eval_fraction": 0.05},
+            "training": {
+                "max_steps": sizes.clm_steps,
+                "batch_size": 8,
+                "learning_rate": sizes.clm_learning_rate,
+                "logging_steps": 5,
+                "save_steps": sizes.clm_steps,
+                "gradient_checkpointing": False,
+            },
+            "output": {"dir": str(work / "runs" / "stdlib-clm"), "task": "stdlib-clm"},
+        }
+    )
     registry.push(clm.module_dir, "quickstart/stdlib-clm")
     base = work / "base"
     if base.exists():
@@ -211,35 +270,65 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
         say.step(f"training {task.name} ({task.kind}, nf4 base): {task.description}")
         train_path, heldout = write_task_data(task, work / "data", train_size=sizes.train_size, heldout_size=sizes.heldout_size)
         heldouts[task.name] = heldout
-        result = _train({
-            "base": {"path": str(base), "quantization": "nf4"},
-            "method": {"name": task.kind, "r": sizes.rank, "alpha": 2 * sizes.rank, "dropout": 0.0},
-            "objective": {"name": "sft"},
-            # unpacked: an example is about 45 tokens, so packing saves no padding here and its
-            # block-diagonal attention mask makes each step about twice as slow
-            "data": {"train": str(train_path), "max_length": 64, "eval_fraction": 0.05, "packing": False},
-            "training": {"max_steps": sizes.sft_steps, "batch_size": 16, "learning_rate": sizes.sft_learning_rate,
-                         "lr_scheduler": "cosine", "warmup_ratio": 0.05, "logging_steps": 20,
-                         # one checkpoint, at the end: nothing here resumes; no recomputation: the
-                         # activations of these small models fit in memory many times over
-                         "save_steps": sizes.sft_steps, "gradient_checkpointing": False},
-            "output": {"dir": str(work / "runs" / task.name), "task": task.name},
-        })
+        result = _train(
+            {
+                "base": {"path": str(base), "quantization": "nf4"},
+                "method": {"name": task.kind, "r": sizes.rank, "alpha": 2 * sizes.rank, "dropout": 0.0},
+                "objective": {"name": "sft"},
+                # unpacked: an example is about 45 tokens, so packing saves no padding here and its
+                # block-diagonal attention mask makes each step about twice as slow
+                "data": {"train": str(train_path), "max_length": 64, "eval_fraction": 0.05, "packing": False},
+                "training": {
+                    "max_steps": sizes.sft_steps,
+                    "batch_size": 16,
+                    "learning_rate": sizes.sft_learning_rate,
+                    "lr_scheduler": "cosine",
+                    "warmup_ratio": 0.05,
+                    "logging_steps": 20,
+                    # one checkpoint, at the end: nothing here resumes; no recomputation: the
+                    # activations of these small models fit in memory many times over
+                    "save_steps": sizes.sft_steps,
+                    "gradient_checkpointing": False,
+                },
+                "output": {"dir": str(work / "runs" / task.name), "task": task.name},
+            }
+        )
         info = registry.push(result.module_dir, f"quickstart/{task.name}")
         registry.promote(info.ref, "prod")
         size = sum(f.stat().st_size for f in result.module_dir.iterdir() if f.name.startswith("adapter_model"))
-        rows.append({
-            "task": task.name, "kind": task.kind, "module": info.ref,
-            "trainable_share": result.metrics["trainable_share"], "size_kib": size / 1024,
-            "train_seconds": result.metrics["train_seconds"],
-        })
+        rows.append(
+            {
+                "task": task.name,
+                "kind": task.kind,
+                "module": info.ref,
+                "trainable_share": result.metrics["trainable_share"],
+                "size_kib": size / 1024,
+                "train_seconds": result.metrics["train_seconds"],
+            }
+        )
 
     port = _free_port()
     say.step(f"starting tunehub serve on 127.0.0.1:{port} (nf4 base, registry {registry_uri})")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tunehub.sdk.cli", "serve", "--base", str(base), "--quantization", "nf4",
-         "--registry", registry_uri, "--port", str(port), "--max-batch", "16"],
-        stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "w"), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "tunehub.sdk.cli",
+            "serve",
+            "--base",
+            str(base),
+            "--quantization",
+            "nf4",
+            "--registry",
+            registry_uri,
+            "--port",
+            str(port),
+            "--max-batch",
+            "16",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "serve.log", "w"),
+        start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
@@ -251,10 +340,7 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
             time.sleep(0.5)
         base_name = next(m["id"] for m in client.models() if "@" not in m["id"])
         jobs = [
-            (task, mode, example)
-            for task, examples in heldouts.items()
-            for example in examples
-            for mode in ("base", "module")
+            (task, mode, example) for task, examples in heldouts.items() for example in examples for mode in ("base", "module")
         ]
         random.Random(0).shuffle(jobs)
         say.step(f"sending {len(jobs)} requests (shuffled across tasks, base and modules) through the SDK")
@@ -282,8 +368,13 @@ def _run(workdir: str | Path | None, sizes: Sizes, keep: bool) -> dict[str, Any]
         row["base_accuracy"] = sum(base_hits) / len(base_hits)
         row["module_accuracy"] = sum(module_hits) / len(module_hits)
         row["answered_by"] = sorted(m for m in answered_by if m)
-    report = {"tasks": rows, "wall_seconds": time.perf_counter() - started, "workdir": str(work),
-              "registry": registry_uri, "base": str(base)}
+    report = {
+        "tasks": rows,
+        "wall_seconds": time.perf_counter() - started,
+        "workdir": str(work),
+        "registry": registry_uri,
+        "base": str(base),
+    }
     (work / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")
     say.table(rows)
     say.step(f"done in {report['wall_seconds']:.0f} s; everything is in {work}")

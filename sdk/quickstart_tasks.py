@@ -43,26 +43,77 @@ def _split(*, train: tuple[str, ...], heldout: tuple[str, ...]) -> dict[bool, tu
 
 
 _WHO = _split(
-    train=("the farmer", "the baker", "the pilot", "the mayor", "the doctor", "the chef", "my neighbour",
-           "the captain", "our teacher", "the gardener", "the lawyer", "the poet", "my cousin", "the team"),
+    train=(
+        "the farmer",
+        "the baker",
+        "the pilot",
+        "the mayor",
+        "the doctor",
+        "the chef",
+        "my neighbour",
+        "the captain",
+        "our teacher",
+        "the gardener",
+        "the lawyer",
+        "the poet",
+        "my cousin",
+        "the team",
+    ),
     heldout=("the librarian", "the scientist", "the nurse", "the manager", "the engineer", "the courier"),
 )
 _DID = _split(
-    train=("painted the window", "repaired the bicycle", "opened the letter", "sold the lantern",
-           "cleaned the kettle", "carried the basket", "wrote the report", "found the map", "signed the contract",
-           "packed the parcel", "checked the engine", "studied the painting", "visited the village", "built a ladder"),
-    heldout=("borrowed the telescope", "washed the blanket", "printed the ticket", "ordered the umbrella",
-             "measured the compass"),
+    train=(
+        "painted the window",
+        "repaired the bicycle",
+        "opened the letter",
+        "sold the lantern",
+        "cleaned the kettle",
+        "carried the basket",
+        "wrote the report",
+        "found the map",
+        "signed the contract",
+        "packed the parcel",
+        "checked the engine",
+        "studied the painting",
+        "visited the village",
+        "built a ladder",
+    ),
+    heldout=(
+        "borrowed the telescope",
+        "washed the blanket",
+        "printed the ticket",
+        "ordered the umbrella",
+        "measured the compass",
+    ),
 )
 _WHERE_WHEN = _split(
-    train=("near the station", "in the kitchen", "at the market", "by the river", "in the garden", "on the hill",
-           "yesterday", "this morning", "on Monday", "last winter", "after lunch", "in the evening"),
+    train=(
+        "near the station",
+        "in the kitchen",
+        "at the market",
+        "by the river",
+        "in the garden",
+        "on the hill",
+        "yesterday",
+        "this morning",
+        "on Monday",
+        "last winter",
+        "after lunch",
+        "in the evening",
+    ),
     heldout=("at the harbour", "inside the museum", "under the bridge", "at midnight", "on Sunday", "before dawn"),
 )
 _FRAMES = _split(
-    train=("{clause}; {phrase}.", "{phrase}: {clause}.", "{clause}, and {phrase}.", "{phrase} when {clause}.",
-           "{clause} and said {phrase}.", "{phrase}, so {clause}.", "while {clause}, {phrase}.",
-           "{phrase}; later {clause}."),
+    train=(
+        "{clause}; {phrase}.",
+        "{phrase}: {clause}.",
+        "{clause}, and {phrase}.",
+        "{phrase} when {clause}.",
+        "{clause} and said {phrase}.",
+        "{phrase}, so {clause}.",
+        "while {clause}, {phrase}.",
+        "{phrase}; later {clause}.",
+    ),
     heldout=("after {clause}, {phrase}.", "{phrase}, because {clause}.", "{phrase}, although {clause}."),
 )
 
@@ -98,9 +149,19 @@ _OPINIONS = {
     "negative": ("terrible", "awful", "dreadful", "horrible", "miserable", "disappointing", "poor", "unpleasant"),
 }
 _OPINION_PHRASES = _split(
-    train=("it was {word}", "what a {word} day", "everything felt {word}", "the result was {word}", "a {word} job",
-           "that was {word}", "the food tasted {word}", "the view looked {word}", "we had a {word} time",
-           "the whole thing was {word}", "such a {word} place"),
+    train=(
+        "it was {word}",
+        "what a {word} day",
+        "everything felt {word}",
+        "the result was {word}",
+        "a {word} job",
+        "that was {word}",
+        "the food tasted {word}",
+        "the view looked {word}",
+        "we had a {word} time",
+        "the whole thing was {word}",
+        "such a {word} place",
+    ),
     heldout=("the mood was {word}", "truly {word}", "the evening seemed {word}"),
 )
 
@@ -118,10 +179,20 @@ _TOPIC_WORDS = {
     "weather": ("rain", "storm", "thunder", "frost"),
 }
 _TOPIC_PHRASES = _split(
-    train=("everyone talked about {word}", "the news was all about {word}", "the big story was {word}",
-           "people asked about {word}", "nothing but {word} on the radio", "a report on {word}",
-           "the paper wrote about {word}", "{word} was on every page", "they could only discuss {word}",
-           "a long article on {word}", "the talk of the town was {word}", "questions about {word} came in"),
+    train=(
+        "everyone talked about {word}",
+        "the news was all about {word}",
+        "the big story was {word}",
+        "people asked about {word}",
+        "nothing but {word} on the radio",
+        "a report on {word}",
+        "the paper wrote about {word}",
+        "{word} was on every page",
+        "they could only discuss {word}",
+        "a long article on {word}",
+        "the talk of the town was {word}",
+        "questions about {word} came in",
+    ),
     heldout=("the headline was about {word}", "all eyes were on {word}", "the whole town discussed {word}"),
 )
 
@@ -134,13 +205,30 @@ def _topic(rng: random.Random, heldout: bool) -> tuple[str, str]:
 # --- colour --------------------------------------------------------------------------------------
 
 _FRUIT_COLOURS = {
-    "banana": "yellow", "lemon": "yellow", "cherry": "red", "strawberry": "red", "kiwi": "green",
-    "lime": "green", "grape": "purple", "plum": "purple", "orange": "orange", "mango": "orange",
+    "banana": "yellow",
+    "lemon": "yellow",
+    "cherry": "red",
+    "strawberry": "red",
+    "kiwi": "green",
+    "lime": "green",
+    "grape": "purple",
+    "plum": "purple",
+    "orange": "orange",
+    "mango": "orange",
 }
 _FRUIT_PHRASES = _split(
-    train=("there was one {word} left", "someone ate the {word}", "the {word} was ripe", "one {word} fell down",
-           "they shared the {word}", "the basket held one {word}", "we cut the {word}", "the {word} was on the table",
-           "a child wanted the {word}", "the shop sold one {word}"),
+    train=(
+        "there was one {word} left",
+        "someone ate the {word}",
+        "the {word} was ripe",
+        "one {word} fell down",
+        "they shared the {word}",
+        "the basket held one {word}",
+        "we cut the {word}",
+        "the {word} was on the table",
+        "a child wanted the {word}",
+        "the shop sold one {word}",
+    ),
     heldout=("nobody wanted the last {word}", "the {word} rolled away", "we saved the {word} for later"),
 )
 

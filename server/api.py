@@ -92,7 +92,11 @@ class TunehubAPI(ls.LitAPI):
         s = self.settings
         base = load_base(s.base, quantization=s.quantization, device=device)  # type: ignore[arg-type]
         self.engine = Engine(
-            base, open_store(s.registry), pool_bytes=s.pool_bytes, max_batch=s.max_batch, alias_ttl_s=s.alias_ttl_s,
+            base,
+            open_store(s.registry),
+            pool_bytes=s.pool_bytes,
+            max_batch=s.max_batch,
+            alias_ttl_s=s.alias_ttl_s,
             cpu_allocator=s.cpu_allocator,  # type: ignore[arg-type]
         )
         self._loads: dict[str, int] = {}

@@ -106,12 +106,18 @@ class ServerMetrics:
             "tunehub_completion_tokens", "Completion tokens generated", labels, registry=self.registry
         )
         self.latency = Histogram(
-            "tunehub_request_duration_seconds", "Time from request to last byte", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "tunehub_request_duration_seconds",
+            "Time from request to last byte",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.first_token = Histogram(
-            "tunehub_time_to_first_token_seconds", "Time from request to the first generated token", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "tunehub_time_to_first_token_seconds",
+            "Time from request to the first generated token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.cold_loads = Counter(
             "tunehub_module_cold_loads", "Requests that had to load their module first", labels, registry=self.registry

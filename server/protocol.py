@@ -190,8 +190,9 @@ def parse_request(body: Any, *, chat: bool) -> ParsedRequest:
     max_tokens = body.get(max_tokens_field)
     if max_tokens is not None:
         if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            problems.add(max_tokens_field,
-                         f"'{max_tokens_field}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {_show(max_tokens)}")
+            problems.add(
+                max_tokens_field, f"'{max_tokens_field}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {_show(max_tokens)}"
+            )
         else:
             parsed.max_tokens = max_tokens
     temperature = body.get("temperature")
@@ -251,12 +252,18 @@ def _parse_stop(stop: Any, parsed: ParsedRequest, problems: _Problems) -> None:
     strings = [stop] if isinstance(stop, str) else stop
     if stop is None or stop == "":
         return
-    if (isinstance(strings, list) and len(strings) <= MAX_STOP_STRINGS
-            and all(_is_text(s) and 0 < len(s) <= MAX_STOP_LENGTH for s in strings)):
+    if (
+        isinstance(strings, list)
+        and len(strings) <= MAX_STOP_STRINGS
+        and all(_is_text(s) and 0 < len(s) <= MAX_STOP_LENGTH for s in strings)
+    ):
         parsed.stop = list(strings)
         return
-    problems.add("stop", f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
-                         f" of at most {MAX_STOP_LENGTH} characters")
+    problems.add(
+        "stop",
+        f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
+        f" of at most {MAX_STOP_LENGTH} characters",
+    )
 
 
 def _parse_prompt(prompt: Any, parsed: ParsedRequest, problems: _Problems) -> None:
@@ -352,8 +359,17 @@ def finish_reason(reason: str | None) -> str:
 
 
 def completion_body(
-    *, chat: bool, request_id: str, created: int, model: str, fingerprint: str, text: str, reason: str | None,
-    prompt_tokens: int, completion_tokens: int, tunehub: dict[str, Any],
+    *,
+    chat: bool,
+    request_id: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    text: str,
+    reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    tunehub: dict[str, Any],
 ) -> dict[str, Any]:
     if chat:
         choice: dict[str, Any] = {
@@ -377,9 +393,18 @@ def completion_body(
 
 
 def chunk_body(
-    *, chat: bool, request_id: str, created: int, model: str, fingerprint: str, text: str | None = None,
-    reason: str | None = None, first: bool = False, usage_: dict[str, int] | None = None,
-    tunehub: dict[str, Any] | None = None, no_choices: bool = False,
+    *,
+    chat: bool,
+    request_id: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    text: str | None = None,
+    reason: str | None = None,
+    first: bool = False,
+    usage_: dict[str, int] | None = None,
+    tunehub: dict[str, Any] | None = None,
+    no_choices: bool = False,
 ) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     if not no_choices:

@@ -153,8 +153,11 @@ def check_config(config: ServeConfig) -> _Resolved:
         )
     if not 1024 <= config.port <= 65535:
         problems.append(f"--port must be from 1024 to 65535, got {config.port}")
-    for name, value, low in (("--pool-bytes", config.pool_bytes, 1), ("--max-batch", config.max_batch, 1),
-                             ("--max-body-bytes", config.max_body_bytes, 256)):
+    for name, value, low in (
+        ("--pool-bytes", config.pool_bytes, 1),
+        ("--max-batch", config.max_batch, 1),
+        ("--max-body-bytes", config.max_body_bytes, 256),
+    ):
         if value < low:
             problems.append(f"{name} must be at least {low}, got {value}")
     if config.alias_ttl_s < 0:
@@ -213,7 +216,9 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
     env["TUNEHUB_SERVE_CONFIG"] = json.dumps(payload)
     _become_subreaper()
     child = subprocess.Popen(
-        [sys.executable, "-m", "tunehub.server.serve"], env=env, start_new_session=True,
+        [sys.executable, "-m", "tunehub.server.serve"],
+        env=env,
+        start_new_session=True,
         preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one prctl call, no lock taken, nothing imported
     )
     display = "[::1]" if cfg.host == "::" else ("127.0.0.1" if cfg.host == "0.0.0.0" else cfg.host)
@@ -365,19 +370,35 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
         install_error_handlers,
     )
 
-    spec = TunehubSpec(HttpSettings(
-        tenants_file=config.tenants, admin_key_hash=admin_key_hash, registry=config.registry,
-        max_body_bytes=config.max_body_bytes, audit_log=config.audit_log,
-    ))
+    spec = TunehubSpec(
+        HttpSettings(
+            tenants_file=config.tenants,
+            admin_key_hash=admin_key_hash,
+            registry=config.registry,
+            max_body_bytes=config.max_body_bytes,
+            audit_log=config.audit_log,
+        )
+    )
     api = TunehubAPI(
-        WorkerSettings(base=config.base, quantization=config.quantization, registry=config.registry,
-                       pool_bytes=config.pool_bytes, max_batch=config.max_batch, alias_ttl_s=config.alias_ttl_s,
-                       cpu_allocator=config.cpu_allocator),
+        WorkerSettings(
+            base=config.base,
+            quantization=config.quantization,
+            registry=config.registry,
+            pool_bytes=config.pool_bytes,
+            max_batch=config.max_batch,
+            alias_ttl_s=config.alias_ttl_s,
+            cpu_allocator=config.cpu_allocator,
+        ),
         spec,
     )
     server = ls.LitServer(
-        api, accelerator="auto", devices=1, workers_per_device=1, timeout=False,
-        model_metadata={"server": "tunehub", "version": __version__}, disable_openapi_url=True,
+        api,
+        accelerator="auto",
+        devices=1,
+        workers_per_device=1,
+        timeout=False,
+        model_metadata={"server": "tunehub", "version": __version__},
+        disable_openapi_url=True,
         callbacks=[StopWorkersAfterDrain(WORKER_EXIT_S)],
     )
     server.uvicorn_graceful_timeout = config.drain_s + UVICORN_EXTRA_S
@@ -424,8 +445,12 @@ def _child_main() -> int:
     _install_shutdown_handlers(server, config.drain_s)
     try:
         server.run(
-            host=config.host, port=config.port, num_api_servers=1, log_level=config.log_level,
-            generate_client_file=False, access_log=False,
+            host=config.host,
+            port=config.port,
+            num_api_servers=1,
+            log_level=config.log_level,
+            generate_client_file=False,
+            access_log=False,
         )
     except KeyboardInterrupt:
         pass

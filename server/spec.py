@@ -197,8 +197,13 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
-def error_response(exc: TunehubError, *, request_id: str | None = None, base_fingerprint: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    exc: TunehubError,
+    *,
+    request_id: str | None = None,
+    base_fingerprint: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """The answer for an error: its HTTP status, the OpenAI-shaped body and the headers clients
     rely on (Retry-After on 429, WWW-Authenticate on 401, the request id)."""
     status = _status_of(exc)
@@ -238,14 +243,11 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = getattr(exc, "errors", list)()
-    details = "; ".join(
-        f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5]
-    )
+    details = "; ".join(f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5])
     return error_response(InvalidRequest(f"invalid request: {_short(details) or 'malformed'}"))
 
 
-_STATUS_NAMES = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge",
-                 429: "RateLimited"}
+_STATUS_NAMES = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge", 429: "RateLimited"}
 
 
 def not_found(model: str) -> ModuleNotFound:
@@ -308,9 +310,17 @@ class TunehubSpec(LitSpec):
 
     def __getstate__(self) -> dict[str, Any]:
         # LitServe pickles the spec into the inference worker, which needs none of the HTTP state
-        return {"api_path": self.api_path, "settings": self.settings, "_endpoints": [], "_server": None,
-                "_max_batch_size": 1, "response_buffer": None, "request_queue": None, "response_queue_id": None,
-                "_ready": False}
+        return {
+            "api_path": self.api_path,
+            "settings": self.settings,
+            "_endpoints": [],
+            "_server": None,
+            "_max_batch_size": 1,
+            "response_buffer": None,
+            "request_queue": None,
+            "response_queue_id": None,
+            "_ready": False,
+        }
 
     def setup(self, server: Any) -> None:
         """Called by LitServe in its main process before the API server forks; builds HTTP state."""
@@ -383,9 +393,15 @@ class TunehubSpec(LitSpec):
             worker.close()
             self._finish(call, admission, first)
             body = completion_body(
-                chat=chat, request_id=call.request_id, created=int(time.time()), model=call.module,
-                fingerprint=self._fingerprint(info), text=first.get("text") or "", reason=first.get("finish_reason"),
-                prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
+                chat=chat,
+                request_id=call.request_id,
+                created=int(time.time()),
+                model=call.module,
+                fingerprint=self._fingerprint(info),
+                text=first.get("text") or "",
+                reason=first.get("finish_reason"),
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens,
                 tunehub=self._tunehub_object(call, info),
             )
             self._record(call)
@@ -406,12 +422,20 @@ class TunehubSpec(LitSpec):
                 self.tenants.settle(admission, call.prompt_tokens + call.completion_tokens)
 
     async def _sse(
-        self, call: CallRecord, admission: Admission, worker: _WorkerCall, first: dict[str, Any],
-        parsed: ParsedRequest, info: dict[str, Any],
+        self,
+        call: CallRecord,
+        admission: Admission,
+        worker: _WorkerCall,
+        first: dict[str, Any],
+        parsed: ParsedRequest,
+        info: dict[str, Any],
     ) -> AsyncIterator[str]:
         created = int(time.time())
         common = {
-            "chat": parsed.chat, "request_id": call.request_id, "created": created, "model": call.module,
+            "chat": parsed.chat,
+            "request_id": call.request_id,
+            "created": created,
+            "model": call.module,
             "fingerprint": self._fingerprint(info),
         }
         answered = False  # the client got its last event (the final chunk or an error)
@@ -439,10 +463,14 @@ class TunehubSpec(LitSpec):
                     break
                 message = await self._next(worker)
             self._finish(call, admission, message)
-            yield sse_event(chunk_body(
-                **common, text=None, reason=finish_reason(message.get("finish_reason")),
-                tunehub=self._tunehub_object(call, info),
-            ))
+            yield sse_event(
+                chunk_body(
+                    **common,
+                    text=None,
+                    reason=finish_reason(message.get("finish_reason")),
+                    tunehub=self._tunehub_object(call, info),
+                )
+            )
             if parsed.include_usage:
                 yield sse_event(chunk_body(**common, no_choices=True, usage_=usage(call.prompt_tokens, call.completion_tokens)))
             answered = True
@@ -527,10 +555,18 @@ class TunehubSpec(LitSpec):
     @staticmethod
     def _base_entry(info: dict[str, Any]) -> dict[str, Any]:
         return {
-            "id": info["base"], "object": "model", "created": 0, "owned_by": "tunehub", "root": info["base"],
+            "id": info["base"],
+            "object": "model",
+            "created": 0,
+            "owned_by": "tunehub",
+            "root": info["base"],
             "parent": None,
-            "tunehub": {"base": True, "base_fingerprint": info["base_fingerprint"], "quantization": info["quantization"],
-                        "max_positions": info["max_positions"]},
+            "tunehub": {
+                "base": True,
+                "base_fingerprint": info["base_fingerprint"],
+                "quantization": info["quantization"],
+                "max_positions": info["max_positions"],
+            },
         }
 
     def _registry(self) -> Any:
@@ -736,8 +772,9 @@ class TunehubSpec(LitSpec):
     def _cancel(self, request_id: str) -> None:
         # fire and forget: nobody waits for the answer, so no response buffer entry is needed
         try:
-            self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
-                                    {"op": "cancel", "request_id": request_id}))
+            self.request_queue.put(
+                (self.response_queue_id, uuid.uuid4().hex, time.monotonic(), {"op": "cancel", "request_id": request_id})
+            )
         except Exception:  # noqa: BLE001 - the worker is gone (shutdown): nothing left to cancel
             log.debug("could not send cancel for %s", request_id)
 
@@ -763,8 +800,7 @@ class TunehubSpec(LitSpec):
     def _unexpected(call: CallRecord, exc: Exception) -> ServerError:
         """A failure no check foresaw: one log line with the request id (the traceback only at
         debug level), and a clean 500 for the client."""
-        log.error("request %s (%s): unexpected %s: %s", call.request_id, call.endpoint, type(exc).__name__,
-                  _short(str(exc)))
+        log.error("request %s (%s): unexpected %s: %s", call.request_id, call.endpoint, type(exc).__name__, _short(str(exc)))
         log.debug("request %s: traceback", call.request_id, exc_info=exc)
         return ServerError(f"internal error ({type(exc).__name__}); request id {call.request_id}")
 

@@ -26,9 +26,7 @@ class BaseModelConfig(_Section):
     path: str = Field(description="local model folder or hub id")
     revision: str | None = Field(default=None, description="hub revision (hub ids only)")
     quantization: Literal["nf4", "int8", "none"] = "none"
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="weights dtype for unquantized bases"
-    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weights dtype for unquantized bases")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
         description="what nf4 layers compute in; auto: bf16 (QLoRA) where the hardware does bf16 natively, else fp32",

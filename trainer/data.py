@@ -224,9 +224,7 @@ def read_sft_records(
                 if fmt == "chat" and not is_chat:
                     raise DataError(f"{where}: expected a chat record with 'messages' (format is 'chat')")
                 if fmt == "prompt_completion" and not is_pc:
-                    raise DataError(
-                        f"{where}: expected 'prompt' and 'completion' (format is 'prompt_completion')"
-                    )
+                    raise DataError(f"{where}: expected 'prompt' and 'completion' (format is 'prompt_completion')")
                 if is_chat:
                     records.append(_parse_chat(obj, where))
                 elif is_pc:
@@ -235,10 +233,7 @@ def read_sft_records(
                         raise DataError(f"{where}: missing {missing[0]!r} (a prompt/completion record needs both)")
                     records.append(_parse_prompt_completion(obj, where))
                 else:
-                    raise DataError(
-                        f"{where}: expected 'prompt' and 'completion', or 'messages'; "
-                        f"found keys {sorted(obj)}"
-                    )
+                    raise DataError(f"{where}: expected 'prompt' and 'completion', or 'messages'; found keys {sorted(obj)}")
     if not records:
         raise DataError(f"no SFT records in {', '.join(str(p) for p in paths) or 'an empty list of paths'}")
     return records
@@ -402,8 +397,7 @@ def _resolve_template(tokenizer: Any, template: str | None) -> tuple[str, str]:
         own = getattr(tokenizer, "chat_template", None)
         if not own:
             raise ConfigError(
-                "chat data needs a chat template: the tokenizer has none, so choose one of "
-                f"{', '.join(sorted(CHAT_TEMPLATES))}"
+                f"chat data needs a chat template: the tokenizer has none, so choose one of {', '.join(sorted(CHAT_TEMPLATES))}"
             )
         if isinstance(own, dict):  # tokenizers may carry several named templates
             if "default" not in own:
@@ -475,9 +469,7 @@ def _chat_example(tokenizer: Any, messages: list[dict], source: str, name: str) 
         a = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
         b = tokenizer(text[:end], add_special_tokens=False)["input_ids"]
         if ids[: len(a)] != a or ids[: len(b)] != b:
-            raise ConfigError(
-                f"{name}: the tokenizer merges tokens across an assistant turn's boundary; use a fast tokenizer"
-            )
+            raise ConfigError(f"{name}: the tokenizer merges tokens across an assistant turn's boundary; use a fast tokenizer")
         labels[len(a) : len(b)] = ids[len(a) : len(b)]
     return ids, labels
 
@@ -527,7 +519,9 @@ def tokenize_sft(
     if dropped:
         logger.warning(
             "dropped %d of %d SFT examples: no completion/assistant token left within max_length=%d",
-            dropped, len(records), max_length,
+            dropped,
+            len(records),
+            max_length,
         )
     if records and not examples:
         raise DataError(f"every one of the {len(records)} SFT examples lost its answer to max_length={max_length}")
@@ -643,9 +637,7 @@ class SFTCollator:
     def __post_init__(self) -> None:
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
             raise ConfigError(f"pad_token_id must be an integer token id, got {self.pad_token_id!r}")
-        if self.pad_to_multiple_of is not None and (
-            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
-        ):
+        if self.pad_to_multiple_of is not None and (not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
             raise ConfigError(f"pad_to_multiple_of must be a positive integer, got {self.pad_to_multiple_of!r}")
 
     def _padded_length(self, length: int) -> int:

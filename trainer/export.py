@@ -76,9 +76,7 @@ def peft_params(peft_config: PeftConfig | Mapping[str, Any]) -> dict[str, Any]:
     ``Manifest(params=peft_params(cfg), ...).adapter_config()`` is then a config PEFT loads.
     """
     raw = peft_config.to_dict() if hasattr(peft_config, "to_dict") else dict(peft_config)
-    return {
-        key: _json_safe(value, key) for key, value in raw.items() if key not in REGENERATED_KEYS
-    }
+    return {key: _json_safe(value, key) for key, value in raw.items() if key not in REGENERATED_KEYS}
 
 
 def _read_config(base_path: Path) -> dict[str, Any]:
@@ -211,9 +209,7 @@ def save_peft_module(
     try:
         kind = ModuleKind(kind)
     except ValueError:
-        raise ConfigError(
-            f"unknown module kind {kind!r}; kinds: {', '.join(k.value for k in ModuleKind)}"
-        ) from None
+        raise ConfigError(f"unknown module kind {kind!r}; kinds: {', '.join(k.value for k in ModuleKind)}") from None
     adapter = adapter_name or peft_model.active_adapter
     if adapter not in peft_model.peft_config:
         raise ConfigError(f"the PEFT model has no adapter {adapter!r}; it has {sorted(peft_model.peft_config)}")

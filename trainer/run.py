@@ -178,9 +178,7 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
 
         raise DataError("no training examples are left after tokenization")
     num_tokens = sum(len(example["input_ids"]) for example in train)
-    info = d.data_info(
-        sources, num_examples=num_examples, num_tokens=num_tokens, kind="sft" if objective == "sft" else "text"
-    )
+    info = d.data_info(sources, num_examples=num_examples, num_tokens=num_tokens, kind="sft" if objective == "sft" else "text")
     return PreparedData(train=train, eval=evals, collator=collator, info=info)
 
 
@@ -207,8 +205,12 @@ def progress_callback(total_steps: int) -> Any:
                 )
 
                 self.bar = Progress(
-                    TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+                    TextColumn("[bold]training"),
+                    BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(),
+                    transient=False,
                 )
                 self.bar.start()
                 self.task = self.bar.add_task("train", total=total_steps, completed=state.global_step, info="")

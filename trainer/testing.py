@@ -110,8 +110,15 @@ def make_lora_module(
     return Path(out_dir)
 
 
-def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int = 0, r: int = 4,
-                    num_virtual_tokens: int = 4, target_modules: str | Sequence[str] | None = None) -> PeftModel:
+def make_peft_model(
+    base_path: str | Path,
+    kind: str | ModuleKind,
+    *,
+    seed: int = 0,
+    r: int = 4,
+    num_virtual_tokens: int = 4,
+    target_modules: str | Sequence[str] | None = None,
+) -> PeftModel:
     """An in-memory PEFT model of any kind the engine mixes, with random non-trivial weights,
     as training would leave it (LoRA B, IA3 vectors and AdaLoRA's E all away from their identity)."""
     import torch
@@ -133,17 +140,31 @@ def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int 
     targets = target_modules or "all-linear"
     configs = {
         ModuleKind.LORA: lambda: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=task_type),
-        ModuleKind.DORA: lambda: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
-                                            use_dora=True, task_type=task_type),
-        ModuleKind.ADALORA: lambda: AdaLoraConfig(init_r=r, target_r=max(1, r // 2), lora_alpha=2 * r, target_modules=targets,
-                                                  total_step=10, tinit=1, tfinal=1, task_type=task_type),
-        ModuleKind.IA3: lambda: IA3Config(target_modules=target_modules or ["k_proj", "v_proj", "down_proj"],
-                                          feedforward_modules=["down_proj"], task_type=task_type),
+        ModuleKind.DORA: lambda: LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, use_dora=True, task_type=task_type
+        ),
+        ModuleKind.ADALORA: lambda: AdaLoraConfig(
+            init_r=r,
+            target_r=max(1, r // 2),
+            lora_alpha=2 * r,
+            target_modules=targets,
+            total_step=10,
+            tinit=1,
+            tfinal=1,
+            task_type=task_type,
+        ),
+        ModuleKind.IA3: lambda: IA3Config(
+            target_modules=target_modules or ["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            task_type=task_type,
+        ),
         ModuleKind.PROMPT: lambda: PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
-        ModuleKind.PTUNING: lambda: PromptEncoderConfig(num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32,
-                                                        task_type=task_type),
-        ModuleKind.MULTITASK_PROMPT: lambda: MultitaskPromptTuningConfig(num_virtual_tokens=num_virtual_tokens, num_tasks=2,
-                                                                         task_type=task_type),
+        ModuleKind.PTUNING: lambda: PromptEncoderConfig(
+            num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32, task_type=task_type
+        ),
+        ModuleKind.MULTITASK_PROMPT: lambda: MultitaskPromptTuningConfig(
+            num_virtual_tokens=num_virtual_tokens, num_tasks=2, task_type=task_type
+        ),
         ModuleKind.PREFIX: lambda: PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
     }
     if kind not in configs:
@@ -171,15 +192,22 @@ def make_peft_model(base_path: str | Path, kind: str | ModuleKind, *, seed: int 
     return model.eval()
 
 
-def make_peft_module(base_path: str | Path, out_dir: str | Path, kind: str | ModuleKind, *, seed: int = 0,
-                     task: str | None = None, **options: Any) -> Path:
+def make_peft_module(
+    base_path: str | Path, out_dir: str | Path, kind: str | ModuleKind, *, seed: int = 0, task: str | None = None, **options: Any
+) -> Path:
     """Write a verified module of ``kind`` (any kind the engine mixes) for ``base_path``."""
     from tunehub.trainer.export import save_peft_module
 
     kind = ModuleKind(kind)
     model = make_peft_model(base_path, kind, seed=seed, **options)
-    save_peft_module(model, out_dir, base_path=base_path, kind=kind, task=task,
-                     description=f"random {kind.value} module (seed {seed}) for tests")
+    save_peft_module(
+        model,
+        out_dir,
+        base_path=base_path,
+        kind=kind,
+        task=task,
+        description=f"random {kind.value} module (seed {seed}) for tests",
+    )
     return Path(out_dir)
 
 

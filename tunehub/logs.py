@@ -91,4 +91,13 @@ def configure_logging_from_env() -> int | None:
     return configure_logging()
 
 
-__all__ = ["DEFAULT_LEVEL", "LEVELS", "LOG_LEVEL_ENV", "ROOT_LOGGER", "configure_logging", "configure_logging_from_env", "level_from_flags", "resolve_level"]
+__all__ = [
+    "DEFAULT_LEVEL",
+    "LEVELS",
+    "LOG_LEVEL_ENV",
+    "ROOT_LOGGER",
+    "configure_logging",
+    "configure_logging_from_env",
+    "level_from_flags",
+    "resolve_level",
+]

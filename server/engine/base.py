@@ -76,9 +76,7 @@ def load_base(
     config = model.config
     snapshot = hub_snapshot(path)
     # a hub snapshot's folder is named by its commit: the repo id says more
-    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or (
-        snapshot.repo_id if snapshot else path.name
-    )
+    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or (snapshot.repo_id if snapshot else path.name)
     return LoadedBase(
         path=path,
         model=model,

@@ -286,8 +286,12 @@ class Engine:
         # its plans with it (the pool calls this from any thread, so the plans have their own lock)
         self._plans_lock = threading.Lock()
         self.pool = ModulePool(
-            source or _NoSource(), self.materializer.load, check=self.materializer.admit, budget_bytes=pool_bytes,
-            alias_ttl_s=alias_ttl_s, on_drop=self._forget_plans,
+            source or _NoSource(),
+            self.materializer.load,
+            check=self.materializer.admit,
+            budget_bytes=pool_bytes,
+            alias_ttl_s=alias_ttl_s,
+            on_drop=self._forget_plans,
         )
         # ids must index the input embedding (the LM head may be padded wider)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
@@ -478,7 +482,14 @@ class Engine:
             for key in [k for k in self._plans if module.uid in k]:
                 del self._plans[key]
 
-    def _prefill_forward(self, prompts: list[list[int]], modules: list[LoadedModule | None], *, keep_all: bool = False, rows: list[_Row] | None = None):
+    def _prefill_forward(
+        self,
+        prompts: list[list[int]],
+        modules: list[LoadedModule | None],
+        *,
+        keep_all: bool = False,
+        rows: list[_Row] | None = None,
+    ):
         from transformers import DynamicCache
 
         device, dtype = self.base.device, self.base.dtype
@@ -558,7 +569,9 @@ class Engine:
         self.state.layers = self._plan_for([r.module for r in rows])
         try:
             # the cache's layers write the new keys and values in place (no copy of the cache)
-            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            )
         finally:
             self.state.layers = {}
         return out.logits[:, -1, :], mask
@@ -641,7 +654,10 @@ class Engine:
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else 0
         self._mask = mask[:, first:]
-        kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in _cache_tensors(self._cache)]
+        kv = [
+            (k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+            for k, v in _cache_tensors(self._cache)
+        ]
         self._rows = [self._rows[i] for i in keep]
         self._cache = _growing_cache(kv, self._room())
 

@@ -260,8 +260,14 @@ class ModuleMaterializer:
         expected, actual = manifest.base.fingerprint, self.base.fingerprint
         if expected != actual:
             # an old manifest's fingerprint (shapes only) cannot tell this base from another of its shape
-            legacy = (" (an older tunehub's fingerprint of the weights' shapes only, which cannot say which"
-                      " weights it was trained on: train it again)") if is_legacy_fingerprint(expected) else ""
+            legacy = (
+                (
+                    " (an older tunehub's fingerprint of the weights' shapes only, which cannot say which"
+                    " weights it was trained on: train it again)"
+                )
+                if is_legacy_fingerprint(expected)
+                else ""
+            )
             raise IncompatibleBase(
                 f"{name} was trained for base {manifest.base.model_id} (fingerprint {short_fingerprint(expected)})"
                 f"{legacy}; this server runs {self.base.name} (fingerprint {short_fingerprint(actual)})"
@@ -277,7 +283,9 @@ class ModuleMaterializer:
                 f" fingerprint {short_fingerprint(served_tokenizer)}"
             )
         if manifest.base.vocab_size not in (None, self.base.vocab_size):
-            raise IncompatibleBase(f"{name} expects a vocabulary of {manifest.base.vocab_size}, the base has {self.base.vocab_size}")
+            raise IncompatibleBase(
+                f"{name} expects a vocabulary of {manifest.base.vocab_size}, the base has {self.base.vocab_size}"
+            )
 
     def admit(self, manifest: Manifest, name: str) -> None:
         """Refuse, from the manifest alone, a module this engine cannot serve: IncompatibleBase

@@ -30,7 +30,9 @@ class ModuleSource(Protocol):
 
     def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
 
-    def read(self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None, parse: Any = None) -> ModuleContent: ...
+    def read(
+        self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None, parse: Any = None
+    ) -> ModuleContent: ...
 
 
 @dataclass

@@ -42,9 +42,7 @@ def test_push_pull_show_round_trip(cli, tmp_path):
     assert "pushed acme/sum@1" in cli("push", module, "acme/sum").stdout
     out = cli("pull", "acme/sum@1", "--dest", tmp_path / "pulled").stdout
     assert f"pulled acme/sum@1 to {tmp_path / 'pulled'}" in out
-    assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (
-        module / "adapter_model.safetensors"
-    ).read_bytes()
+    assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (module / "adapter_model.safetensors").read_bytes()
     shown = json.loads(cli("show", "acme/sum@1").stdout)
     assert shown["kind"] == "lora" and shown["task"] == "demo"
     assert shown["_registry"]["ref"] == "acme/sum@1"

@@ -60,7 +60,9 @@ def _peft_model(base_path, store, kind, quantization):
     if quantization == "nf4":
         kwargs = {
             "quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=resolve_compute_dtype("auto"),  # what the engine picks here
             ),
             "device_map": {"": "cpu"},
@@ -74,7 +76,7 @@ def _peft_model(base_path, store, kind, quantization):
 def _peft_logits(model, kind, ids):
     extra = {"task_ids": torch.tensor([0])} if kind == "multitask_prompt" else {}
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), **extra).logits[0, -len(ids):].float()
+        return model(input_ids=torch.tensor([ids]), **extra).logits[0, -len(ids) :].float()
 
 
 def _peft_greedy(model, kind, ids, steps):
@@ -83,7 +85,7 @@ def _peft_greedy(model, kind, ids, steps):
     seq = list(ids)
     for _ in range(steps):
         seq.append(int(_peft_logits(model, kind, seq)[-1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -95,8 +97,7 @@ def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, s
     rows = [(tok(p)["input_ids"], ref) for p, ref in zip(prompts, refs, strict=False)]
     logits = engine.logits(rows)
     requests = [
-        GenerationRequest(input_ids=ids, module=ref, params=SamplingParams(max_tokens=6, stop_token_ids=[]))
-        for ids, ref in rows
+        GenerationRequest(input_ids=ids, module=ref, params=SamplingParams(max_tokens=6, stop_token_ids=[])) for ids, ref in rows
     ]
     results = engine.generate(requests)
     tolerance = 1e-4 if quantization == "none" else 1e-3  # nf4 matmuls compute in bf16
@@ -134,8 +135,9 @@ def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
     ]
     for handle, expected in zip(handles, alone, strict=False):
         assert handle.result(timeout=60).token_ids == expected
-    streamed = engine.submit(GenerationRequest(prompt=PROMPTS[0], module="t/prefix",
-                                               params=SamplingParams(max_tokens=5, stop_token_ids=[])))
+    streamed = engine.submit(
+        GenerationRequest(prompt=PROMPTS[0], module="t/prefix", params=SamplingParams(max_tokens=5, stop_token_ids=[]))
+    )
     events = list(streamed)
     assert [e.token_id for e in events if e.token_id >= 0] == streamed.result().token_ids
     assert "".join(e.text for e in events) == streamed.result().text
@@ -145,7 +147,9 @@ def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
 def test_two_engines_share_one_loaded_base(tiny_llama_path, store):
     base = load_base(tiny_llama_path, quantization="none")
     first = Engine(base, store)
-    request = lambda: GenerationRequest(prompt=PROMPTS[1], module="t/dora", params=SamplingParams(max_tokens=6, stop_token_ids=[]))  # noqa: E731
+    request = lambda: GenerationRequest(
+        prompt=PROMPTS[1], module="t/dora", params=SamplingParams(max_tokens=6, stop_token_ids=[])
+    )  # noqa: E731
     expected = first.generate([request()])[0].token_ids
     second = Engine(base, store)  # the layers are patched once; the second engine reuses them
     assert second.layers is first.layers
@@ -169,11 +173,15 @@ def test_sampling_is_seeded_per_request_and_stops(tiny_llama_path, store):
     assert a.token_ids != c.token_ids
     full = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop_token_ids=[]))])[0]
     stop_token = full.token_ids[3]
-    stopped = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop_token_ids=[stop_token]))])[0]
+    stopped = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop_token_ids=[stop_token]))])[
+        0
+    ]
     assert stopped.token_ids == full.token_ids[:3] and stopped.finish_reason == "stop"
-    stop_text = full.text[len(full.text) // 2:][:3]
+    stop_text = full.text[len(full.text) // 2 :][:3]
     if stop_text.strip():
-        cut = engine.generate([GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop=[stop_text], stop_token_ids=[]))])[0]
+        cut = engine.generate(
+            [GenerationRequest(prompt="we", params=SamplingParams(max_tokens=8, stop=[stop_text], stop_token_ids=[]))]
+        )[0]
         assert cut.finish_reason == "stop" and stop_text not in cut.text and full.text.startswith(cut.text)
     engine.close()
 
@@ -212,7 +220,9 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
         "t/missing": (ModuleNotFound, "no module"),
     }
     handles = {ref: engine.submit(GenerationRequest(prompt="we", module=ref, params=params)) for ref in cases}
-    good = [engine.submit(GenerationRequest(prompt=p, module=f"t/{k}", params=params)) for p, k in zip(PROMPTS, KINDS, strict=False)]
+    good = [
+        engine.submit(GenerationRequest(prompt=p, module=f"t/{k}", params=params)) for p, k in zip(PROMPTS, KINDS, strict=False)
+    ]
     too_long = engine.submit(GenerationRequest(input_ids=[5] * 600, params=params))
     for ref, (error, message) in cases.items():
         with pytest.raises(error, match=message):
@@ -260,24 +270,26 @@ def test_isolation_modules_trained_to_answer_differently(tiny_llama_path, tmp_pa
                 question = " ".join(rng.sample(words, 3))
                 handle.write(json.dumps({"prompt": f"Q: {question}\nA:", "completion": f" {answer}"}) + "\n")
         method_cfg = {"name": method, "target_modules": "all-linear"}
-        method_cfg.update({"init_r": 8, "target_r": 4, "tinit": 5, "tfinal": 10} if method == "adalora" else {"r": 8, "alpha": 16})
-        config = validate_run_config({
-            "base": {"path": str(tiny_llama_path)},
-            "method": method_cfg,
-            "objective": {"name": "sft"},
-            "data": {"train": str(data), "max_length": 32, "eval_fraction": 0.0},
-            "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 10},
-            "output": {"dir": str(tmp_path / method), "task": answer},
-        })
+        method_cfg.update(
+            {"init_r": 8, "target_r": 4, "tinit": 5, "tfinal": 10} if method == "adalora" else {"r": 8, "alpha": 16}
+        )
+        config = validate_run_config(
+            {
+                "base": {"path": str(tiny_llama_path)},
+                "method": method_cfg,
+                "objective": {"name": "sft"},
+                "data": {"train": str(data), "max_length": 32, "eval_fraction": 0.0},
+                "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 10},
+                "output": {"dir": str(tmp_path / method), "task": answer},
+            }
+        )
         result = train(config)
         store.push(result.module_dir, f"answers/{method}")
 
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
     params = SamplingParams(max_tokens=4, stop_token_ids=[])
     refs = ["answers/lora", "answers/dora", "answers/adalora", None] * 2
-    requests = [
-        GenerationRequest(prompt=f"Q: {' '.join(rng.sample(words, 3))}\nA:", module=ref, params=params) for ref in refs
-    ]
+    requests = [GenerationRequest(prompt=f"Q: {' '.join(rng.sample(words, 3))}\nA:", module=ref, params=params) for ref in refs]
     rng.shuffle(requests)
     for request, result in zip(requests, engine.generate(requests), strict=False):
         text = result.text.strip()

@@ -54,8 +54,21 @@ def _start_hub(tmp: Path) -> Hub:
     token_file.write_text(f"# accepted tokens\n{TOKEN}\nanother-token\n")
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tunehub.sdk.cli", "hub", "serve", "--root", str(root), "--port", "0",
-             "--token-file", str(token_file), "--max-body-bytes", str(MAX_BODY)],
+            [
+                sys.executable,
+                "-m",
+                "tunehub.sdk.cli",
+                "hub",
+                "serve",
+                "--root",
+                str(root),
+                "--port",
+                "0",
+                "--token-file",
+                str(token_file),
+                "--max-body-bytes",
+                str(MAX_BODY),
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -122,7 +135,11 @@ def _registry(hub: Hub, cache: Path, token: str | None = TOKEN) -> Registry:
 def _run(code: str, env: dict[str, str], *args: object, timeout: int = 180) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO_ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -131,7 +148,11 @@ def _run(code: str, env: dict[str, str], *args: object, timeout: int = 180) -> s
 def _cli(env: dict[str, str], *args: object, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "tunehub.sdk.cli", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=REPO_ROOT,
     )
     if ok:
         assert proc.returncode == 0, proc.stderr
@@ -173,7 +194,10 @@ def test_push_promote_rollback_list_and_pull_by_version_alias_and_commit(hub, tm
     branches = {b.name: b.target_commit for b in api.list_repo_refs("acme/sum").branches}
     assert branches["prod"] == commits[1]  # the branch moved back too
     assert [(m.action, m.to_version) for m in reg.alias_history("sum", "prod")] == [
-        ("promote", 2), ("promote", 3), ("rollback", 2)]
+        ("promote", 2),
+        ("promote", 3),
+        ("rollback", 2),
+    ]
     resolved = reg.resolve("acme/sum@prod")
     assert (resolved.version, resolved.commit, resolved.aliases) == (2, commits[1], ("prod",))
 
@@ -200,8 +224,9 @@ def test_push_promote_rollback_list_and_pull_by_version_alias_and_commit(hub, tm
     # the alias branch is readable by the plain client, as PEFT or vLLM would read it
     from huggingface_hub import hf_hub_download
 
-    got = hf_hub_download("acme/sum", "adapter_model.safetensors", revision="prod",
-                          endpoint=hub.url, cache_dir=tmp_path / "plain-cache")
+    got = hf_hub_download(
+        "acme/sum", "adapter_model.safetensors", revision="prod", endpoint=hub.url, cache_dir=tmp_path / "plain-cache"
+    )
     assert Path(got).read_bytes() == payload(modules[1])
 
     reg.yank("sum@3", "broken")
@@ -319,7 +344,8 @@ def test_snapshot_download_of_a_tag_works_offline_after_one_online_pull(hub, env
     out = _cli(offline_env, "pull", "acme/offline@1", "--dest", tmp_path / "offline", "-r", "hf://acme").stdout
     assert "pulled acme/offline@1" in out
     assert (tmp_path / "offline" / "adapter_model.safetensors").read_bytes() == (
-        module / "adapter_model.safetensors").read_bytes()
+        module / "adapter_model.safetensors"
+    ).read_bytes()
     err = _cli(offline_env, "push", module, "acme/offline", "-r", "hf://acme", ok=False).stderr
     assert "HF_HUB_OFFLINE" in err
 
@@ -345,10 +371,14 @@ def test_two_processes_pushing_one_name_get_distinct_versions(hub, env, tmp_path
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(PUSHER), str(m), "4", barrier, str(i)],
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**env, "HF_HOME": str(tmp_path / f"hf{i}")},
-                         cwd=REPO_ROOT)
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(PUSHER), str(m), "4", barrier, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "HF_HOME": str(tmp_path / f"hf{i}")},
+            cwd=REPO_ROOT,
+        )
         for i, m in enumerate(modules)
     ]
     outputs = []
@@ -369,8 +399,7 @@ def test_two_processes_pushing_one_name_get_distinct_versions(hub, env, tmp_path
 # --- refusals ------------------------------------------------------------------------------------
 def test_writes_need_a_token_reads_do_not(hub, tmp_path):
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic abc"}):
-        answer = httpx.post(f"{hub.url}/api/repos/create", json={"name": "noauth", "organization": "acme"},
-                            headers=headers)
+        answer = httpx.post(f"{hub.url}/api/repos/create", json={"name": "noauth", "organization": "acme"}, headers=headers)
         assert answer.status_code in (401, 403), answer.text
         assert "error" in answer.json()
     assert httpx.get(f"{hub.url}/api/models/acme/noauth").status_code == 404
@@ -435,7 +464,8 @@ def test_pull_dest_never_touches_the_users_files(hub, tmp_path, monkeypatch):
     reg.pull("acme/pulldest@1", earlier)
     reg.pull("acme/pulldest@2", earlier)  # exactly an earlier pull of this module: replaced
     assert sorted(p.relative_to(earlier).as_posix() for p in earlier.rglob("*") if p.is_file()) == sorted(
-        p.relative_to(tmp_path / "m2").as_posix() for p in (tmp_path / "m2").rglob("*") if p.is_file())
+        p.relative_to(tmp_path / "m2").as_posix() for p in (tmp_path / "m2").rglob("*") if p.is_file()
+    )
 
 
 # --- hostile input to the server ------------------------------------------------------------------
@@ -449,9 +479,7 @@ def _raw(hub: Hub, request: bytes) -> tuple[int, dict[str, str], bytes]:
             data += chunk
             head, sep, body = data.partition(b"\r\n\r\n")
             if sep:
-                headers = dict(
-                    line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line
-                )
+                headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line)
                 if len(body) >= int(headers.get("Content-Length", 0)):
                     return int(head.split()[1]), headers, body
     raise AssertionError(f"no complete answer: {data[:200]!r}")
@@ -517,21 +545,33 @@ def test_bad_input_gets_clear_4xx_answers_and_writes_nothing(hub, tmp_path):
     # malformed commits
     expect(httpx.post(commit_url, content=b"this is not json\n", headers=auth), 400)
     expect(httpx.post(commit_url, content=_ndjson(file_line("a.txt")), headers=auth), 400)  # no header
-    expect(httpx.post(commit_url, content=_ndjson(header, {"key": "file", "value": {"path": "a", "content": "!!"}}), headers=auth), 400)
+    expect(
+        httpx.post(commit_url, content=_ndjson(header, {"key": "file", "value": {"path": "a", "content": "!!"}}), headers=auth),
+        400,
+    )
     expect(httpx.post(commit_url, content=_ndjson(header, {"key": "teleport", "value": {"path": "a"}}), headers=auth), 400)
     lfs = {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "ab" * 32, "size": 3}}
     expect(httpx.post(commit_url, content=_ndjson(header, lfs), headers=auth), 400)  # never uploaded
     stale = {"key": "header", "value": {"summary": "late", "parentCommit": "0" * 40}}
     expect(httpx.post(commit_url, content=_ndjson(stale, file_line("a.txt")), headers=auth), 412)
-    expect(httpx.post(f"{hub.url}/api/models/acme/target/commit/v9", content=_ndjson(header), headers=auth), 404, "RevisionNotFound")
+    expect(
+        httpx.post(f"{hub.url}/api/models/acme/target/commit/v9", content=_ndjson(header), headers=auth), 404, "RevisionNotFound"
+    )
     expect(httpx.post(f"{hub.url}/api/repos/create", content=b"{not json", headers=auth), 400)
     expect(httpx.post(f"{hub.url}/api/repos/create", content=b"[1, 2]", headers=auth), 400)
     expect(httpx.post(f"{hub.url}/api/models/acme/target/preupload/main", json={"files": "nope"}, headers=auth), 400)
-    expect(httpx.post(f"{hub.url}/acme/target.git/info/lfs/objects/batch",
-                      json={"operation": "upload", "objects": [{"oid": "../x", "size": 1}]}, headers=auth), 400)
+    expect(
+        httpx.post(
+            f"{hub.url}/acme/target.git/info/lfs/objects/batch",
+            json={"operation": "upload", "objects": [{"oid": "../x", "size": 1}]},
+            headers=auth,
+        ),
+        400,
+    )
     expect(httpx.put(f"{hub.url}/acme/target.git/info/lfs/objects/{'ab' * 32}", content=b"abc"), 403)  # unsigned
-    expect(httpx.put(f"{hub.url}/acme/target.git/info/lfs/objects/{'ab' * 32}?size=3&expires=9999999999&sig=00",
-                     content=b"abc"), 403)
+    expect(
+        httpx.put(f"{hub.url}/acme/target.git/info/lfs/objects/{'ab' * 32}?size=3&expires=9999999999&sig=00", content=b"abc"), 403
+    )
 
     # unknown repos, revisions and files: the Hub's error codes
     expect(httpx.get(f"{hub.url}/api/models/acme/target/revision/nope"), 404, "RevisionNotFound")
@@ -551,8 +591,11 @@ def test_bad_input_gets_clear_4xx_answers_and_writes_nothing(hub, tmp_path):
     big = b"x" * (MAX_BODY + 1024)
     expect(httpx.post(commit_url, content=big, headers=auth), 413)
     expect(httpx.post(commit_url, content=iter([big[: MAX_BODY // 2]] * 3), headers=auth), 413)
-    status, _, body = _raw(hub, b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n"
-                                b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    status, _, body = _raw(
+        hub,
+        b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n",
+    )
     assert status == 400
 
     # nothing of the above left a trace, and the server still serves

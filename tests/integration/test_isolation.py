@@ -35,17 +35,34 @@ def bad_modules(world):  # noqa: F811 - test_serve's fixture
 def _bad_corpus() -> list[tuple[dict | bytes, int, str]]:
     """(body, status, a piece of the message)."""
     cases: list[tuple[dict | bytes, int, str]] = [
-        ({"model": "acme/qa", "prompt": [1, 999999], "max_tokens": 4}, 400, "input_ids must be token ids from 0 to 511, got 999999"),
+        (
+            {"model": "acme/qa", "prompt": [1, 999999], "max_tokens": 4},
+            400,
+            "input_ids must be token ids from 0 to 511, got 999999",
+        ),
         ({"model": "acme/sum@1", "prompt": [3, 70000, 5], "max_tokens": 4}, 400, "got 70000"),
         ({"model": "acme/qa", "prompt": "x", "temperature": 0.7, "seed": 2**70}, 400, "must be an integer from 0 to 2**64 - 1"),
-        ({"model": "acme/qa", "prompt": "x", "stop_token_ids": [4, 100000]}, 400, "stop_token_ids must be token ids from 0 to 511, got 100000"),
+        (
+            {"model": "acme/qa", "prompt": "x", "stop_token_ids": [4, 100000]},
+            400,
+            "stop_token_ids must be token ids from 0 to 511, got 100000",
+        ),
         (b'{"model": "acme/qa", "prompt": "x", "temperature": NaN}', 400, "'temperature' must be a number from 0 to 2"),
     ]
     for name, status in MODULE_CASES.items():
-        message = {"nan-weights": "holds NaN or Inf values", "not-safetensors": "is not a readable safetensors file",
-                   "wrong-width": "has shapes (4, 7)/", "vector-a": "expected 2 dimensions"}[name]
-        cases.append(({"model": f"acme/{name}", "prompt": "the river", "max_tokens": 6, "temperature": 0.9, "seed": 1},
-                      status, f"acme/{name}@1: "))
+        message = {
+            "nan-weights": "holds NaN or Inf values",
+            "not-safetensors": "is not a readable safetensors file",
+            "wrong-width": "has shapes (4, 7)/",
+            "vector-a": "expected 2 dimensions",
+        }[name]
+        cases.append(
+            (
+                {"model": f"acme/{name}", "prompt": "the river", "max_tokens": 6, "temperature": 0.9, "seed": 1},
+                status,
+                f"acme/{name}@1: ",
+            )
+        )
         cases.append(({"model": f"acme/{name}", "prompt": "we", "max_tokens": 6}, status, message))
     return cases
 
@@ -54,8 +71,13 @@ def _good_requests() -> list[dict]:
     prompts = ["the river runs", "she reads a book", "seven apples", "a small red house near the", "we", "they walked"]
     good = []
     for i in range(12):
-        body = {"model": "other/secret" if i % 3 else "other/secret@1", "prompt": prompts[i % len(prompts)],
-                "max_tokens": 10 + i % 4, "ignore_eos": True, "temperature": 0}
+        body = {
+            "model": "other/secret" if i % 3 else "other/secret@1",
+            "prompt": prompts[i % len(prompts)],
+            "max_tokens": 10 + i % 4,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         if i % 4 == 0:
             body.update(temperature=0.8, top_p=0.9, seed=40 + i)
         good.append(body)
@@ -65,8 +87,9 @@ def _good_requests() -> list[dict]:
 def _post(url: str, key: str, body: dict | bytes) -> httpx.Response:
     headers = {"Authorization": f"Bearer {KEYS[key]}"}
     if isinstance(body, bytes):
-        return httpx.post(url + "/v1/completions", content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=120)
+        return httpx.post(
+            url + "/v1/completions", content=body, headers={**headers, "Content-Type": "application/json"}, timeout=120
+        )
     return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=120)
 
 
@@ -86,7 +109,9 @@ def test_one_tenants_bad_requests_fail_alone(server, bad_modules):  # noqa: F811
             jobs.append(("acme", bad[i][0], ("bad", i)))
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda job: _post(server.url, job[0], job[1]), jobs))
-    failed_good = [(job[1], r.status_code, r.text) for job, r in zip(jobs, responses) if job[0] == "other" and r.status_code != 200]
+    failed_good = [
+        (job[1], r.status_code, r.text) for job, r in zip(jobs, responses) if job[0] == "other" and r.status_code != 200
+    ]
     assert failed_good == []
     for (_tenant, body, (kind, i)), response in zip(jobs, responses):
         if kind == "good":

@@ -48,7 +48,9 @@ def _venv_seeing_our_dependencies(venv: Path) -> Path:
     python = venv / "bin" / "python"
     child_site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (Path(child_site) / "_tunehub_test_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
@@ -96,9 +98,9 @@ import sys
 sys.modules['torch'] = None  # any import of torch now fails
 from tunehub.sdk.cli import main
 import tunehub.registry, tunehub.sdk
-assert main(['push', {str(module)!r}, 'x', '--registry', {str(tmp_path / 'reg')!r}]) == 0
-assert main(['pull', 'x@1', '--dest', {str(tmp_path / 'out')!r}, '--registry', {str(tmp_path / 'reg')!r}]) == 0
-assert main(['show', 'x@1', '--registry', {str(tmp_path / 'reg')!r}]) == 0
+assert main(['push', {str(module)!r}, 'x', '--registry', {str(tmp_path / "reg")!r}]) == 0
+assert main(['pull', 'x@1', '--dest', {str(tmp_path / "out")!r}, '--registry', {str(tmp_path / "reg")!r}]) == 0
+assert main(['show', 'x@1', '--registry', {str(tmp_path / "reg")!r}]) == 0
 loaded = [m for m in sys.modules if m.startswith(('transformers', 'peft', 'safetensors.torch'))]
 assert not loaded, loaded
 """

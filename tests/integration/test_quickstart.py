@@ -19,7 +19,9 @@ def test_quickstart_fast(tmp_path):
     work = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "tunehub.sdk.cli", "quickstart", "--fast", "--workdir", str(work)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "TUNEHUB_HOME": str(tmp_path / "home")},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -58,7 +60,9 @@ def test_quickstart_full_run_does_what_the_readme_says(tmp_path):
     work = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "tunehub.sdk.cli", "quickstart", "--workdir", str(work)],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True,
+        text=True,
+        timeout=1800,
         env={**os.environ, "TUNEHUB_HOME": str(tmp_path / "home")},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,4 +90,3 @@ def test_exact_match_reads_the_first_line():
     assert exact_match(" positive\nReview: more", "positive")
     assert not exact_match(" positive and more", "positive")
     assert not exact_match("", "positive")
-

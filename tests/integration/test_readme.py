@@ -32,8 +32,25 @@ def test_readme_blocks_are_found():
     blocks = readme_command_blocks((REPO / "README.md").read_text())
     joined = "\n".join(blocks)
     # every verb of the CLI has an example in the section
-    for verb in ("quickstart", "base init", "train", "push", "pull", "show", "ls", "versions", "promote",
-                 "rollback", "history", "yank", "rm", "gc", "hub serve", "serve", "generate"):
+    for verb in (
+        "quickstart",
+        "base init",
+        "train",
+        "push",
+        "pull",
+        "show",
+        "ls",
+        "versions",
+        "promote",
+        "rollback",
+        "history",
+        "yank",
+        "rm",
+        "gc",
+        "hub serve",
+        "serve",
+        "generate",
+    ):
         assert re.search(rf"^\s*(\S+ )?tunehub {verb}\b", joined, flags=re.M), verb
 
 
@@ -53,8 +70,7 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     )
     (tmp_path / "readme.sh").write_text(
         "set -euo pipefail\n"
-        "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"  # servers the README leaves running
-        + script
+        "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script  # servers the README leaves running
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEHUB_", "HF_"))}
     env["TUNEHUB_HOME"] = str(tmp_path / "home")
@@ -68,10 +84,12 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert re.search(r"prod: 2 -> 1", out)  # tunehub rollback acme/demo prod
     assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "from-hub" / "manifest.json").is_file()
     # tunehub generate: the text on stdout, the module version that answered on stderr
-    assert re.search(r"^\[quickstart/colour@\d+, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$",
-                     err, flags=re.M), err[-3000:]
-    assert re.search(r"^\[acme/demo@1, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$",
-                     err, flags=re.M), err[-3000:]
+    assert re.search(
+        r"^\[quickstart/colour@\d+, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$", err, flags=re.M
+    ), err[-3000:]
+    assert re.search(
+        r"^\[acme/demo@1, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$", err, flags=re.M
+    ), err[-3000:]
     # no traceback and no library noise anywhere
     for noise in ("Traceback", "FutureWarning", "Unable to fetch remote file", "leaked semaphore"):
         assert noise not in err, noise

@@ -30,9 +30,15 @@ from tunehub.server.tenants import hash_key
 
 pytestmark = pytest.mark.integration
 
-KEYS = {"acme": "acme-key-0123456789", "limited": "limited-key-0123456789", "tokens": "tokens-key-0123456789",
-        "capped": "capped-key-0123456789", "other": "other-key-0123456789", "budget": "budget-key-0123456789",
-        "base-only": "base-only-key-0123456789"}
+KEYS = {
+    "acme": "acme-key-0123456789",
+    "limited": "limited-key-0123456789",
+    "tokens": "tokens-key-0123456789",
+    "capped": "capped-key-0123456789",
+    "other": "other-key-0123456789",
+    "budget": "budget-key-0123456789",
+    "base-only": "base-only-key-0123456789",
+}
 ADMIN_KEY = "admin-key-0123456789abcdef"
 BASE_NAME = "tiny-llama"  # the name the session's base folder gives the base model
 LONG = 400  # tokens for streams that must still run while something else happens
@@ -92,7 +98,10 @@ class Server:
         self.err = open(self.err_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*_tunehub(), "serve", *args, "--port", str(self.port)],
-            stdout=self.out, stderr=self.err, start_new_session=True, cwd=workdir,
+            stdout=self.out,
+            stderr=self.err,
+            start_new_session=True,
+            cwd=workdir,
             env={**os.environ, **(env or {})},
         )
         self.known: set[int] = set()
@@ -145,16 +154,20 @@ def world(tiny_llama_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store = LocalStore(root / "registry", cache_dir=root / "cache")
     # BASE_NAME: a registry module that happens to have the base's name (a grant of the base is not one of it)
-    for name, kind, seed in [("acme/sum", "lora", 1), ("acme/sum", "lora", 2), ("acme/qa", "prompt", 3),
-                             ("other/secret", "lora", 4), (BASE_NAME, "lora", 5)]:
+    for name, kind, seed in [
+        ("acme/sum", "lora", 1),
+        ("acme/sum", "lora", 2),
+        ("acme/qa", "prompt", 3),
+        ("other/secret", "lora", 4),
+        (BASE_NAME, "lora", 5),
+    ]:
         folder = make_peft_module(tiny_llama_path, root / "modules" / f"{name.replace('/', '-')}-{seed}", kind, seed=seed)
         store.push(folder, name)
     store.promote("acme/sum@1", "prod")
     tenants = {
         "tenants": {
             "acme": {"keys": [hash_key(KEYS["acme"])], "models": ["acme/*", BASE_NAME], "max_tokens": 480},
-            "limited": {"keys": [hash_key(KEYS["limited"])], "models": ["acme/qa"], "requests_per_minute": 3,
-                        "max_tokens": 16},
+            "limited": {"keys": [hash_key(KEYS["limited"])], "models": ["acme/qa"], "requests_per_minute": 3, "max_tokens": 16},
             "tokens": {"keys": [hash_key(KEYS["tokens"])], "models": ["acme/qa"], "tokens_per_minute": 20},
             "capped": {"keys": [hash_key(KEYS["capped"])], "models": ["acme/qa"], "max_tokens": 16},
             "other": {"keys": [hash_key(KEYS["other"])], "models": ["other/*"]},
@@ -172,12 +185,29 @@ def world(tiny_llama_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world):
     root = world["root"]
-    srv = Server([
-        "--base", str(world["base"]), "--quantization", "none", "--registry", f"file://{root / 'registry'}",
-        "--tenants", str(root / "tenants.yaml"), "--admin-key-file", str(root / "admin.key"),
-        "--audit-log", str(root / "audit.jsonl"), "--alias-ttl", "1", "--max-body-bytes", "65536",
-        "--max-batch", "16",
-    ], root)
+    srv = Server(
+        [
+            "--base",
+            str(world["base"]),
+            "--quantization",
+            "none",
+            "--registry",
+            f"file://{root / 'registry'}",
+            "--tenants",
+            str(root / "tenants.yaml"),
+            "--admin-key-file",
+            str(root / "admin.key"),
+            "--audit-log",
+            str(root / "audit.jsonl"),
+            "--alias-ttl",
+            "1",
+            "--max-body-bytes",
+            "65536",
+            "--max-batch",
+            "16",
+        ],
+        root,
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -222,7 +252,10 @@ def test_openai_client_completions_chat_streaming_and_models(server):
     assert completion.model_extra["tunehub"]["module"] == "acme/sum@1"
 
     chat = client.chat.completions.create(
-        model=BASE_NAME, messages=[{"role": "user", "content": "hello there"}], max_tokens=5, temperature=0,
+        model=BASE_NAME,
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=5,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert chat.model == BASE_NAME and chat.choices[0].message.role == "assistant"
@@ -231,8 +264,13 @@ def test_openai_client_completions_chat_streaming_and_models(server):
 
     pieces, usage, models = [], None, set()
     for chunk in client.chat.completions.create(
-        model="acme/qa", messages=[{"role": "user", "content": "what is a river"}], max_tokens=8, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model="acme/qa",
+        messages=[{"role": "user", "content": "what is a river"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     ):
         models.add(chunk.model)
         if chunk.choices:
@@ -242,13 +280,17 @@ def test_openai_client_completions_chat_streaming_and_models(server):
     assert models == {"acme/qa@1"} and usage.completion_tokens == 8
     streamed = "".join(pieces)
     again = client.chat.completions.create(
-        model="acme/qa@1", messages=[{"role": "user", "content": "what is a river"}], max_tokens=8, temperature=0,
+        model="acme/qa@1",
+        messages=[{"role": "user", "content": "what is a river"}],
+        max_tokens=8,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert again.choices[0].message.content == streamed  # greedy: streaming changes nothing
 
-    text_stream = client.completions.create(model="acme/sum@2", prompt="seven apples", max_tokens=5, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True})
+    text_stream = client.completions.create(
+        model="acme/sum@2", prompt="seven apples", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     assert {c.model for c in text_stream} == {"acme/sum@2"}
 
     listed = {m.id: m for m in client.models.list()}
@@ -262,16 +304,23 @@ def test_openai_client_completions_chat_streaming_and_models(server):
 
 def test_sdk_sync_async_streaming_and_module_switching(server):
     with _sdk(server) as client:
-        results = {ref: client.complete(ref, "a small red house near the", max_tokens=6, temperature=0, ignore_eos=True)
-                   for ref in ("acme/sum@1", "acme/sum@2", "acme/qa", BASE_NAME)}
+        results = {
+            ref: client.complete(ref, "a small red house near the", max_tokens=6, temperature=0, ignore_eos=True)
+            for ref in ("acme/sum@1", "acme/sum@2", "acme/qa", BASE_NAME)
+        }
         assert {ref: r.model for ref, r in results.items()} == {
-            "acme/sum@1": "acme/sum@1", "acme/sum@2": "acme/sum@2", "acme/qa": "acme/qa@1", BASE_NAME: BASE_NAME}
+            "acme/sum@1": "acme/sum@1",
+            "acme/sum@2": "acme/sum@2",
+            "acme/qa": "acme/qa@1",
+            BASE_NAME: BASE_NAME,
+        }
         assert results[BASE_NAME].module is None and results["acme/qa"].module == "acme/qa@1"
         assert all(r.completion_tokens == 6 and r.base_fingerprint for r in results.values())
         assert len({r.text for r in results.values()}) > 1  # the modules change the answer
 
-        with client.stream_complete("acme/sum@2", "a small red house near the", max_tokens=6, temperature=0,
-                                    ignore_eos=True) as stream:
+        with client.stream_complete(
+            "acme/sum@2", "a small red house near the", max_tokens=6, temperature=0, ignore_eos=True
+        ) as stream:
             assert stream.module == "acme/sum@2"  # known from the headers, before any token
             text = "".join(chunk.text for chunk in stream)
         assert text == results["acme/sum@2"].text
@@ -285,10 +334,12 @@ def test_sdk_sync_async_streaming_and_module_switching(server):
 
         async with AsyncClient(server.url, KEYS["acme"]) as client:
             refs = ["acme/sum@1", "acme/sum@2", "acme/qa", BASE_NAME] * 3
-            answers = await asyncio.gather(*[
-                client.complete(ref, "a small red house near the", max_tokens=6, temperature=0, ignore_eos=True)
-                for ref in refs
-            ])
+            answers = await asyncio.gather(
+                *[
+                    client.complete(ref, "a small red house near the", max_tokens=6, temperature=0, ignore_eos=True)
+                    for ref in refs
+                ]
+            )
             stream = await client.stream_chat("acme/qa", "hi", max_tokens=3, temperature=0, ignore_eos=True)
             async with stream:
                 chunks = [c async for c in stream]
@@ -307,16 +358,45 @@ def test_sdk_sync_async_streaming_and_module_switching(server):
 
 def test_cli_generate(server):
     env = {**os.environ, "TUNEHUB_API_KEY": KEYS["acme"]}
-    out = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "acme/qa", "the river",
-                          "--max-tokens", "4"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    out = subprocess.run(
+        [*_tunehub(), "generate", "--url", server.url, "--model", "acme/qa", "the river", "--max-tokens", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "[acme/qa@1, base " in out.stderr
-    streamed = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "acme/sum@prod", "hi",
-                               "--chat", "--stream", "--max-tokens", "3"], capture_output=True, text=True, env=env,
-                              timeout=120, check=False)
+    streamed = subprocess.run(
+        [
+            *_tunehub(),
+            "generate",
+            "--url",
+            server.url,
+            "--model",
+            "acme/sum@prod",
+            "hi",
+            "--chat",
+            "--stream",
+            "--max-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert streamed.returncode == 0 and "[acme/sum@1, base " in streamed.stderr, streamed.stderr
-    denied = subprocess.run([*_tunehub(), "generate", "--url", server.url, "--model", "other/secret", "x"],
-                            capture_output=True, text=True, env=env, timeout=120, check=False)
+    denied = subprocess.run(
+        [*_tunehub(), "generate", "--url", server.url, "--model", "other/secret", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert denied.returncode != 0 and "Traceback" not in denied.stderr
     assert "does not exist or this API key may not use it" in denied.stderr
 
@@ -359,10 +439,13 @@ def test_forbidden_and_missing_modules_look_the_same(server):
 
 def test_rate_limits_answer_429_with_retry_after(server):
     for _ in range(3):
-        assert _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2},
-                     key=KEYS["limited"]).status_code == 200
-    response = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2},
-                     key=KEYS["limited"])
+        assert (
+            _post(
+                server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2}, key=KEYS["limited"]
+            ).status_code
+            == 200
+        )
+    response = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2}, key=KEYS["limited"])
     assert response.status_code == 429
     assert 1 <= int(response.headers["retry-after"]) <= 60
     assert response.json()["error"]["type"] == "rate_limit_error"
@@ -371,8 +454,12 @@ def test_rate_limits_answer_429_with_retry_after(server):
     assert info.value.retry_after and info.value.retry_after >= 1
 
     # tokens per minute: one request spends the budget, the next one waits
-    first = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "one two three four five six",
-                                                "max_tokens": 16, "ignore_eos": True}, key=KEYS["tokens"])
+    first = _post(
+        server,
+        "/v1/completions",
+        {"model": "acme/qa", "prompt": "one two three four five six", "max_tokens": 16, "ignore_eos": True},
+        key=KEYS["tokens"],
+    )
     assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 20
     second = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x"}, key=KEYS["tokens"])
     assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
@@ -382,8 +469,7 @@ def test_rate_limits_answer_429_with_retry_after(server):
 def test_max_tokens_limit(server):
     over = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 17}, key=KEYS["capped"])
     assert over.status_code == 400 and "above this API key's limit of 16" in over.json()["error"]["message"]
-    default = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "ignore_eos": True},
-                    key=KEYS["capped"])
+    default = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "ignore_eos": True}, key=KEYS["capped"])
     assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] == 16  # capped, not refused
     with pytest.raises(InvalidRequest):
         _sdk(server).complete("acme/qa", "x", max_tokens=1000)
@@ -440,8 +526,10 @@ def test_client_killed_mid_stream_frees_the_slot(server):
         before = admin.pool()["cancelled_requests"]
         body = {"model": "acme/sum@2", "prompt": "go", "max_tokens": LONG, "ignore_eos": True, "stream": True}
         headers = {"Authorization": f"Bearer {KEYS['acme']}"}
-        with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions", headers=headers,
-                                                            json=body) as response:
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", server.url + "/v1/completions", headers=headers, json=body) as response,
+        ):
             assert response.status_code == 200
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
@@ -473,8 +561,11 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):
         ({"body": {"model": "acme/qa@", "prompt": "x"}}, 400, "names no version"),
         ({"body": {"model": "acme/qa", "prompt": "x", "n": 3}}, 400, "'n' must be 1"),
         ({"body": {"model": "acme/qa", "messages": "hi"}, "path": "/v1/chat/completions"}, 400, "messages"),
-        ({"body": {"model": "acme/qa", "messages": [{"role": "robot", "content": "x"}]},
-          "path": "/v1/chat/completions"}, 400, "role"),
+        (
+            {"body": {"model": "acme/qa", "messages": [{"role": "robot", "content": "x"}]}, "path": "/v1/chat/completions"},
+            400,
+            "role",
+        ),
         ({"body": {"model": BASE_NAME, "prompt": "river " * 700, "stream": True}}, 400, "context holds"),
     ]
     for case, status, needle in cases:
@@ -491,8 +582,9 @@ def test_metrics_health_and_audit_lines(server, world):
     from prometheus_client.parser import text_string_to_metric_families
 
     assert httpx.get(server.url + "/health").status_code == 200
-    answer = _post(server, "/v1/completions", {"model": "acme/sum@1", "prompt": "audit me", "max_tokens": 3,
-                                                "ignore_eos": True}).json()
+    answer = _post(
+        server, "/v1/completions", {"model": "acme/sum@1", "prompt": "audit me", "max_tokens": 3, "ignore_eos": True}
+    ).json()
     assert _post(server, "/v1/completions", {"model": "other/secret", "prompt": "x"}).status_code == 404
     assert _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x"}, key="bad").status_code == 401
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
@@ -536,32 +628,91 @@ def test_no_input_gets_a_5xx_and_every_error_has_the_openai_body(server):
     cases = [  # (method, path, body or raw bytes, key, status, code, param)
         ("POST", "/v1/completions", b"[" * 60000, KEYS["acme"], 400, "invalid_request", None),
         ("POST", "/v1/completions", nested_field, KEYS["acme"], 400, "invalid_request", "max_tokens"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "seed": 2**70}, KEYS["acme"], 400,
-         "invalid_request", "seed"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "seed": -1}, KEYS["acme"], 400,
-         "invalid_request", "seed"),
-        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "x", "temperature": NaN}', KEYS["acme"], 400,
-         "invalid_request", "temperature"),
-        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "x", "top_p": 1e999}', KEYS["acme"], 400,
-         "invalid_request", "top_p"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2**70}, KEYS["acme"], 400,
-         "invalid_request", "max_tokens"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [2**70]}, KEYS["acme"], 400,
-         "invalid_request", "prompt"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [5, -1]}, KEYS["acme"], 400,
-         "invalid_request", "prompt"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "stop_token_ids": [2**70]}, KEYS["acme"],
-         400, "invalid_request", "stop_token_ids"),
-        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": "x", "stop": ["s"] * 17}, KEYS["acme"], 400,
-         "invalid_request", "stop"),
-        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "\\ud800"}', KEYS["acme"], 400,
-         "invalid_request", "prompt"),
-        ("POST", chat, {"model": "acme/qa", "messages": [{"role": ["user"], "content": "x"}]}, KEYS["acme"], 400,
-         "invalid_request", "messages"),
-        ("POST", "/v1/completions", {"model": "acme/qa@\u0661", "prompt": "x"}, KEYS["acme"], 400,
-         "invalid_reference", "model"),
-        ("POST", chat, {"model": "acme/qa@\u00b2", "messages": [{"role": "user", "content": "x"}]}, KEYS["acme"],
-         400, "invalid_reference", "model"),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "acme/qa", "prompt": "x", "seed": 2**70},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "seed",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "acme/qa", "prompt": "x", "seed": -1},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "seed",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "acme/qa", "prompt": "x", "temperature": NaN}',
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "temperature",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "acme/qa", "prompt": "x", "top_p": 1e999}',
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "top_p",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "acme/qa", "prompt": "x", "max_tokens": 2**70},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "max_tokens",
+        ),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [2**70]}, KEYS["acme"], 400, "invalid_request", "prompt"),
+        ("POST", "/v1/completions", {"model": "acme/qa", "prompt": [5, -1]}, KEYS["acme"], 400, "invalid_request", "prompt"),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "acme/qa", "prompt": "x", "stop_token_ids": [2**70]},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "stop_token_ids",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "acme/qa", "prompt": "x", "stop": ["s"] * 17},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "stop",
+        ),
+        ("POST", "/v1/completions", b'{"model": "acme/qa", "prompt": "\\ud800"}', KEYS["acme"], 400, "invalid_request", "prompt"),
+        (
+            "POST",
+            chat,
+            {"model": "acme/qa", "messages": [{"role": ["user"], "content": "x"}]},
+            KEYS["acme"],
+            400,
+            "invalid_request",
+            "messages",
+        ),
+        ("POST", "/v1/completions", {"model": "acme/qa@\u0661", "prompt": "x"}, KEYS["acme"], 400, "invalid_reference", "model"),
+        (
+            "POST",
+            chat,
+            {"model": "acme/qa@\u00b2", "messages": [{"role": "user", "content": "x"}]},
+            KEYS["acme"],
+            400,
+            "invalid_reference",
+            "model",
+        ),
         ("POST", "/admin/load", {"model": "acme/qa@\u00b2"}, ADMIN_KEY, 400, "invalid_reference", None),
         ("GET", "/v1/models/acme/qa@\u00b2", None, KEYS["acme"], 404, "module_not_found", None),
         ("GET", "/v1/nothing", None, KEYS["acme"], 404, "invalid_request", None),
@@ -572,16 +723,22 @@ def test_no_input_gets_a_5xx_and_every_error_has_the_openai_body(server):
     log_before = server.err_path.read_text()
     for method, path, body, key, status, code, param in cases:
         content = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
-        response = httpx.request(method, server.url + path, content=content, timeout=60,
-                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        response = httpx.request(
+            method,
+            server.url + path,
+            content=content,
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         assert response.status_code == status, (method, path, response.text[:300])
         error = _error_of(response)
         assert (error["code"], error["param"]) == (code, param), (path, body if not isinstance(body, bytes) else "", error)
     assert _error_of(httpx.get(server.url + "/v1/nothing"))["message"] == "no such endpoint: GET /v1/nothing"
     assert _error_of(httpx.get(server.url + "/v1/completions"))["message"] == (
-        "method not allowed: GET /v1/completions; use POST")
+        "method not allowed: GET /v1/completions; use POST"
+    )
     # the client's mistakes leave no traceback in the server's log, and the server keeps serving
-    assert "Traceback" not in server.err_path.read_text()[len(log_before):]
+    assert "Traceback" not in server.err_path.read_text()[len(log_before) :]
     assert _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -590,14 +747,13 @@ def test_token_limits_hold_at_admission_and_failed_requests_are_refunded(server)
     big = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 500}, key=key)
     assert big.status_code == 429, big.text[:300]
     assert _error_of(big)["message"] == (
-        "max_tokens 500 is more than tenant 'budget''s limit of 40 tokens per minute; ask for at most 40")
+        "max_tokens 500 is more than tenant 'budget''s limit of 40 tokens per minute; ask for at most 40"
+    )
     assert "retry-after" not in big.headers  # waiting would not help
     # reserved 40 at admission, failed before generating: all 40 come back
-    failed = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "river " * 700, "max_tokens": 40},
-                   key=key)
+    failed = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "river " * 700, "max_tokens": 40}, key=key)
     assert failed.status_code == 400 and "context holds" in _error_of(failed)["message"]
-    done = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 38, "ignore_eos": True},
-                 key=key)
+    done = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 38, "ignore_eos": True}, key=key)
     assert done.status_code == 200, done.text[:300]
     assert done.json()["usage"]["completion_tokens"] == 38
     over = _post(server, "/v1/completions", {"model": "acme/qa", "prompt": "x", "max_tokens": 1}, key=key)
@@ -607,16 +763,17 @@ def test_token_limits_hold_at_admission_and_failed_requests_are_refunded(server)
 
 def test_a_grant_of_the_base_name_is_not_a_grant_of_a_module_so_named(server):
     key = KEYS["base-only"]  # models: [BASE_NAME]; the registry also holds a module named BASE_NAME
-    assert _post(server, "/v1/completions", {"model": BASE_NAME, "prompt": "x", "max_tokens": 2},
-                 key=key).json()["model"] == BASE_NAME
+    assert (
+        _post(server, "/v1/completions", {"model": BASE_NAME, "prompt": "x", "max_tokens": 2}, key=key).json()["model"]
+        == BASE_NAME
+    )
     for model in (f"{BASE_NAME}@1", BASE_NAME + "@latest"):
         denied = _post(server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2}, key=key)
         assert denied.status_code == 404, denied.text[:300]
         assert _error_of(denied)["message"] == f"model {model!r} does not exist or this API key may not use it"
     listed = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert [(m["id"], m["tunehub"].get("base")) for m in listed] == [(BASE_NAME, True)]
-    assert httpx.get(server.url + f"/v1/models/{BASE_NAME}@1",
-                     headers={"Authorization": f"Bearer {key}"}).status_code == 404
+    assert httpx.get(server.url + f"/v1/models/{BASE_NAME}@1", headers={"Authorization": f"Bearer {key}"}).status_code == 404
     # granted by a pattern that is not just the base's name, the module is served
     open_module = _sdk(server, "acme").complete("acme/qa", "x", max_tokens=1)
     assert open_module.model == "acme/qa@1"
@@ -627,8 +784,12 @@ def test_models_answer_for_the_versioned_ids_that_answers_carry(server, world):
         return httpx.get(server.url + f"/v1/models/{model_id}", headers={"Authorization": f"Bearer {KEYS[tenant]}"})
 
     answer = _post(server, "/v1/completions", {"model": "acme/sum@2", "prompt": "x", "max_tokens": 1}).json()
-    for model_id, version in ((answer["model"], 2), ("acme/sum@1", 1), ("acme/qa", 1),
-                              ("acme/sum@prod", world["store"].resolve("acme/sum@prod").version)):
+    for model_id, version in (
+        (answer["model"], 2),
+        ("acme/sum@1", 1),
+        ("acme/qa", 1),
+        ("acme/sum@prod", world["store"].resolve("acme/sum@prod").version),
+    ):
         response = get(model_id)
         assert response.status_code == 200, (model_id, response.text[:300])
         entry = response.json()
@@ -648,16 +809,24 @@ def test_models_answer_for_the_versioned_ids_that_answers_carry(server, world):
 
 
 def test_open_mode_refuses_a_public_host(world):
-    out = subprocess.run([*_tunehub(), "serve", "--base", str(world["base"]), "--host", "0.0.0.0", "--port", "18999"],
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [*_tunehub(), "serve", "--base", str(world["base"]), "--host", "0.0.0.0", "--port", "18999"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2 and "without --tenants" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_nf4_open_server_and_sigterm_leaves_no_process(world):
     root = world["root"]
     # no drain period: a stream still running at SIGTERM is ended at once, so its outcome is known
-    srv = Server(["--base", str(world["base"]), "--quantization", "nf4", "--registry", str(root / "registry")], root,
-                 env={"TUNEHUB_SERVE_DRAIN_S": "0"})
+    srv = Server(
+        ["--base", str(world["base"]), "--quantization", "nf4", "--registry", str(root / "registry")],
+        root,
+        env={"TUNEHUB_SERVE_DRAIN_S": "0"},
+    )
     try:
         srv.wait_ready()
         from tunehub.sdk import Client
@@ -671,15 +840,21 @@ def test_nf4_open_server_and_sigterm_leaves_no_process(world):
             assert len(processes) >= 3  # LitServe main, its API server, the inference worker, ...
             body = {"model": BASE_NAME, "prompt": "the river", "max_tokens": 480, "ignore_eos": True, "stream": True}
             with httpx.Client(timeout=60) as http, http.stream("POST", srv.url + "/v1/completions", json=body) as response:
-                events = (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
+                events = (line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
                 assert json.loads(next(events))["choices"][0]["finish_reason"] is None  # it is generating
                 started = time.monotonic()
                 srv.proc.send_signal(signal.SIGTERM)
                 rest = list(events)  # the server ends the stream: no cut connection, no hang
             assert rest[-1] == "[DONE]"
-            assert json.loads(rest[-2]) == {"error": {
-                "message": "the server is shutting down and this request did not finish in time",
-                "type": "server_error", "param": None, "code": "server_error", "tunehub_error": "ServerError"}}
+            assert json.loads(rest[-2]) == {
+                "error": {
+                    "message": "the server is shutting down and this request did not finish in time",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "server_error",
+                    "tunehub_error": "ServerError",
+                }
+            }
             tokens = [json.loads(event) for event in rest[:-2]]
             assert all(t["choices"][0]["finish_reason"] is None for t in tokens)  # cut short, no final chunk
             assert srv.proc.wait(timeout=10) == 0

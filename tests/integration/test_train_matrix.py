@@ -30,8 +30,7 @@ def run_config(base, out, method, objective, quantization, **training):
         "method": method_cfg,
         "objective": {"name": objective},
         "data": {"train": [str(data)], "max_length": 48, "eval_fraction": 0.1, "packing": objective == "sft"},
-        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-2, "logging_steps": 1, "eval_steps": 12,
-                     **training},
+        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-2, "logging_steps": 1, "eval_steps": 12, **training},
         "output": {"dir": str(out), "task": f"{objective}-test"},
     }
     return validate_run_config(raw)
@@ -49,7 +48,9 @@ def _load_base(path, objective, quantization):
     kwargs = {}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=resolve_compute_dtype("auto"),  # as the trainer chose it here
         )
         kwargs["device_map"] = {"": "cpu"}
@@ -76,8 +77,16 @@ def test_method_objective_matrix(method, objective, quantization, tiny_llama_pat
     assert manifest.config["method"]["name"] == method  # the resolved config travels with the module
     assert manifest.data is not None and manifest.data.num_tokens > 0
     metrics = json.loads((result.module_dir / "metrics.json").read_text())
-    for key in ("train_loss", "eval_loss", "eval_perplexity", "trainable_params", "trainable_share",
-                "peak_memory_bytes", "tokens_per_s", "wall_seconds"):
+    for key in (
+        "train_loss",
+        "eval_loss",
+        "eval_perplexity",
+        "trainable_params",
+        "trainable_share",
+        "peak_memory_bytes",
+        "tokens_per_s",
+        "wall_seconds",
+    ):
         assert key in metrics, key
     assert 0 < metrics["trainable_share"] < 0.5
     assert (result.module_dir / "loss.png").stat().st_size > 1000

@@ -25,8 +25,15 @@ def _raw(base, out, **training):
         "method": {"name": "lora", "r": 4, "dropout": 0.1},
         "objective": {"name": "sft"},
         "data": {"train": str(DATA / "reverse.jsonl"), "max_length": 48, "packing": True},
-        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "save_steps": 3, "eval_steps": 3,
-                     "logging_steps": 1, **training},
+        "training": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "save_steps": 3,
+            "eval_steps": 3,
+            "logging_steps": 1,
+            **training,
+        },
         "output": {"dir": str(out), "task": "reverse"},
     }
 
@@ -62,15 +69,28 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_llama_path, tmp_path):
 def _cli(*args, env=None, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "tunehub.sdk.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
 def test_cli_train_and_push(tiny_llama_path, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_raw(tiny_llama_path, tmp_path / "out", max_steps=4)))
-    proc = _cli("train", config, "--set", "training.eval_steps=2", "--push", "demo/reverse",
-                "--registry", tmp_path / "reg", env={"TUNEHUB_HOME": str(tmp_path / "home")})
+    proc = _cli(
+        "train",
+        config,
+        "--set",
+        "training.eval_steps=2",
+        "--push",
+        "demo/reverse",
+        "--registry",
+        tmp_path / "reg",
+        env={"TUNEHUB_HOME": str(tmp_path / "home")},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pushed demo/reverse@1" in proc.stdout
     assert "step 4/4" in proc.stderr  # plain progress lines when not on a terminal
@@ -146,9 +166,26 @@ def test_two_process_cpu_training_with_accelerate(tiny_llama_path, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_raw(tiny_llama_path, tmp_path / "ddp", max_steps=4)))
     proc = subprocess.run(
-        ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "tunehub.sdk.cli", "train", str(config)],
-        capture_output=True, text=True, timeout=600,
+        [
+            "accelerate",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "tunehub.sdk.cli",
+            "train",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,9 +204,12 @@ def test_a_run_warns_nothing_and_records_no_local_path(tiny_llama_path, tmp_path
         raw = _raw(tiny_llama_path, tmp_path / "run", max_steps=2, save_steps=None, eval_steps=None)
         raw["base"]["quantization"] = "nf4"  # the QLoRA path, as the quickstart trains
         result = train(validate_run_config(raw))
-    noise = [f"{w.category.__name__}: {w.message}" for w in caught
-             if issubclass(w.category, (UserWarning, FutureWarning, DeprecationWarning))
-             and ("peft" in w.filename or "transformers" in w.filename or "tunehub" in w.filename)]
+    noise = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, (UserWarning, FutureWarning, DeprecationWarning))
+        and ("peft" in w.filename or "transformers" in w.filename or "tunehub" in w.filename)
+    ]
     assert noise == []
     module = result.module_dir
     manifest = json.loads((module / "manifest.json").read_text())

@@ -51,7 +51,7 @@ def test_synthetic_corpus_is_deterministic_and_varied():
     text = " ".join(lines)
     words = {word.strip('.,;:!?"').lower() for word in text.split()}
     assert len(words) > 300  # enough distinct words for a few hundred BPE merges
-    for mark in ".,?!;:\"%":
+    for mark in '.,?!;:"%':
         assert mark in text
     assert any(char.isdigit() for char in text)
     assert all(line and line[0].isupper() or line[0] == '"' for line in lines)
@@ -66,12 +66,20 @@ def test_presets_have_the_documented_shapes():
     assert {"tiny", "tiny-bert", "small", "bench-100m", "bench-300m"} <= set(PRESETS)
     tiny = PRESETS["tiny"]
     assert (tiny.architecture, tiny.num_layers, tiny.hidden_size, tiny.num_heads, tiny.num_kv_heads) == (
-        "llama", 2, 64, 4, 2,
+        "llama",
+        2,
+        64,
+        4,
+        2,
     )
     assert (tiny.intermediate_size, tiny.vocab_size, tiny.max_position_embeddings) == (128, 512, 512)
     bert = PRESETS["tiny-bert"]
     assert (bert.architecture, bert.num_layers, bert.hidden_size, bert.num_heads, bert.intermediate_size) == (
-        "bert", 2, 64, 4, 128,
+        "bert",
+        2,
+        64,
+        4,
+        128,
     )
     small = PRESETS["small"]
     assert (small.num_layers, small.hidden_size, small.num_heads, small.num_kv_heads) == (4, 256, 8, 4)
@@ -111,7 +119,9 @@ def test_tiny_llama_folder(tiny_llama_path):
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (2, 64, 2)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
     )
     assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}) == 4
     assert safetensors_shapes(tiny_llama_path / "model.safetensors")["model.embed_tokens.weight"] == [512, 64]
@@ -120,7 +130,10 @@ def test_tiny_llama_folder(tiny_llama_path):
 def test_tiny_llama_tokenizer_round_trips(tiny_llama_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
-        "<s>", "</s>", "<pad>", "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<unk>",
     )
     assert len(tokenizer) == 512
     text = "The farmer sold 12.50 kg of apples in Zürich: ✓ done!\n\tNext line."
@@ -163,7 +176,7 @@ def test_tiny_llama_generates(tiny_llama_path):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         again = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    new = out[0, prompt["input_ids"].shape[1]:]
+    new = out[0, prompt["input_ids"].shape[1] :]
     assert new.shape == (6,)
     assert torch.equal(out, again)
     assert isinstance(tokenizer.decode(new), str)
@@ -177,7 +190,10 @@ def test_tiny_bert_masked_lm(tiny_bert_path):
     model = AutoModelForMaskedLM.from_pretrained(tiny_bert_path).eval()
     assert type(model).__name__ == "BertForMaskedLM"
     assert (tokenizer.cls_token, tokenizer.sep_token, tokenizer.mask_token, tokenizer.pad_token) == (
-        "[CLS]", "[SEP]", "[MASK]", "[PAD]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "[PAD]",
     )
     encoded = tokenizer(f"The farmer sold the {tokenizer.mask_token} yesterday.", return_tensors="pt")
     ids = encoded["input_ids"][0].tolist()

@@ -17,8 +17,10 @@ def _both(reference):
     from tunehub.trainer.run import resolve_base as train_resolve
 
     answers = []
-    for resolve in (lambda: train_resolve(SimpleNamespace(base=SimpleNamespace(path=reference, revision=None))),
-                    lambda: serve_resolve(reference)):
+    for resolve in (
+        lambda: train_resolve(SimpleNamespace(base=SimpleNamespace(path=reference, revision=None))),
+        lambda: serve_resolve(reference),
+    ):
         try:
             answers.append(("ok", str(resolve())))
         except ConfigError as exc:
@@ -56,8 +58,10 @@ def test_a_hub_id_offline_and_not_cached_is_one_clear_config_error(tmp_path, mon
     with pytest.raises(ConfigError) as info:
         resolve_base_folder("acme/no-such-base")
     message = str(info.value)
-    assert message == ("'acme/no-such-base' is not a local folder and could not be fetched from the Hub:"
-                       " HF_HUB_OFFLINE is set and it is not in the Hugging Face cache")
+    assert message == (
+        "'acme/no-such-base' is not a local folder and could not be fetched from the Hub:"
+        " HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+    )
     assert "\n" not in message
     train, serve = _both("acme/no-such-base")
     assert train == serve == ("error", message)

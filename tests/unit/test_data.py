@@ -434,7 +434,7 @@ def test_packed_rows_equal_examples_run_alone(llama_model):
     with_cache = _run(llama_model, batch, use_cache=True)
     second = slice(len(blocks[0]["input_ids"]) - 1, len(blocks[0]["input_ids"]))
     for leaky in (with_mask, with_cache):
-        assert not torch.allclose(leaky.logits[0, :second.stop], packed.logits[0, :second.stop], atol=1e-5)
+        assert not torch.allclose(leaky.logits[0, : second.stop], packed.logits[0, : second.stop], atol=1e-5)
 
     # flatten: the whole batch as one row (flash-attention layout) gives the same logits
     flat = SFTCollator(pad_token_id=3, flatten=True)(blocks)

@@ -79,8 +79,9 @@ def test_quantizing_load_reads_tensor_by_tensor_and_equals_the_plain_load(tiny_l
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     def nf4():
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        )
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
     lean = devices.load_quantized(AutoModelForCausalLM, tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
@@ -128,8 +129,9 @@ def test_constructing_an_engine_changes_nothing_process_wide(tiny_llama_path, mo
     Engine(base)  # on the CPU: the reusing allocator is the serve entry point's choice, not the engine's
     assert calls == [] and dict(os.environ) == environ
     Engine(base, cpu_allocator="auto")  # what `tunehub serve` passes
-    assert calls == [((devices._M_MMAP_THRESHOLD, devices.REUSING_MMAP_THRESHOLD),
-                      (devices._M_TRIM_THRESHOLD, devices.REUSING_TRIM_THRESHOLD))]
+    assert calls == [
+        ((devices._M_MMAP_THRESHOLD, devices.REUSING_MMAP_THRESHOLD), (devices._M_TRIM_THRESHOLD, devices.REUSING_TRIM_THRESHOLD))
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -69,11 +69,20 @@ def test_a_module_that_leaves_the_pool_leaves_no_plan_behind(tiny_llama_path, lo
     params = SamplingParams(max_tokens=3, stop_token_ids=[])
     held = [engine.pool.acquire("t/a@1"), engine.pool.acquire("t/b@1")]  # resident while the test looks
     module_ref, tensor_ref = weakref.ref(held[0]), weakref.ref(next(iter(held[0].layers.values())).lora_a)
-    engine.generate([GenerationRequest(prompt="the river", module="t/a@1", params=params),
-                     GenerationRequest(prompt="we", module="t/b@1", params=params)])
+    engine.generate(
+        [
+            GenerationRequest(prompt="the river", module="t/a@1", params=params),
+            GenerationRequest(prompt="we", module="t/b@1", params=params),
+        ]
+    )
     # each layer's plan keeps its kind groups' parts; the low-rank part holds the stacked A and B
-    plans = [part for plan in engine._plans.values() for layer in plan.values() for part in layer.parts.values()
-             if getattr(part, "lora_a", None) is not None]
+    plans = [
+        part
+        for plan in engine._plans.values()
+        for layer in plan.values()
+        for part in layer.parts.values()
+        if getattr(part, "lora_a", None) is not None
+    ]
     assert plans  # the batch's plan is cached while its modules are resident
     plan_refs = [weakref.ref(p.lora_a) for p in plans]
     del plans

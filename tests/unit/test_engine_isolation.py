@@ -99,7 +99,11 @@ BAD_MODULES: dict[str, tuple[Callable, type, str]] = {
     "wrong-width": (_wrong_width, IncompatibleBase, r"t/wrong-width@1: .* has shapes \(4, 7\)/.*the base layer is"),
     "vector-a": (_vector_a, InvalidModuleWeights, r"t/vector-a@1: tensor '.*lora_A' has shape \(\d+,\), expected 2 dimensions"),
     "giant-dim": (_giant_zero_dim, IncompatibleBase, r"t/giant-dim@1: .* has shapes \(0, 1099511627776\)/"),
-    "not-safetensors": (_not_safetensors, InvalidModuleWeights, r"t/not-safetensors@1: adapter_model\.safetensors is not a readable"),
+    "not-safetensors": (
+        _not_safetensors,
+        InvalidModuleWeights,
+        r"t/not-safetensors@1: adapter_model\.safetensors is not a readable",
+    ),
 }
 
 
@@ -112,8 +116,13 @@ def store(tiny_llama_path, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("isolation")
     store = LocalStore(root / "reg", cache_dir=root / "cache")
-    for name, kind, seed, options in [("lora", "lora", 1, {}), ("dora", "dora", 2, {}), ("prompt", "prompt", 3, {}),
-                                      ("poisoned", "lora", 4, {}), ("high-rank", "lora", 5, {"r": 16})]:
+    for name, kind, seed, options in [
+        ("lora", "lora", 1, {}),
+        ("dora", "dora", 2, {}),
+        ("prompt", "prompt", 3, {}),
+        ("poisoned", "lora", 4, {}),
+        ("high-rank", "lora", 5, {"r": 16}),
+    ]:
         store.push(make_peft_module(tiny_llama_path, root / name, kind, seed=seed, **options), f"t/{name}")
     for name, (change, _, _) in BAD_MODULES.items():
         push_unchecked(store, rewrite_weights(root / "lora", root / name, change), f"t/{name}")
@@ -137,8 +146,13 @@ def _good_requests() -> list[GenerationRequest]:
     requests = []
     for i in range(12):
         sampled = {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i} if i % 3 == 0 else {}
-        requests.append(GenerationRequest(prompt=prompts[i % len(prompts)], module=modules[i % len(modules)],
-                                          params=_params(max_tokens=8 + i % 5, **sampled)))
+        requests.append(
+            GenerationRequest(
+                prompt=prompts[i % len(prompts)],
+                module=modules[i % len(modules)],
+                params=_params(max_tokens=8 + i % 5, **sampled),
+            )
+        )
     return requests
 
 
@@ -192,22 +206,50 @@ def _bad_corpus() -> list[tuple[GenerationRequest, type, str]]:
         ({"input_ids": [5, "7"]}, InvalidRequest, ids + "'7'$"),
         ({"input_ids": [5, 2.5, True]}, InvalidRequest, ids + "2.5, True$"),
         ({"input_ids": []}, InvalidRequest, "^the prompt is empty$"),
-        ({"prompt": "x", "params": _params(temperature=math.nan)}, InvalidRequest, r"^temperature must be a finite number >= 0, got nan$"),
-        ({"prompt": "x", "params": _params(temperature=math.inf)}, InvalidRequest, r"^temperature must be a finite number >= 0, got inf$"),
-        ({"prompt": "x", "params": _params(temperature=0.7, top_p=math.nan)}, InvalidRequest, r"^top_p must be a number in \(0, 1\], got nan$"),
-        ({"prompt": "x", "params": _params(temperature=0.7, seed=2**64)}, InvalidRequest,
-         r"^seed must be an integer from 0 to 2\*\*64 - 1, got 18446744073709551616$"),
+        (
+            {"prompt": "x", "params": _params(temperature=math.nan)},
+            InvalidRequest,
+            r"^temperature must be a finite number >= 0, got nan$",
+        ),
+        (
+            {"prompt": "x", "params": _params(temperature=math.inf)},
+            InvalidRequest,
+            r"^temperature must be a finite number >= 0, got inf$",
+        ),
+        (
+            {"prompt": "x", "params": _params(temperature=0.7, top_p=math.nan)},
+            InvalidRequest,
+            r"^top_p must be a number in \(0, 1\], got nan$",
+        ),
+        (
+            {"prompt": "x", "params": _params(temperature=0.7, seed=2**64)},
+            InvalidRequest,
+            r"^seed must be an integer from 0 to 2\*\*64 - 1, got 18446744073709551616$",
+        ),
         ({"prompt": "x", "params": _params(temperature=0.7, seed=-1)}, InvalidRequest, r"^seed must be an integer from 0"),
-        ({"prompt": "x", "params": _params(max_tokens=0)}, InvalidRequest, r"^max_tokens must be an integer from 1 to 2147483647, got 0$"),
+        (
+            {"prompt": "x", "params": _params(max_tokens=0)},
+            InvalidRequest,
+            r"^max_tokens must be an integer from 1 to 2147483647, got 0$",
+        ),
         ({"prompt": "x", "params": _params(max_tokens=2.5)}, InvalidRequest, r"^max_tokens must be an integer"),
-        ({"prompt": "x", "params": _params(stop_token_ids=[3, 512])}, InvalidRequest, r"^stop_token_ids must be token ids from 0 to 511, got 512$"),
+        (
+            {"prompt": "x", "params": _params(stop_token_ids=[3, 512])},
+            InvalidRequest,
+            r"^stop_token_ids must be token ids from 0 to 511, got 512$",
+        ),
         ({"prompt": "x", "module": "t/high-rank"}, UnsupportedModule, r"rank 16 at .* above this server's maximum of 8"),
         # slipped past load validation (poisoned in place): a sampled row's logits are NaN
-        ({"prompt": "the river", "module": "t/poisoned", "params": _params(temperature=0.9, seed=3)}, NonFiniteLogits,
-         r"^request .*: the logits are not finite \(NaN or Inf\) at temperature 0\.9"),
+        (
+            {"prompt": "the river", "module": "t/poisoned", "params": _params(temperature=0.9, seed=3)},
+            NonFiniteLogits,
+            r"^request .*: the logits are not finite \(NaN or Inf\) at temperature 0\.9",
+        ),
     ]
-    cases += [({"prompt": "the river", "module": f"t/{name}", "params": _params(temperature=0.9, seed=1)}, error, message)
-              for name, (_, error, message) in BAD_MODULES.items()]
+    cases += [
+        ({"prompt": "the river", "module": f"t/{name}", "params": _params(temperature=0.9, seed=1)}, error, message)
+        for name, (_, error, message) in BAD_MODULES.items()
+    ]
     return [(GenerationRequest(**{"params": _params(), **fields}), error, message) for fields, error, message in cases]
 
 
@@ -229,8 +271,11 @@ def test_bad_requests_fail_alone_under_concurrency(engine):
     finally:
         engine.pool.release(poisoned)
         engine.pool.unload("t/poisoned@1")
-    failed_good = [(good[i].prompt, good[i].module, o) for (kind, i), o in zip(kinds, outcomes)
-                   if kind == "good" and isinstance(o, BaseException)]
+    failed_good = [
+        (good[i].prompt, good[i].module, o)
+        for (kind, i), o in zip(kinds, outcomes)
+        if kind == "good" and isinstance(o, BaseException)
+    ]
     assert failed_good == []
     for (kind, i), outcome in zip(kinds, outcomes):
         if kind == "good":
@@ -307,8 +352,12 @@ def test_client_errors_are_logged_as_one_line_without_traceback(caplog):
 
     caplog.set_level("DEBUG", logger="tunehub.server")
     message = error_message(InvalidRequest("input_ids must be token ids from 0 to 511, got 999999"), "req-42")
-    assert message == {"type": "error", "status": 400, "error": "InvalidRequest",
-                       "message": "input_ids must be token ids from 0 to 511, got 999999"}
+    assert message == {
+        "type": "error",
+        "status": 400,
+        "error": "InvalidRequest",
+        "message": "input_ids must be token ids from 0 to 511, got 999999",
+    }
     assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
         ("INFO", "request req-42 refused (400 InvalidRequest): input_ids must be token ids from 0 to 511, got 999999", None)
     ]

@@ -138,7 +138,9 @@ def test_a_kind_registered_outside_the_engine_is_served_next_to_a_lora_row(
 def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_module):
     manifest = Manifest.read(lora_module(seed=0))
     base = SimpleNamespace(
-        name="tiny-llama", fingerprint=manifest.base.fingerprint, vocab_size=manifest.base.vocab_size,
+        name="tiny-llama",
+        fingerprint=manifest.base.fingerprint,
+        vocab_size=manifest.base.vocab_size,
         tokenizer_fingerprint=manifest.tokenizer.fingerprint if manifest.tokenizer else None,
     )
     materializer = ModuleMaterializer(base, {})

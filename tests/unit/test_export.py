@@ -275,8 +275,7 @@ def test_encoder_module_without_task_type_round_trips(tiny_bert_path, tmp_path):
 
 def test_refuses_an_unknown_adapter_name(tiny_llama_path, tmp_path):
     with pytest.raises(ConfigError, match="nope"):
-        save_peft_module(lora_on(tiny_llama_path), tmp_path / "m", base_path=tiny_llama_path, kind="lora",
-                         adapter_name="nope")
+        save_peft_module(lora_on(tiny_llama_path), tmp_path / "m", base_path=tiny_llama_path, kind="lora", adapter_name="nope")
 
 
 def test_make_lora_model_refuses_other_kinds(tiny_llama_path):

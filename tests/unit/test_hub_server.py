@@ -95,8 +95,7 @@ def test_preupload_commit_tree_and_resolve_headers(hub):
     assert [f["uploadMode"] for f in modes] == ["regular", "lfs", "lfs", "regular"]
     assert all("oid" not in f for f in modes)
 
-    answer = _commit(client, "acme/demo", _file("config.json", b'{"a": 1}\n'), _file("sub/dir/notes.txt", b"hi"),
-                     parent=initial)
+    answer = _commit(client, "acme/demo", _file("config.json", b'{"a": 1}\n'), _file("sub/dir/notes.txt", b"hi"), parent=initial)
     assert answer.status_code == 200, answer.text
     head = answer.json()["commitOid"]
     assert answer.json()["commitUrl"].endswith(f"/acme/demo/commit/{head}")
@@ -105,7 +104,10 @@ def test_preupload_commit_tree_and_resolve_headers(hub):
 
     top = client.get("/api/models/acme/demo/tree/main").json()
     assert sorted((e["type"], e["path"]) for e in top) == [
-        ("directory", "sub"), ("file", ".gitattributes"), ("file", "config.json")]
+        ("directory", "sub"),
+        ("file", ".gitattributes"),
+        ("file", "config.json"),
+    ]
     deep = client.get("/api/models/acme/demo/tree/main", params={"recursive": "true"}).json()
     assert {e["path"] for e in deep} >= {"sub", "sub/dir", "sub/dir/notes.txt"}
     inside = client.get("/api/models/acme/demo/tree/main/sub%2Fdir").json()
@@ -140,15 +142,21 @@ def test_lfs_upload_round_trip_and_signature(hub):
     _new_repo(client)
     data = bytes(range(256)) * 40
     oid = hashlib.sha256(data).hexdigest()
-    batch = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
-                        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).json()
+    batch = client.post(
+        "/acme/demo.git/info/lfs/objects/batch",
+        headers=AUTH,
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    ).json()
     action = batch["objects"][0]["actions"]
     wrong = client.put(action["upload"]["href"], content=data[:-1] + b"!")
     assert wrong.status_code == 400  # content that does not match its oid never enters the store
     assert client.put(action["upload"]["href"], content=data).status_code == 200
     assert client.post(action["verify"]["href"], json={"oid": oid, "size": len(data)}, headers=AUTH).status_code == 200
-    again = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
-                        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).json()
+    again = client.post(
+        "/acme/demo.git/info/lfs/objects/batch",
+        headers=AUTH,
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    ).json()
     assert "actions" not in again["objects"][0]  # already stored: nothing to upload
     tampered = action["upload"]["href"].replace(f"size={len(data)}", "size=1")
     assert client.put(tampered, content=b"x").status_code == 403
@@ -158,8 +166,11 @@ def test_lfs_upload_round_trip_and_signature(hub):
     assert got.content == data and got.headers["ETag"] == f'"{oid}"'  # LFS files: the sha256
     entry = next(e for e in client.get("/api/models/acme/demo/tree/main").json() if e["path"] == "w.safetensors")
     assert entry["lfs"]["oid"] == oid and entry["size"] == len(data)
-    too_big = client.post("/acme/demo.git/info/lfs/objects/batch", headers=AUTH,
-                          json={"operation": "upload", "objects": [{"oid": "cd" * 32, "size": 10**9}]}).json()
+    too_big = client.post(
+        "/acme/demo.git/info/lfs/objects/batch",
+        headers=AUTH,
+        json={"operation": "upload", "objects": [{"oid": "cd" * 32, "size": 10**9}]},
+    ).json()
     assert too_big["objects"][0]["error"]["code"] == 413
 
 
@@ -195,8 +206,10 @@ def test_refs_listing_card_and_repo_lifecycle(hub):
 
     assert client.delete("/api/models/acme/demo/branch/prod", headers=AUTH).status_code == 200
     assert client.delete("/api/models/acme/demo/tag/v1", headers=AUTH).status_code == 200
-    assert client.request("DELETE", "/api/repos/delete", json={"name": "demo", "organization": "acme"},
-                          headers=AUTH).status_code == 200
+    assert (
+        client.request("DELETE", "/api/repos/delete", json={"name": "demo", "organization": "acme"}, headers=AUTH).status_code
+        == 200
+    )
     assert client.get("/api/models/acme/demo").headers["X-Error-Code"] == "RepoNotFound"
     assert client.get("/api/datasets/acme/demo").status_code == 404
 
@@ -224,18 +237,78 @@ def test_random_requests_never_get_a_server_error(hub):
     _new_repo(client, "a/r")
     _commit(client, "a/r", _file("d/f.txt", b"hi"))
     rng = random.Random(7)
-    pieces = ["a", "r", "..", "%2e%2e", "%2F", "%00", "%5C", "main", "v1", "x" * 300, "%ZZ", "refs%2Fheads%2Fmain",
-              "", "~", "resolve", "tree", "api", "models", "commit", "preupload", "tag", "branch", "refs", "revision",
-              "commits", "paths-info", "r.git", "info", "lfs", "objects", "batch", "verify", "ab" * 32, "0" * 40,
-              "d", "f.txt", "d%2Ff.txt", "repos", "create", "delete", "validate-yaml"]
-    bodies = [b"", b"{}", b"[]", b"null", b"\xff\xfe", b'{"files": [{"path": 1}]}',
-              b'{"files": [{"path": "a", "size": 1, "sample": 5}]}', b'{"name": null}', b'{"tag": 5}',
-              b'{"startingPoint": 5}', b'{"operation": "upload", "objects": [{"oid": 1}]}',
-              b'{"key":"header","value":{"summary":"s"}}\n{"key":"file","value":{"path":"p","content":5}}',
-              b'{"key":"header","value":{"summary":"s"}}\n{"key":"deletedFolder","value":{"path":5}}',
-              b'{"key":"header","value":[]}', b'{"paths": "x"}', b"paths=../x", b'{"content": 5}']
-    queries = ["", "?recursive=1", "?cursor=-1", "?cursor=x", "?limit=99999999999999999999", "?create_pr=1",
-               "?size=1&expires=1&sig=x", "?blobs=1&expand=1"]
+    pieces = [
+        "a",
+        "r",
+        "..",
+        "%2e%2e",
+        "%2F",
+        "%00",
+        "%5C",
+        "main",
+        "v1",
+        "x" * 300,
+        "%ZZ",
+        "refs%2Fheads%2Fmain",
+        "",
+        "~",
+        "resolve",
+        "tree",
+        "api",
+        "models",
+        "commit",
+        "preupload",
+        "tag",
+        "branch",
+        "refs",
+        "revision",
+        "commits",
+        "paths-info",
+        "r.git",
+        "info",
+        "lfs",
+        "objects",
+        "batch",
+        "verify",
+        "ab" * 32,
+        "0" * 40,
+        "d",
+        "f.txt",
+        "d%2Ff.txt",
+        "repos",
+        "create",
+        "delete",
+        "validate-yaml",
+    ]
+    bodies = [
+        b"",
+        b"{}",
+        b"[]",
+        b"null",
+        b"\xff\xfe",
+        b'{"files": [{"path": 1}]}',
+        b'{"files": [{"path": "a", "size": 1, "sample": 5}]}',
+        b'{"name": null}',
+        b'{"tag": 5}',
+        b'{"startingPoint": 5}',
+        b'{"operation": "upload", "objects": [{"oid": 1}]}',
+        b'{"key":"header","value":{"summary":"s"}}\n{"key":"file","value":{"path":"p","content":5}}',
+        b'{"key":"header","value":{"summary":"s"}}\n{"key":"deletedFolder","value":{"path":5}}',
+        b'{"key":"header","value":[]}',
+        b'{"paths": "x"}',
+        b"paths=../x",
+        b'{"content": 5}',
+    ]
+    queries = [
+        "",
+        "?recursive=1",
+        "?cursor=-1",
+        "?cursor=x",
+        "?limit=99999999999999999999",
+        "?create_pr=1",
+        "?size=1&expires=1&sig=x",
+        "?blobs=1&expand=1",
+    ]
     for _ in range(600):
         path = "/" + "/".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))) + rng.choice(queries)
         method = rng.choice(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
@@ -310,11 +383,19 @@ HOSTILE = [
     (_request("POST", "/api/validate-yaml", b"Content-Length: 2", b"Content-Length: 3", body=b"{}", length=False), 400),
     (_request("POST", "/api/validate-yaml", b"Content-Length: 2, 3", body=b"{}", length=False), 400),
     (_request("POST", "/api/validate-yaml", b"Content-Length: " + b"9" * 40, body=b"{}", length=False), 400),
-    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: chunked", b"Content-Length: 7",
-              body=b"2\r\n{}\r\n0\r\n\r\n", length=False), 400),
+    (
+        _request(
+            "POST",
+            "/api/validate-yaml",
+            b"Transfer-Encoding: chunked",
+            b"Content-Length: 7",
+            body=b"2\r\n{}\r\n0\r\n\r\n",
+            length=False,
+        ),
+        400,
+    ),
     (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: gzip", body=b"{}", length=False), 400),
-    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: chunked", body=b"1_0\r\n{}\r\n0\r\n\r\n",
-              length=False), 400),
+    (_request("POST", "/api/validate-yaml", b"Transfer-Encoding: chunked", body=b"1_0\r\n{}\r\n0\r\n\r\n", length=False), 400),
     # Range: malformed is 400, well-formed but outside the file stays 416
     (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=abc"), 400),
     (_request("GET", "/a/r/resolve/main/d/f.txt", b"Range: bytes=\xb2-"), 400),  # \d matched '²', int() raised
@@ -334,13 +415,19 @@ HOSTILE = [
     (_request("POST", "/api/validate-yaml", body=NESTED), 400),  # no token needed to be told it is malformed
     (_request("POST", "/api/models/a/r/preupload/main", AUTH_LINE, body=HUGE_INT), 400),
     (_request("POST", "/api/models/a/r/paths-info/main", b"Content-Type: application/json", body=NESTED), 400),
-    (_request("POST", "/api/models/a/r/paths-info/main", b"Content-Type: application/x-www-form-urlencoded",
-              body=b"paths=%FF"), 400),
+    (
+        _request(
+            "POST", "/api/models/a/r/paths-info/main", b"Content-Type: application/x-www-form-urlencoded", body=b"paths=%FF"
+        ),
+        400,
+    ),
     (_request("POST", "/a/r.git/info/lfs/objects/batch", AUTH_LINE, body=NESTED), 400),
     (_request("POST", "/api/models/a/r/commit/main", AUTH_LINE, body=COMMIT_HEADER + NESTED + b"\n"), 400),
     (_request("POST", "/api/models/a/r/commit/main", AUTH_LINE, body=NESTED + b"\n"), 400),
-    (_request("POST", "/api/validate-yaml", body=json.dumps({"content": "---\n" + "[" * 5000 + "\n---\n"}).encode()),
-     400),  # PyYAML raised RecursionError
+    (
+        _request("POST", "/api/validate-yaml", body=json.dumps({"content": "---\n" + "[" * 5000 + "\n---\n"}).encode()),
+        400,
+    ),  # PyYAML raised RecursionError
     # methods the stdlib does not know were a 501
     (_request("FOO", "/api/models"), 405),
 ]

@@ -110,7 +110,11 @@ def test_read_detects_tampering_and_checks_before_weights(store, module):
     with pytest.raises(IntegrityError, match="damaged"):
         store.read(info.ref, parse=lambda manifest, files: parsed.append(len(files)) or "tensors")
     blob.write_bytes(original)
-    assert store.read(info.ref, parse=lambda manifest, files: sorted(files)).parsed == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert store.read(info.ref, parse=lambda manifest, files: sorted(files)).parsed == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     manifest_blob = store.root / "blobs" / "sha256" / info.manifest_sha256[:2] / info.manifest_sha256
     manifest_blob.write_text(manifest_blob.read_text().replace("demo", "dem0"))
     with pytest.raises(IntegrityError, match="recorded sha256"):
@@ -122,7 +126,11 @@ def test_read_of_a_file_larger_than_its_chunks_is_exact_and_checked_in_every_chu
     module = make_fake_module(tmp_path / "big", payload=os.urandom((5 << 20) // 2))
     payload = (module / "adapter_model.safetensors").read_bytes()
     info = store.push(module, "acme/big")
-    parsed = store.read(info.ref, ["adapter_model.safetensors"], parse=lambda manifest, files: (manifest.task, len(files["adapter_model.safetensors"])))
+    parsed = store.read(
+        info.ref,
+        ["adapter_model.safetensors"],
+        parse=lambda manifest, files: (manifest.task, len(files["adapter_model.safetensors"])),
+    )
     assert parsed.files["adapter_model.safetensors"] == payload and parsed.parsed == ("demo", len(payload))
     digest = json.loads((tmp_path / "big" / "manifest.json").read_text())["files"]["adapter_model.safetensors"]
     blob = store.root / "blobs" / "sha256" / digest[:2] / digest

@@ -65,8 +65,14 @@ def _cli(*args, env=None):
     import os
 
     environ = {k: v for k, v in os.environ.items() if k != LOG_LEVEL_ENV}
-    return subprocess.run([sys.executable, "-m", "tunehub.sdk.cli", *args], capture_output=True, text=True,
-                          env={**environ, **(env or {})}, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tunehub.sdk.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**environ, **(env or {})},
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 CHECK = ["tenants", "hash-key", "k" * 20]

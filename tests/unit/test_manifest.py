@@ -48,8 +48,13 @@ def test_model_card_never_names_a_path_as_base_model(tmp_path):
     from tunehub.registry.module import model_card
 
     manifest = verify_module(make_fake_module(tmp_path / "m")).manifest
-    for model_id, expected in [("acme/base-1", "acme/base-1"), ("tiny-base", "tiny-base"),
-                               ("/home/me/bases/tiny", None), ("./bases/tiny", None), ("a/b/c", None)]:
+    for model_id, expected in [
+        ("acme/base-1", "acme/base-1"),
+        ("tiny-base", "tiny-base"),
+        ("/home/me/bases/tiny", None),
+        ("./bases/tiny", None),
+        ("a/b/c", None),
+    ]:
         with_id = manifest.model_copy(update={"base": manifest.base.model_copy(update={"model_id": model_id})})
         front = yaml.safe_load(model_card(with_id).split("---\n")[1])
         assert front.get("base_model") == expected, model_id
@@ -132,9 +137,7 @@ def test_symlink_refused(tmp_path):
 def test_bad_file_paths_in_manifest(path):
     base = {"model_id": "b", "fingerprint": "0" * 64}
     with pytest.raises(ManifestError):
-        Manifest.from_dict(
-            {"schema_version": 1, "kind": "lora", "base": base, "files": {path: "0" * 64}}
-        )
+        Manifest.from_dict({"schema_version": 1, "kind": "lora", "base": base, "files": {path: "0" * 64}})
 
 
 def test_bad_digest_in_manifest():

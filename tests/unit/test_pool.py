@@ -33,8 +33,13 @@ class Materializer:
             self.calls.append(key)
         tensors = parse_weights(content.files, key)
         (payload,) = tensors.values()
-        return LoadedModule(key=key, kind=content.manifest.kind, manifest=content.manifest,
-                            layers={"payload": LayerDelta(lora_a=payload)}, nbytes=payload.numel() * payload.element_size())
+        return LoadedModule(
+            key=key,
+            kind=content.manifest.kind,
+            manifest=content.manifest,
+            layers={"payload": LayerDelta(lora_a=payload)},
+            nbytes=payload.numel() * payload.element_size(),
+        )
 
 
 def refuse_other_bases(manifest, key: str) -> None:

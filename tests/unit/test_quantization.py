@@ -36,13 +36,15 @@ def _training_config(base, tmp_path, quantization):
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
-    return validate_run_config({
-        "base": {"path": str(base), "quantization": quantization},
-        "method": {"name": "lora", "r": 4},
-        "objective": {"name": "sft"},
-        "data": {"train": str(data)},
-        "output": {"dir": str(tmp_path / "out")},
-    })
+    return validate_run_config(
+        {
+            "base": {"path": str(base), "quantization": quantization},
+            "method": {"name": "lora", "r": 4},
+            "objective": {"name": "sft"},
+            "data": {"train": str(data)},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

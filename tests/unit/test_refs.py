@@ -156,8 +156,29 @@ def _name_corpus() -> list[str]:
 
     alphabet = "a0._-"
     corpus = ["".join(chars) for size in range(1, 5) for chars in itertools.product(alphabet, repeat=size)]
-    corpus += ["x" * 95, "x" * 96, "x" * 97, "a" * 95 + "-", "x.git", "x.gitx", "x.git_", "x_", "_x", "A", "a b",
-               "é", "a/b", "a\\b", "a\x00b", "x.git.git", "a-.b", "a.-b", "a_-b", "a-_b", "ab" * 48]
+    corpus += [
+        "x" * 95,
+        "x" * 96,
+        "x" * 97,
+        "a" * 95 + "-",
+        "x.git",
+        "x.gitx",
+        "x.git_",
+        "x_",
+        "_x",
+        "A",
+        "a b",
+        "é",
+        "a/b",
+        "a\\b",
+        "a\x00b",
+        "x.git.git",
+        "a-.b",
+        "a.-b",
+        "a_-b",
+        "a-_b",
+        "ab" * 48,
+    ]
     return corpus
 
 

@@ -25,8 +25,13 @@ from tunehub.server.tenants import Tenant, Tenants, hash_key, new_key, parse_ten
 
 
 def _tenants(**overrides):
-    acme = {"keys": [hash_key("k-acme")], "models": ["acme/*", "base"], "requests_per_minute": 2,
-            "tokens_per_minute": 100, "max_tokens": 64}
+    acme = {
+        "keys": [hash_key("k-acme")],
+        "models": ["acme/*", "base"],
+        "requests_per_minute": 2,
+        "tokens_per_minute": 100,
+        "max_tokens": 64,
+    }
     acme.update(overrides)
     return {"tenants": {"acme": acme, "beta": {"keys": [hash_key("k-beta")], "models": ["beta/sum"]}}}
 
@@ -92,8 +97,7 @@ def test_token_limits_reserve_max_tokens_at_admission_and_refund_the_rest():
     acme = tenants.authenticate("k-acme")
     with pytest.raises(RateLimited) as info:
         tenants.admit(acme, 500, now=0.0)  # could never fit: refused, not clamped
-    assert str(info.value) == ("max_tokens 500 is more than tenant 'acme''s limit of 100 tokens per minute;"
-                               " ask for at most 100")
+    assert str(info.value) == ("max_tokens 500 is more than tenant 'acme''s limit of 100 tokens per minute; ask for at most 100")
     assert info.value.retry_after is None  # waiting would not help
     first = tenants.admit(acme, 60, now=1.0)
     with pytest.raises(RateLimited, match="over its limit of 100 tokens per minute") as info:
@@ -123,62 +127,99 @@ def test_open_tenant_and_keys():
 
 
 def test_parse_completion_and_chat_requests():
-    parsed = parse_request({"model": "acme/sum@prod", "prompt": ["hello"], "max_tokens": 5, "temperature": 0,
-                            "stop": "\n", "seed": 3, "user": "ignored", "stream": True,
-                            "stream_options": {"include_usage": True}, "ignore_eos": True}, chat=False)
+    parsed = parse_request(
+        {
+            "model": "acme/sum@prod",
+            "prompt": ["hello"],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stop": "\n",
+            "seed": 3,
+            "user": "ignored",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        },
+        chat=False,
+    )
     assert (parsed.prompt, parsed.max_tokens, parsed.stop, parsed.stream, parsed.include_usage) == (
-        "hello", 5, ["\n"], True, True)
-    assert parsed.sampling(5) == {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": 3, "stop": ["\n"],
-                                  "stop_token_ids": None, "ignore_eos": True}
+        "hello",
+        5,
+        ["\n"],
+        True,
+        True,
+    )
+    assert parsed.sampling(5) == {
+        "max_tokens": 5,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 3,
+        "stop": ["\n"],
+        "stop_token_ids": None,
+        "ignore_eos": True,
+    }
     assert parse_request({"model": "m", "prompt": [1, 2, 3]}, chat=False).input_ids == [1, 2, 3]
-    chat = parse_request({"model": "m", "messages": [
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
-    ], "max_completion_tokens": 7}, chat=True)
+    chat = parse_request(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+            ],
+            "max_completion_tokens": 7,
+        },
+        chat=True,
+    )
     assert chat.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     assert chat.max_tokens == 7 and chat.temperature == 1.0
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"prompt": "x"}, "'model' is required"),
-    ({"model": ["a"], "prompt": "x"}, "'model' must be a string"),
-    ({"model": "m"}, "'prompt' is required"),
-    ({"model": "m", "prompt": ["a", "b"]}, "one prompt per request"),
-    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": "m", "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"model": "m", "prompt": "x", "stop": ["a", 3]}, "stop"),
-    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"prompt": "x"}, "'model' is required"),
+        ({"model": ["a"], "prompt": "x"}, "'model' must be a string"),
+        ({"model": "m"}, "'prompt' is required"),
+        ({"model": "m", "prompt": ["a", "b"]}, "one prompt per request"),
+        ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"model": "m", "prompt": "x", "stop": ["a", 3]}, "stop"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ],
+)
 def test_bad_completion_requests(body, needle):
     with pytest.raises(InvalidRequest, match=needle):
         parse_request(body, chat=False)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("seed", 2**70, "'seed' must be an integer from 0 to 2**64 - 1, got 1180591620717411303424"),
-    ("seed", -1, "'seed' must be an integer from 0 to 2**64 - 1, got -1"),
-    ("seed", 2**64, "'seed' must be an integer from 0 to 2**64 - 1, got 18446744073709551616"),
-    ("seed", 1.5, "'seed' must be an integer from 0 to 2**64 - 1, got 1.5"),
-    ("temperature", float("nan"), "'temperature' must be a number from 0 to 2, got nan"),
-    ("temperature", float("inf"), "'temperature' must be a number from 0 to 2, got inf"),
-    ("temperature", 10**400, "'temperature' must be a number from 0 to 2, got an integer of 1329 bits"),
-    ("top_p", float("nan"), "'top_p' must be a number in (0, 1], got nan"),
-    ("top_p", "high", "'top_p' must be a number in (0, 1], got 'high'"),
-    ("max_tokens", 2**40, "'max_tokens' must be an integer from 1 to 2147483647, got 1099511627776"),
-    ("max_tokens", 0, "'max_tokens' must be an integer from 1 to 2147483647, got 0"),
-    ("stop", ["s"] * 17, "'stop' must be a string or a list of at most 16 non-empty strings of at most 256 characters"),
-    ("stop", "s" * 257, "'stop' must be a string or a list of at most 16 non-empty strings of at most 256 characters"),
-    ("stop_token_ids", [2**40], "'stop_token_ids' must be a list of token ids (integers >= 0)"),
-    ("stop_token_ids", [-1], "'stop_token_ids' must be a list of token ids (integers >= 0)"),
-    ("prompt", [-1, 2], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
-    ("prompt", [2**70], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
-    ("prompt", [], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
-    ("prompt", "\ud800", "'prompt' is not valid Unicode text (it holds a lone surrogate escape)"),
-    ("model", "x" * 600, "'model' is longer than 512 characters"),
-    ("model", "acme/\udfff", "'model' is not valid Unicode text, got 'acme/\\udfff'"),
-    ("stream", "yes", "'stream' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("seed", 2**70, "'seed' must be an integer from 0 to 2**64 - 1, got 1180591620717411303424"),
+        ("seed", -1, "'seed' must be an integer from 0 to 2**64 - 1, got -1"),
+        ("seed", 2**64, "'seed' must be an integer from 0 to 2**64 - 1, got 18446744073709551616"),
+        ("seed", 1.5, "'seed' must be an integer from 0 to 2**64 - 1, got 1.5"),
+        ("temperature", float("nan"), "'temperature' must be a number from 0 to 2, got nan"),
+        ("temperature", float("inf"), "'temperature' must be a number from 0 to 2, got inf"),
+        ("temperature", 10**400, "'temperature' must be a number from 0 to 2, got an integer of 1329 bits"),
+        ("top_p", float("nan"), "'top_p' must be a number in (0, 1], got nan"),
+        ("top_p", "high", "'top_p' must be a number in (0, 1], got 'high'"),
+        ("max_tokens", 2**40, "'max_tokens' must be an integer from 1 to 2147483647, got 1099511627776"),
+        ("max_tokens", 0, "'max_tokens' must be an integer from 1 to 2147483647, got 0"),
+        ("stop", ["s"] * 17, "'stop' must be a string or a list of at most 16 non-empty strings of at most 256 characters"),
+        ("stop", "s" * 257, "'stop' must be a string or a list of at most 16 non-empty strings of at most 256 characters"),
+        ("stop_token_ids", [2**40], "'stop_token_ids' must be a list of token ids (integers >= 0)"),
+        ("stop_token_ids", [-1], "'stop_token_ids' must be a list of token ids (integers >= 0)"),
+        ("prompt", [-1, 2], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
+        ("prompt", [2**70], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
+        ("prompt", [], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
+        ("prompt", "\ud800", "'prompt' is not valid Unicode text (it holds a lone surrogate escape)"),
+        ("model", "x" * 600, "'model' is longer than 512 characters"),
+        ("model", "acme/\udfff", "'model' is not valid Unicode text, got 'acme/\\udfff'"),
+        ("stream", "yes", "'stream' must be true or false"),
+    ],
+)
 def test_every_sampling_field_is_checked_for_type_and_range(field, value, message):
     body = {"model": "m", "prompt": "x", field: value}
     with pytest.raises(InvalidRequest) as info:
@@ -199,19 +240,31 @@ def test_bad_values_are_quoted_short_and_never_recursed_into():
         " 'top_p' must be a number in (0, 1], got 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy'... (100000 characters)"
     )
     with pytest.raises(InvalidRequest) as info:  # a list as a role used to be an unhashable-type 500
-        parse_request({"model": "m", "messages": [{"role": ["user"], "content": "x"}, {"role": "user",
-                       "content": "\udc80"}]}, chat=True)
-    assert str(info.value) == ("messages[0].role must be one of ['assistant', 'system', 'user'], got a list of 1;"
-                               " messages[1].content is not valid Unicode text (it holds a lone surrogate escape)")
-    parsed = parse_request({"model": "m", "prompt": [0, 2**31 - 1], "seed": 2**64 - 1, "temperature": 2,
-                            "top_p": 1e-9, "stop": ["s" * 256] * 16}, chat=False)
+        parse_request(
+            {"model": "m", "messages": [{"role": ["user"], "content": "x"}, {"role": "user", "content": "\udc80"}]}, chat=True
+        )
+    assert str(info.value) == (
+        "messages[0].role must be one of ['assistant', 'system', 'user'], got a list of 1;"
+        " messages[1].content is not valid Unicode text (it holds a lone surrogate escape)"
+    )
+    parsed = parse_request(
+        {"model": "m", "prompt": [0, 2**31 - 1], "seed": 2**64 - 1, "temperature": 2, "top_p": 1e-9, "stop": ["s" * 256] * 16},
+        chat=False,
+    )
     assert parsed.input_ids == [0, 2**31 - 1] and parsed.seed == 2**64 - 1 and len(parsed.stop) == 16
 
 
 def test_error_bodies_have_the_openai_shape():
     body = error_body(RateLimited("slow down", retry_after=3), 429)
-    assert body == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                              "code": "rate_limited", "tunehub_error": "RateLimited"}}
+    assert body == {
+        "error": {
+            "message": "slow down",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limited",
+            "tunehub_error": "RateLimited",
+        }
+    }
     assert error_body(ServerError("boom"), 503)["error"]["type"] == "server_error"
 
 
@@ -234,8 +287,16 @@ def test_shutdown_clock_is_shared_with_forked_processes():
 
 def test_bad_chat_requests_list_every_problem():
     with pytest.raises(InvalidRequest) as info:
-        parse_request({"model": "m", "messages": [{"role": "tool", "content": "x"}, {"role": "user"}],
-                       "tools": [{"type": "function"}], "n": 2, "temperature": 3}, chat=True)
+        parse_request(
+            {
+                "model": "m",
+                "messages": [{"role": "tool", "content": "x"}, {"role": "user"}],
+                "tools": [{"type": "function"}],
+                "n": 2,
+                "temperature": 3,
+            },
+            chat=True,
+        )
     text = str(info.value)
     for needle in ("messages[0].role", "messages[1].content", "'tools'", "'n' must be 1", "temperature"):
         assert needle in text
@@ -295,7 +356,8 @@ def test_an_unexpected_failure_is_one_log_line_with_the_request_id(caplog):
         except RecursionError as exc:
             error = TunehubSpec._unexpected(call, exc)
     assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
-        ("ERROR", "request abc123 (completions): unexpected RecursionError: maximum recursion depth exceeded", None)]
+        ("ERROR", "request abc123 (completions): unexpected RecursionError: maximum recursion depth exceeded", None)
+    ]
     assert isinstance(error, ServerError) and str(error) == "internal error (RecursionError); request id abc123"
 
 
@@ -357,10 +419,16 @@ def _fake_server(request: httpx.Request) -> httpx.Response:
             chunks = chunks[:1] + [error_body(ServerError("engine fault"), 500)]
         text = "".join(sse_event(c) for c in chunks) + "data: [DONE]\n\n"
         return httpx.Response(200, headers={**headers, "content-type": "text/event-stream"}, text=text)
-    return httpx.Response(200, headers=headers, json={
-        "model": "acme/sum@3", "choices": [{"index": 0, "text": "hello", "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}, "tunehub": extra,
-    })
+    return httpx.Response(
+        200,
+        headers=headers,
+        json={
+            "model": "acme/sum@3",
+            "choices": [{"index": 0, "text": "hello", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+            "tunehub": extra,
+        },
+    )
 
 
 def test_sdk_client_parses_answers_and_streams():
@@ -369,7 +437,12 @@ def test_sdk_client_parses_answers_and_streams():
     client = Client("http://fake", "good", transport=httpx.MockTransport(_fake_server))
     out = client.complete("acme/sum@prod", "hi", max_tokens=3)
     assert (out.text, out.model, out.module, out.completion_tokens, out.finish_reason) == (
-        "hello", "acme/sum@3", "acme/sum@3", 1, "stop")
+        "hello",
+        "acme/sum@3",
+        "acme/sum@3",
+        1,
+        "stop",
+    )
     with client.stream_complete("acme/sum@prod", "hi") as stream:
         assert stream.module == "acme/sum@3" and stream.base_fingerprint == "f" * 12
         assert [c.text for c in stream] == ["hel", "lo", ""]
@@ -378,10 +451,17 @@ def test_sdk_client_parses_answers_and_streams():
         list(client.stream_complete("dies", "hi"))
 
 
-@pytest.mark.parametrize("model, error", [
-    ("limited", RateLimited), ("bad ref", InvalidReference), ("big", PayloadTooLarge), ("missing", ModuleNotFound),
-    ("boom", ServerError), ("admin-only", Forbidden),
-])
+@pytest.mark.parametrize(
+    "model, error",
+    [
+        ("limited", RateLimited),
+        ("bad ref", InvalidReference),
+        ("big", PayloadTooLarge),
+        ("missing", ModuleNotFound),
+        ("boom", ServerError),
+        ("admin-only", Forbidden),
+    ],
+)
 def test_sdk_maps_http_errors_to_typed_errors(model, error):
     from tunehub.sdk import Client
 

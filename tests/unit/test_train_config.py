@@ -55,10 +55,13 @@ def test_qlora_defaults_resolve_into_the_recorded_config(fake_base):
     qlora = validate_run_config(_raw(fake_base, base={"path": str(fake_base), "quantization": "nf4"})).resolved()
     assert qlora["training"]["gradient_checkpointing"] is True and qlora["training"]["cpu_allocator"] == "lean"
     assert qlora["base"]["compute_dtype"] == "auto"
-    chosen = validate_run_config(_raw(
-        fake_base, base={"path": str(fake_base), "quantization": "nf4"},
-        training={"gradient_checkpointing": False, "cpu_allocator": "default"},
-    )).resolved()
+    chosen = validate_run_config(
+        _raw(
+            fake_base,
+            base={"path": str(fake_base), "quantization": "nf4"},
+            training={"gradient_checkpointing": False, "cpu_allocator": "default"},
+        )
+    ).resolved()
     assert chosen["training"]["gradient_checkpointing"] is False and chosen["training"]["cpu_allocator"] == "default"
 
 
@@ -73,8 +76,13 @@ def test_every_problem_is_reported_at_once(fake_base):
     with pytest.raises(ConfigError) as info:
         validate_run_config(raw)
     text = str(info.value)
-    for fragment in ("method.r", "method.colour: unknown key", "training.max_steps", "training.bogus: unknown key",
-                     "extra_section: unknown key"):
+    for fragment in (
+        "method.r",
+        "method.colour: unknown key",
+        "training.max_steps",
+        "training.bogus: unknown key",
+        "extra_section: unknown key",
+    ):
         assert fragment in text, fragment
     assert len(info.value.problems) >= 5
 
@@ -88,8 +96,10 @@ def test_invalid_combinations(fake_base, fake_bert):
         (_raw(fake_base, data={"train": "/nope/data.jsonl"}), "data.train: /nope/data.jsonl does not exist"),
         (_raw(fake_base, training={"optimizer": "paged_adamw_8bit"}), "paged optimizers"),
         (_raw(fake_base, method={"name": "adalora", "init_r": 4, "target_r": 8}), "must not exceed init_r"),
-        (_raw(fake_base, method={"name": "adalora", "tinit": 5, "tfinal": 5}, training={"max_steps": 10}),
-         "must be below training.max_steps"),
+        (
+            _raw(fake_base, method={"name": "adalora", "tinit": 5, "tfinal": 5}, training={"max_steps": 10}),
+            "must be below training.max_steps",
+        ),
         (_raw(fake_base, method={"name": "nope"}), "is not a method"),
         (_raw(fake_base / "missing"), "does not exist"),
         (_raw(fake_base.parent), "not a model folder"),
@@ -149,4 +159,6 @@ def test_method_registry_checks():
         register_method(Method(name="Bad", kind=ModuleKind.LORA, config_cls=Bad, build_peft_config=lambda c, x: None))
     lora = get_method("lora")
     with pytest.raises(ValueError, match="registered twice"):
-        register_method(Method(name="lora", kind=ModuleKind.LORA, config_cls=lora.config_cls, build_peft_config=lambda c, x: None))
+        register_method(
+            Method(name="lora", kind=ModuleKind.LORA, config_cls=lora.config_cls, build_peft_config=lambda c, x: None)
+        )

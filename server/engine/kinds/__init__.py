@@ -160,4 +160,14 @@ def refusal(kind: ModuleKind, name: str) -> str:
     return f"{message}; {instead}" if instead else message
 
 
-__all__ = ["NOT_SERVABLE", "ServedKind", "carries_tokenizer", "discover", "groups", "refusal", "register_kind", "served_kind", "unregister_kind"]
+__all__ = [
+    "NOT_SERVABLE",
+    "ServedKind",
+    "carries_tokenizer",
+    "discover",
+    "groups",
+    "refusal",
+    "register_kind",
+    "served_kind",
+    "unregister_kind",
+]

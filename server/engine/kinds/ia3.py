@@ -75,11 +75,15 @@ class IA3(ServedKind):
             is_ff = tensor.shape[0] == 1 or _matches(feedforward, layer)
             if is_ff:
                 if vector.numel() != target.in_features:
-                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer takes {target.in_features}")
+                    raise IncompatibleBase(
+                        f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer takes {target.in_features}"
+                    )
                 loaded.layers[layer] = IA3Delta(in_scale=vector.contiguous())
             else:
                 if vector.numel() != target.out_features:
-                    raise IncompatibleBase(f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer gives {target.out_features}")
+                    raise IncompatibleBase(
+                        f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer gives {target.out_features}"
+                    )
                 loaded.layers[layer] = IA3Delta(out_scale=vector.contiguous())
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> IA3Part | None:

@@ -126,7 +126,9 @@ class LowRank(ServedKind):
             b = tensors["lora_B"].float()
             rank = int(a.shape[0])
             if rank > materializer.max_rank:
-                raise UnsupportedModule(f"{name}: rank {rank} at {layer} is above this server's maximum of {materializer.max_rank}")
+                raise UnsupportedModule(
+                    f"{name}: rank {rank} at {layer} is above this server's maximum of {materializer.max_rank}"
+                )
             if a.shape[1] != target.in_features or b.shape[0] != target.out_features or b.shape[1] != rank:
                 raise IncompatibleBase(
                     f"{name}: {layer} has shapes {tuple(a.shape)}/{tuple(b.shape)}, the base layer is"
@@ -181,9 +183,9 @@ class LowRank(ServedKind):
                     b[i, : d.rank, :] = d.lora_b.t()
             lora_a = a.to(device=device, dtype=dtype)
             lora_b = b.to(device=device, dtype=dtype)
-        row_scale = torch.tensor(
-            [d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device
-        ).view(batch, 1, 1)
+        row_scale = torch.tensor([d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device).view(
+            batch, 1, 1
+        )
         dora_gain = stacked_row_vectors(deltas, "dora_gain", layer.out_features, device, dtype)
         return LowRankPart(lora_a, lora_b, row_scale, dora_gain)
 

@@ -42,7 +42,9 @@ class Prefix(ServedKind):
         kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if heads != kv_heads or token_dim != heads * head_dim:
-            raise IncompatibleBase(f"{name}: prefix heads {heads} x {token_dim // heads} do not match the base's {kv_heads} x {head_dim}")
+            raise IncompatibleBase(
+                f"{name}: prefix heads {heads} x {token_dim // heads} do not match the base's {kv_heads} x {head_dim}"
+            )
         # PEFT's layout: (n, layers * 2 * heads * head_dim) -> per layer (keys, values) of (heads, n, head_dim)
         split = prompt.float().view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
         loaded.data = [(split[2 * i].contiguous(), split[2 * i + 1].contiguous()) for i in range(layers)]
