@@ -275,7 +275,7 @@ def train(
 
     run_config = load_run_config(config, overrides)
     if check:
-        typer.echo(f"{config}: valid ({run_config.method['name']} / {run_config.objective.name})")
+        typer.echo(f"{config}: valid ({run_config.method.name} / {run_config.objective.name})")
         return
     from tunehub.trainer.run import train as run_training
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator
 
 from tunehub.errors import ConfigError
 from tunehub.registry.refs import ModuleRef
+from tunehub.trainer.methods import MethodConfig, get_method, method_config_classes, method_names
 
 
 class _Section(BaseModel):
@@ -105,8 +106,13 @@ class OutputConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run. Build it with :func:`validate_run_config` or :func:`load_run_config`: they
+    validate ``method`` as the discriminated union (on ``name``) of every registered method's
+    config, so ``config.method`` is that method's typed config (``LoraMethodConfig``, ...)."""
+
     base: BaseModelConfig
-    method: dict[str, Any] = Field(description="name: lora|dora|adalora|..., plus the method's parameters")
+    # SerializeAsAny: dumps carry the concrete method's fields, not only MethodConfig's `name`
+    method: SerializeAsAny[MethodConfig] = Field(description="name: lora|dora|adalora|..., plus the method's parameters")
     objective: ObjectiveConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -114,24 +120,47 @@ class RunConfig(_Section):
 
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in (method included), JSON-safe."""
-        data = json.loads(self.model_dump_json())
-        data["method"] = json.loads(self.method_config().model_dump_json())
-        return data
-
-    def method_config(self) -> BaseModel:
-        from tunehub.trainer.methods import get_method
-
-        return get_method(self.method["name"]).config_cls.model_validate(self.method)
+        return json.loads(self.model_dump_json())
 
 
-def _format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+_RUN_CONFIG_CLASSES: dict[tuple[type[MethodConfig], ...], type[RunConfig]] = {}
+
+
+def run_config_class() -> type[RunConfig]:
+    """:class:`RunConfig` with ``method`` typed as the union of the registered methods' configs,
+    told apart by ``name``. Built once per set of methods (a method registered later gets a new
+    class), so a method folder is all it takes to make a new ``method.name`` valid."""
+    classes = tuple(method_config_classes())
+    cls = _RUN_CONFIG_CLASSES.get(classes)
+    if cls is None:
+        union: Any = Annotated[Union[classes], Field(discriminator="name")]  # built at run time from the registry
+        cls = create_model(  # type: ignore[call-overload]  # pydantic's stubs do not type a dynamic field
+            "RunConfig",
+            __base__=RunConfig,
+            method=(union, Field(description="name: " + "|".join(method_names()) + ", plus the method's parameters")),
+        )
+        _RUN_CONFIG_CLASSES[classes] = cls
+    return cls
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    tags = method_names()
     problems = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        loc = list(err["loc"])
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in tags:
+            del loc[1]  # the union's branch: "method.r", as the YAML spells it
+        where = ".".join(str(p) for p in loc)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{prefix}{where}: {message}")
+        elif err["type"] == "union_tag_invalid":
+            where = "method.name"
+            message = f"{err['input'].get('name')!r} is not a method; choose one of {', '.join(tags)}"
+        elif err["type"] == "union_tag_not_found":
+            where = "method.name"
+            message = f"missing; choose one of {', '.join(tags)}"
+        problems.append(f"{where}: {message}")
     return problems
 
 
@@ -160,32 +189,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
 
 def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     """Validate a raw mapping; all problems at once, as one ConfigError."""
-    from tunehub.trainer.methods import get_method, method_names
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a mapping of sections (base, method, objective, data, training, output)")
-    problems: list[str] = []
-    config: RunConfig | None = None
     try:
-        config = RunConfig.model_validate(raw)
+        config = run_config_class().model_validate(raw)
     except ValidationError as exc:
-        problems += _format_errors(exc)
-    method_raw = raw.get("method")
-    method_cfg = None
-    if isinstance(method_raw, dict):
-        name = method_raw.get("name")
-        if name not in method_names():
-            problems.append(f"method.name: {name!r} is not a method; choose one of {', '.join(method_names())}")
-        else:
-            try:
-                method_cfg = get_method(name).config_cls.model_validate(method_raw)
-            except ValidationError as exc:
-                problems += _format_errors(exc, "method.")
-    if config is not None:
-        problems += combination_problems(config, method_cfg)
+        raise ConfigError(_format_errors(exc)) from None
+    problems = combination_problems(config)
     if problems:
         raise ConfigError(problems)
-    assert config is not None  # no problems means it validated
     quantized = config.base.quantization != "none"
     if config.training.gradient_checkpointing is None:  # resolved here, so the manifest records it
         config.training.gradient_checkpointing = quantized
@@ -194,10 +206,8 @@ def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     return config
 
 
-def combination_problems(config: RunConfig, method_cfg: BaseModel | None) -> list[str]:
+def combination_problems(config: RunConfig) -> list[str]:
     """Checks across sections, made before any model loads."""
-    from tunehub.trainer.methods import get_method
-
     problems = []
     objective = config.objective.name
     if config.data.packing and objective == "mlm":
@@ -206,13 +216,9 @@ def combination_problems(config: RunConfig, method_cfg: BaseModel | None) -> lis
         problems.append("objective.nsp/whole_word: only for the mlm objective")
     if objective != "sft" and config.objective.template:
         problems.append("objective.template: only for the sft objective")
-    if objective == "sft" and config.data.format == "auto" and config.objective.template is None:
-        pass  # the tokenizer's own template is used for chat data; checked when data is read
     if config.training.optimizer.startswith("paged") and config.base.quantization == "none":
         problems.append("training.optimizer: paged optimizers are for quantized (nf4/int8) bases; use adamw_torch")
-    if method_cfg is not None:
-        method = get_method(config.method["name"])
-        problems += [f"method: {p}" for p in method.check(method_cfg, config)]
+    problems += [f"method: {p}" for p in get_method(config.method.name).check(config.method, config)]
     for key in ("train", "eval"):
         for source in getattr(config.data, key) or []:
             if not Path(source).exists():

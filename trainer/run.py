@@ -310,8 +310,8 @@ def train(
     if resume and not _has_checkpoint(checkpoints):
         raise ConfigError(f"--resume: no checkpoint in {checkpoints}")
 
-    method = get_method(config.method["name"])
-    method_cfg = config.method_config()
+    method = get_method(config.method.name)
+    method_cfg = config.method
     base_dir = resolve_base(config)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prepared = prepare_data(config, tokenizer)

@@ -26,11 +26,22 @@ def _package_dirs() -> list[str]:
     return found
 
 
-def test_pyproject_lists_every_package():
+def test_package_discovery_finds_every_subpackage_through_the_namespace_links():
+    """A new folder with an __init__.py is packaged with no edit to pyproject.toml, and the import
+    name of each top-level folder is a real path (tunehub/<folder> links to it) that static tools
+    resolve without setuptools' import hook."""
     import tomllib
 
+    from setuptools import find_packages
+
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert set(_package_dirs()) <= set(config["packages"]), "a subpackage is missing from pyproject.toml"
+    assert "package-dir" not in config and set(config["packages"]) == {"find"}, "packages are found, not listed"
+    include = config["packages"]["find"]["include"]
+    found = set(find_packages(str(REPO), include=include))
+    assert set(_package_dirs()) | {"tunehub"} == found
+    for top in SUBPACKAGES:
+        link = REPO / "tunehub" / top
+        assert link.is_symlink() and link.resolve() == (REPO / top).resolve(), f"tunehub/{top} must link to {top}/"
 
 
 def _venv_seeing_our_dependencies(venv: Path) -> Path:

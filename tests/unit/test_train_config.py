@@ -114,7 +114,7 @@ def test_overrides_and_yaml_errors(tmp_path, fake_base):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_raw(fake_base)))
     config = load_run_config(path, ["training.max_steps=7", "method.r=16", "data.packing=true"])
-    assert (config.training.max_steps, config.method["r"], config.data.packing) == (7, 16, True)
+    assert (config.training.max_steps, config.method.r, config.data.packing) == (7, 16, True)
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_run_config(path, ["nonsense"])
     with pytest.raises(ConfigError, match="training.nope: unknown key"):
@@ -141,7 +141,7 @@ def test_example_configs_validate(example, tiny_llama_path, tiny_bert_path):
     config = load_run_config(EXAMPLES / example, [f"base.path={base}"])
     for source in config.data.train:
         assert Path(source).exists(), f"{example} names missing data {source}"
-    assert config.method["name"] in method_names()
+    assert config.method.name in method_names()
 
 
 def test_method_registry_checks():
@@ -162,3 +162,31 @@ def test_method_registry_checks():
         register_method(
             Method(name="lora", kind=ModuleKind.LORA, config_cls=lora.config_cls, build_peft_config=lambda c, x: None)
         )
+
+
+def test_run_config_method_is_the_typed_union_of_registered_methods(fake_base, monkeypatch):
+    """A method registered later is a valid `method.name` with no edit to the run config; the
+    validated `config.method` is that method's own typed config, dumped with all its fields."""
+    from typing import Literal
+
+    from tunehub.trainer import methods
+    from tunehub.trainer.methods.lora import LoraMethodConfig
+
+    config = validate_run_config(_raw(fake_base, method={"name": "lora", "r": 4}))
+    assert type(config.method) is LoraMethodConfig and config.method.r == 4
+    assert config.resolved()["method"]["rslora"] is False
+
+    with pytest.raises(ConfigError, match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, lora$"):
+        validate_run_config(_raw(fake_base, method={"name": "toy"}))
+
+    class ToyMethodConfig(MethodConfig):
+        name: Literal["toy"] = "toy"
+        width: int = 3
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registration ends with this test
+    register_method(Method(name="toy", kind=ModuleKind.LORA, config_cls=ToyMethodConfig, build_peft_config=lambda c, x: None))
+    toy = validate_run_config(_raw(fake_base, method={"name": "toy", "width": 5}))
+    assert type(toy.method) is ToyMethodConfig and toy.method.width == 5
+    assert toy.resolved()["method"] == {"name": "toy", "width": 5}
+    with pytest.raises(ConfigError, match=r"^method.width: Input should be a valid integer"):
+        validate_run_config(_raw(fake_base, method={"name": "toy", "width": "wide"}))

@@ -79,6 +79,12 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_config_classes() -> list[type[MethodConfig]]:
+    """Every registered method's config class, by method name (the run config's union)."""
+    discover()
+    return [_METHODS[name].config_cls for name in sorted(_METHODS)]
+
+
 def get_method(name: str) -> Method:
     discover()
     if name not in _METHODS:
@@ -86,4 +92,13 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-__all__ = ["BuildContext", "Method", "MethodConfig", "discover", "get_method", "method_names", "register_method"]
+__all__ = [
+    "BuildContext",
+    "Method",
+    "MethodConfig",
+    "discover",
+    "get_method",
+    "method_config_classes",
+    "method_names",
+    "register_method",
+]
