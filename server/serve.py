@@ -43,7 +43,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -357,12 +356,14 @@ def _reap() -> None:
 # --- the LitServe child -------------------------------------------------------------------------
 
 
-def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
-    """The LitServer for a checked config (one API server process, one inference worker)."""
+def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, Any]:
+    """The LitServer for a checked config (one API server process, one inference worker), and
+    its HTTP spec."""
     import litserve as ls
 
     from tunehub import __version__
     from tunehub.server.api import TunehubAPI, WorkerSettings
+    from tunehub.server.litserve_bridge import set_graceful_timeout
     from tunehub.server.spec import (
         HttpSettings,
         StopWorkersAfterDrain,
@@ -401,38 +402,28 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> Any:
         disable_openapi_url=True,
         callbacks=[StopWorkersAfterDrain(WORKER_EXIT_S)],
     )
-    server.uvicorn_graceful_timeout = config.drain_s + UVICORN_EXTRA_S
+    set_graceful_timeout(server, config.drain_s + UVICORN_EXTRA_S)
     install_error_handlers(server.app)  # 404, 405... answer the OpenAI error body too
-    return server
+    return server, spec
 
 
-def _install_shutdown_handlers(server: Any, drain_s: float) -> None:
+def _install_shutdown_handlers(server: Any, clock: Any, drain_s: float) -> None:
+    from tunehub.server.litserve_bridge import request_shutdown
+
     main_pid = os.getpid()
-    clock = server.lit_api.spec.shutdown_clock
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:  # a forked helper inherited this handler: act as the default
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        event = getattr(server, "_shutdown_event", None)
-        if event is None:  # not started yet: nothing to drain
-            raise KeyboardInterrupt
         if not clock.started:
             clock.start(drain_s)  # in-flight requests end themselves by then (spec.py)
-        # set LitServe's shutdown event from a thread: the main thread is inside a call on the
-        # same manager connection (event.wait()), which a signal handler must not reenter
-        threading.Thread(target=_set_event, args=(event,), daemon=True).start()
+        if not request_shutdown(server):  # not started yet: nothing to drain
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def _set_event(event: Any) -> None:
-    try:
-        event.set()
-    except (OSError, EOFError):  # the manager is already gone: the server is stopping anyway
-        return
 
 
 def _child_main() -> int:
@@ -441,8 +432,8 @@ def _child_main() -> int:
     configure_logging_from_env()  # TUNEHUB_LOG_LEVEL (the CLI's --verbose/--quiet), when the user chose one
     payload = json.loads(os.environ.pop("TUNEHUB_SERVE_CONFIG"))
     config = ServeConfig(**payload["config"])
-    server = build_server(config, payload["admin_key_hash"])
-    _install_shutdown_handlers(server, config.drain_s)
+    server, spec = build_server(config, payload["admin_key_hash"])
+    _install_shutdown_handlers(server, spec.shutdown_clock, config.drain_s)
     try:
         server.run(
             host=config.host,

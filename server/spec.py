@@ -33,7 +33,6 @@ import struct
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,8 +42,6 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve import Callback
-from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -61,6 +58,13 @@ from tunehub.errors import (
     Unauthorized,
 )
 from tunehub.registry.refs import parse_ref
+from tunehub.server.litserve_bridge import (
+    LitSpec,
+    WorkerCall,
+    post_to_worker,
+    spec_state_for_worker,
+    stop_inference_workers,
+)
 from tunehub.server.metrics import AuditLog, CallRecord, ServerMetrics
 from tunehub.server.protocol import (
     MAX_MODEL_LENGTH,
@@ -163,25 +167,7 @@ class StopWorkersAfterDrain(Callback):
         atexit.register(exit_without_teardown)  # registered last, so it runs first of the atexit handlers
 
     def on_server_end(self, *args: Any, litserver: Any = None, **kwargs: Any) -> None:
-        from multiprocessing.connection import wait
-
-        workers = list(getattr(litserver, "inference_workers", None) or [])
-        if not workers:
-            return
-        try:
-            for lit_api in litserver.litapi_connector:
-                if lit_api.spec is not None and lit_api.spec.request_queue is not None:
-                    for _ in workers:
-                        lit_api.spec.request_queue.put((None, None, None, None))
-        except (OSError, EOFError):  # the manager is gone already: LitServe terminates the workers
-            return
-        # a Process's sentinel is readable once it has exited; wait() needs no parenthood (the
-        # workers are LitServe main's children, this process their sibling)
-        sentinels = [worker.sentinel for worker in workers]
-        deadline = time.monotonic() + self.exit_s
-        while sentinels and time.monotonic() < deadline:
-            for ready in wait(sentinels, timeout=max(0.0, deadline - time.monotonic())):
-                sentinels.remove(ready)
+        stop_inference_workers(litserver, self.exit_s)
 
 
 def exit_without_teardown(code: int = 0) -> None:
@@ -255,39 +241,6 @@ def not_found(model: str) -> ModuleNotFound:
     return ModuleNotFound(f"model {model!r} does not exist or this API key may not use it")
 
 
-class _WorkerCall:
-    """One message to the inference worker and its stream of answers, over LitServe's queues."""
-
-    def __init__(self, spec: TunehubSpec, payload: dict[str, Any]):
-        self.uid = uuid.uuid4().hex
-        self.queue: deque = deque()
-        self.event = asyncio.Event()
-        self.buffer = spec.response_buffer
-        self.ended = False
-        self.buffer[self.uid] = ResponseBufferItem(event=self.event, response_queue=self.queue)
-        spec.request_queue.put((spec.response_queue_id, self.uid, time.monotonic(), payload))
-
-    async def next(self) -> dict[str, Any] | None:
-        """The next message, or None once the worker finished this call."""
-        if self.ended:
-            return None
-        while not self.queue:
-            self.event.clear()
-            await self.event.wait()
-        data, status = self.queue.popleft()
-        if status == LitAPIStatus.FINISH_STREAMING:
-            self.close()
-            return None
-        if status == LitAPIStatus.ERROR:
-            self.close()
-            raise ServerError("the inference worker failed on this request")
-        return json.loads(data)
-
-    def close(self) -> None:
-        self.ended = True
-        self.buffer.pop(self.uid, None)
-
-
 class TunehubSpec(LitSpec):
     def __init__(self, settings: HttpSettings):
         super().__init__()
@@ -310,17 +263,7 @@ class TunehubSpec(LitSpec):
 
     def __getstate__(self) -> dict[str, Any]:
         # LitServe pickles the spec into the inference worker, which needs none of the HTTP state
-        return {
-            "api_path": self.api_path,
-            "settings": self.settings,
-            "_endpoints": [],
-            "_server": None,
-            "_max_batch_size": 1,
-            "response_buffer": None,
-            "request_queue": None,
-            "response_queue_id": None,
-            "_ready": False,
-        }
+        return spec_state_for_worker(self, settings=self.settings, _ready=False)
 
     def setup(self, server: Any) -> None:
         """Called by LitServe in its main process before the API server forks; builds HTTP state."""
@@ -368,7 +311,7 @@ class TunehubSpec(LitSpec):
                 "stream": parsed.stream,
                 "params": parsed.sampling(max_tokens),
             }
-            worker = _WorkerCall(self, payload)
+            worker = WorkerCall(self, payload)
             try:
                 first = await self._next(worker, request)
             except BaseException as exc:
@@ -425,7 +368,7 @@ class TunehubSpec(LitSpec):
         self,
         call: CallRecord,
         admission: Admission,
-        worker: _WorkerCall,
+        worker: WorkerCall,
         first: dict[str, Any],
         parsed: ParsedRequest,
         info: dict[str, Any],
@@ -736,7 +679,7 @@ class TunehubSpec(LitSpec):
             raise InvalidRequest(f"max_tokens {parsed.max_tokens} is above this API key's limit of {limit}")
         return parsed.max_tokens
 
-    async def _next(self, worker: _WorkerCall, request: Request | None = None) -> dict[str, Any] | None:
+    async def _next(self, worker: WorkerCall, request: Request | None = None) -> dict[str, Any] | None:
         """The worker's next message. Raises _ShuttingDown once the shutdown drain is over and,
         with ``request``, _ClientGone if its client disconnects meanwhile."""
         if self.shutdown_clock.expired():
@@ -758,7 +701,7 @@ class TunehubSpec(LitSpec):
                 task.cancel()
 
     async def _worker_result(self, payload: dict[str, Any]) -> Any:
-        worker = _WorkerCall(self, payload)
+        worker = WorkerCall(self, payload)
         try:
             message = await worker.next()
         finally:
@@ -772,9 +715,7 @@ class TunehubSpec(LitSpec):
     def _cancel(self, request_id: str) -> None:
         # fire and forget: nobody waits for the answer, so no response buffer entry is needed
         try:
-            self.request_queue.put(
-                (self.response_queue_id, uuid.uuid4().hex, time.monotonic(), {"op": "cancel", "request_id": request_id})
-            )
+            post_to_worker(self, {"op": "cancel", "request_id": request_id})
         except Exception:  # noqa: BLE001 - the worker is gone (shutdown): nothing left to cancel
             log.debug("could not send cancel for %s", request_id)
 

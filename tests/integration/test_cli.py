@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,10 +86,17 @@ def test_errors_are_one_line(cli, args, message):
 def test_push_refuses_pickle_and_tampered(cli, tmp_path):
     module = make_fake_module(tmp_path / "m")
     (module / "weights.pt").write_bytes(b"\x80")
-    assert "pickle" in cli("push", module, "x", ok=False).stderr
+    # the whole message: the words "pickle" and "sha256" could also come from a temporary path
+    assert (
+        cli("push", module, "x", ok=False).stderr
+        == "error: weights.pt is a pickle-format file; tunehub accepts safetensors only\n"
+    )
     (module / "weights.pt").unlink()
     (module / "adapter_model.safetensors").write_bytes(b"tampered")
-    assert "sha256" in cli("push", module, "x", ok=False).stderr
+    assert re.fullmatch(
+        rf"error: {re.escape(str(module))}: adapter_model\.safetensors does not match its sha256 \(expected [0-9a-f]{{12}}\.\.\., got [0-9a-f]{{12}}\.\.\.\)\n",
+        cli("push", module, "x", ok=False).stderr,
+    )
 
 
 def test_usage_error_exit_code(cli):

@@ -160,7 +160,9 @@ def test_tiny_llama_chat_template(tiny_llama_path):
     assert not tokenizer.apply_chat_template(messages[:2], tokenize=False).endswith("<|assistant|>\n")
     ids = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, return_dict=False)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
-    with pytest.raises(Exception, match="roles"):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="roles"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
 
 

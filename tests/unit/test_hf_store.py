@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunehub.errors import Conflict, InvalidReference, StoreError
+from tunehub.errors import Conflict, IntegrityError, InvalidReference, StoreError
 from tunehub.registry.hf import HubStore, _check_state, prepare_environment
 from tunehub.registry.refs import is_commit_sha, parse_ref
 from tunehub.registry.store import open_store
@@ -112,5 +112,5 @@ def test_state_from_the_hub_is_validated():
     assert _check_state(good, "acme/x")["aliases"] == {"prod": 1}
     evil = {**good, "versions": {"1": {**good["versions"]["1"], "files": {"../../etc/x": "a" * 64, "manifest.json": "a" * 64}}}}
     for broken in (evil, {**good, "schema": 9}, [], {**good, "aliases": {"prod": "1"}}, {**good, "history": [{"x": 1}]}):
-        with pytest.raises(Exception, match="corrupt"):
+        with pytest.raises(IntegrityError, match="corrupt"):
             _check_state(broken, "acme/x")

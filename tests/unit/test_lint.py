@@ -1,5 +1,5 @@
-"""ruff's checks (configured in pyproject.toml) run with the tests, so the README's test command
-and CI refuse code they flag."""
+"""ruff's lint and format checks (configured in pyproject.toml) run with the tests, so the
+README's test command refuses code they flag (.ci/run also runs them, and mypy, before the tests)."""
 
 import subprocess
 import sys
@@ -11,5 +11,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_ruff_finds_nothing():
     proc = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_ruff_format_would_change_nothing():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", str(REPO)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -44,7 +44,7 @@ def test_push_refuses_versioned_ref_invalid_module_and_pickles(store, module, tm
     with pytest.raises(ManifestError):
         store.push(tmp_path, "acme/sum")  # no manifest.json
     (module / "model.bin").write_bytes(b"\x80\x04.")
-    with pytest.raises(UnsafeFile, match="pickle"):
+    with pytest.raises(UnsafeFile, match=r"^model\.bin is a pickle-format file; tunehub accepts safetensors only$"):
         store.push(module, "acme/sum")
     (module / "model.bin").unlink()
     (module / "adapter_model.safetensors").write_bytes(b"changed")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import yaml
@@ -121,7 +122,7 @@ def test_tampered_missing_and_unlisted_files(tmp_path):
 
 @pytest.mark.parametrize("name", ["adapter_model.bin", "weights.pt", "x.pth", "state.pkl", "last.ckpt"])
 def test_pickles_refused(tmp_path, name):
-    with pytest.raises(UnsafeFile, match="pickle"):
+    with pytest.raises(UnsafeFile, match=rf"^{re.escape(name)} is a pickle-format file; tunehub accepts safetensors only$"):
         make_fake_module(tmp_path / "m", extra_files={name: b"\x80\x04K\x01."})
 
 
