@@ -384,9 +384,9 @@ def _any_non_finite(chunk: bytes, width: int, mask: int) -> bool:
     try:
         import numpy
     except ImportError:  # a registry-only install: slower, same answer
-        values = array.array(_ARRAY_CODES[width], chunk)
+        words = array.array(_ARRAY_CODES[width], chunk)
         if sys.byteorder == "big" and width > 1:
-            values.byteswap()
-        return any(value & mask == mask for value in values)
+            words.byteswap()
+        return any(word & mask == mask for word in words)
     values = numpy.frombuffer(chunk, dtype=f"<u{width}")
     return bool(numpy.any((values & values.dtype.type(mask)) == mask))

@@ -35,6 +35,7 @@ endpoint that is not huggingface.co unless the environment already says otherwis
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -282,7 +283,7 @@ class HubStore(ModuleStore):
             if status in (409, 412):
                 raise Conflict(f"{what}: {where} changed concurrently ({detail}); try again") from None
             raise StoreError(f"{what}: the hub at {self.endpoint} answered {status}: {detail}") from None
-        except tuple(e for e in (local_missing, offline) if e) as exc:  # type: ignore[misc]
+        except tuple(e for e in (local_missing, offline) if e) as exc:
             raise StoreError(f"{what}: {where} is not in the local cache and the hub cannot be used ({exc})") from None
         except _network_errors() as exc:
             raise _Unreachable(f"{what}: cannot reach the hub at {self.endpoint}: {exc}") from None
@@ -736,7 +737,7 @@ class HubStore(ModuleStore):
                 found.append(info)
         return found
 
-    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> builtins.list[VersionInfo]:
         ref, repo_id = self._repo(ref)
         snap = self._read_snapshot(repo_id)
         self._require_module(ref, snap)
@@ -748,7 +749,7 @@ class HubStore(ModuleStore):
         snap = self._read_snapshot(repo_id)
         return self._require_module(ref, snap).alias_map
 
-    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> builtins.list[AliasMove]:
         ref, repo_id = self._repo(ref)
         snap = self._read_snapshot(repo_id)
         moves = self._require_module(ref, snap).history
@@ -799,7 +800,7 @@ class HubStore(ModuleStore):
         _, snap = self._update_state(ref, repo_id, change)
         return self._info(ref, version, snap)
 
-    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
         ref, repo_id = self._repo(ref)
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")

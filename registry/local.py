@@ -29,8 +29,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fcntl
+import io
 import os
 import shutil
 import uuid
@@ -38,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from tunehub.errors import (
     Conflict,
@@ -357,7 +359,7 @@ class LocalStore(ModuleStore):
         if check is not None:
             check(manifest)
 
-        def open_blob(rel: str) -> BinaryIO:
+        def open_blob(rel: str) -> io.RawIOBase:
             try:
                 return open(self._blob_path(digests[rel]), "rb", buffering=0)
             except FileNotFoundError:
@@ -417,7 +419,7 @@ class LocalStore(ModuleStore):
                 found.append(info)
         return found
 
-    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> builtins.list[VersionInfo]:
         ref = parse_ref(ref)
         module_dir, state = self._require_module(ref)
         infos = [version_info(state, self._record(module_dir, v), ref.repo) for v in sorted(state.live)]
@@ -427,7 +429,7 @@ class LocalStore(ModuleStore):
         ref = parse_ref(ref)
         return self._require_module(ref)[1].alias_map
 
-    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> builtins.list[AliasMove]:
         ref = parse_ref(ref)
         moves = self._require_module(ref)[1].history
         return [m for m in moves if alias is None or m.alias == alias]
@@ -457,7 +459,7 @@ class LocalStore(ModuleStore):
         module_dir, state = self._require_module(ref)
         return version_info(state, self._record(module_dir, version), ref.repo)
 
-    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
         ref = parse_ref(ref)
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
@@ -471,7 +473,7 @@ class LocalStore(ModuleStore):
 
         return self._change_state(ref, lambda state: registry_state.delete(state, ref.version, ref.repo, force=force), tombstone)
 
-    def gc(self) -> dict[str, list[str]]:
+    def gc(self) -> dict[str, builtins.list[str]]:
         """Remove what no live version references, and what killed writers left behind.
 
         Returns what was removed: ``blobs`` (sha256 digests), ``tmp`` (paths relative to the
@@ -498,7 +500,7 @@ class LocalStore(ModuleStore):
                 removed["tmp"] += self._remove_dead_state_writes(module_dir)
         return removed
 
-    def _remove_dead_state_writes(self, module_dir: Path) -> list[str]:
+    def _remove_dead_state_writes(self, module_dir: Path) -> builtins.list[str]:
         """Temporary files of state writes (write_json_atomic's ``.state.json.<pid>.tmp``) whose
         writer died: under the module's lock no writer is alive, so every one is dead."""
         with open(module_dir / ".lock", "a+") as lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
@@ -14,7 +15,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import yaml
 
@@ -160,7 +161,7 @@ _END_OF_FILE = object()
 def read_verified(
     manifest: Manifest,
     rels: list[str],
-    open_file: Callable[[str], BinaryIO],
+    open_file: Callable[[str], io.RawIOBase],
     where: str,
     parse: Callable[[Manifest, dict[str, memoryview]], Any] | None = None,
 ) -> tuple[dict[str, memoryview], Any]:
@@ -198,7 +199,7 @@ def read_verified(
 
 
 def _read_into_memory(
-    rel: str, open_file: Callable[[str], BinaryIO], progress: queue.SimpleQueue[tuple[str, Any]], where: str
+    rel: str, open_file: Callable[[str], io.RawIOBase], progress: queue.SimpleQueue[tuple[str, Any]], where: str
 ) -> memoryview:
     with open_file(rel) as stream:
         size = os.fstat(stream.fileno()).st_size
@@ -228,7 +229,7 @@ def _uninitialized_buffer(size: int) -> memoryview:
         import numpy
     except ImportError:  # a registry-only install without numpy
         return memoryview(bytearray(size))
-    return memoryview(numpy.empty(size, dtype=numpy.uint8)).cast("B")
+    return numpy.empty(size, dtype=numpy.uint8).data.cast("B")
 
 
 def _hash_as_read(progress: queue.SimpleQueue[tuple[str, Any]], manifest: Manifest, where: str) -> None:

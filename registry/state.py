@@ -458,9 +458,14 @@ def _parse_yanked(raw: object) -> dict[int, Yank]:
             raise _Malformed(f"yank of {key!r} names no version") from None
         if not isinstance(mark, dict):
             raise _Malformed(f"yank of version {key} is not an object")
-        fields = {name: mark.get(name) for name in ("reason", "by", "at") if mark.get(name) is not None}
-        if not all(isinstance(value, str) for value in fields.values()):
-            raise _Malformed(f"yank of version {key} is malformed")
+        fields: dict[str, str] = {}
+        for name in ("reason", "by", "at"):
+            value = mark.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise _Malformed(f"yank of version {key} is malformed")
+            fields[name] = value
         yanks[number] = Yank(**fields)
     return yanks
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import getpass
+import io
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from tunehub.errors import ConfigError, IntegrityError
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
@@ -143,7 +145,7 @@ class ModuleStore(ABC):
         except OSError as exc:
             raise IntegrityError(f"{where}: could not read the pulled module: {exc}") from None
 
-        def open_pulled(rel: str) -> BinaryIO:
+        def open_pulled(rel: str) -> io.RawIOBase:
             try:
                 return open(local.path / rel, "rb", buffering=0)
             except OSError as exc:
@@ -172,7 +174,7 @@ class ModuleStore(ABC):
         """The latest version of every module that matches the filters."""
 
     @abstractmethod
-    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+    def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> builtins.list[VersionInfo]:
         """Every live version of a module, oldest first."""
 
     @abstractmethod
@@ -180,7 +182,7 @@ class ModuleStore(ABC):
         """Alias -> version for a module."""
 
     @abstractmethod
-    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+    def alias_history(self, ref: str | ModuleRef, alias: str | None = None) -> builtins.list[AliasMove]:
         """Every recorded alias move of a module, oldest first."""
 
     @abstractmethod
@@ -196,10 +198,10 @@ class ModuleStore(ABC):
         """Hide a version from resolution; its record and files stay."""
 
     @abstractmethod
-    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
         """Delete one version (``name@N``) or every version of a module; returns the versions deleted."""
 
-    def gc(self) -> dict[str, list[str]]:
+    def gc(self) -> dict[str, builtins.list[str]]:
         """Remove stored content no version references and what killed writers left behind;
         returns what was removed by category. Stores that keep no such content refuse."""
         raise ConfigError(f"{self.uri} has nothing to collect: gc works on file:// registries")

@@ -9,6 +9,11 @@ __all__ = ["AsyncClient", "Client", "Registry"]
 
 
 def __getattr__(name: str) -> Any:
+    """The client classes, imported on first use (so ``import tunehub.sdk`` needs no httpx).
+
+    Raises:
+        AttributeError: ``name`` is none of them.
+    """
     if name in ("Client", "AsyncClient", "Completion", "CompletionStream", "AsyncCompletionStream", "Chunk"):
         from tunehub.sdk import client
 

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -398,7 +398,7 @@ def generate(
     """Ask a running `tunehub serve` for a completion; the module version that answered goes to stderr."""
     from tunehub.sdk.client import Client
 
-    options = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with Client(url, api_key) as client:
         if stream:
             printed = ""

@@ -276,7 +276,12 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 class Client:
-    """Blocking client for a ``tunehub serve`` server (OpenAI-compatible routes plus admin)."""
+    """Blocking client for a ``tunehub serve`` server (OpenAI-compatible routes plus admin).
+
+    Every call that reaches the server raises the error class the server named in its answer
+    (any class of :mod:`tunehub.errors`, e.g. :class:`~tunehub.errors.PromptTooLong`), else
+    one by HTTP status (see the module docstring); each carries ``status_code``. A server that
+    cannot be reached raises :class:`~tunehub.errors.ServerError`."""
 
     def __init__(
         self,
@@ -287,6 +292,15 @@ class Client:
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
     ):
+        """Set up the client; nothing is sent until the first call.
+
+        Args:
+            url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
+            api_key: the tenant key sent as ``Authorization: Bearer``; None sends none.
+            admin_key: the key for the admin calls (:meth:`pool`, :meth:`load`...).
+            timeout: seconds to wait on the server, per request.
+            transport: an httpx transport (tests: ``httpx.MockTransport``, or an app's).
+        """
         self.url = url.rstrip("/")
         self.admin_key = admin_key
         self._http = httpx.Client(base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport)
@@ -304,7 +318,34 @@ class Client:
         stop: str | list[str] | None = None,
         **options: Any,
     ) -> Completion:
-        """Continue ``prompt`` with module ``model`` (a reference or the base's name)."""
+        """Continue ``prompt`` with module ``model`` (a reference or the base's name).
+
+        Args:
+            model: a module reference (``acme/summarize@prod``) or the base's name.
+            prompt: the text to continue, or its token ids.
+            max_tokens: the most tokens to generate (None: the server's default).
+            temperature: 0 (greedy) or more; None: the server's default.
+            top_p: the nucleus, in (0, 1]; None: the server's default.
+            seed: makes sampling reproducible.
+            stop: a string or strings that end the answer (not included in it).
+            **options: other fields of the request body, sent as given (None values are left out).
+
+        Returns:
+            The answer, with the exact module version that produced it and token counts.
+
+        Raises:
+            InvalidRequest: ``model`` is not a non-empty string, or the server refused the
+                request (400 and other 4xx; a subclass when the server names one, e.g.
+                PromptTooLong, NonFiniteLogits, UnsupportedModule, InvalidModuleWeights).
+            Unauthorized: 401, no or an unknown API key.
+            ModuleNotFound: 404, no such module, version or alias, or one this key may not use
+                (or the subclass the server names).
+            PayloadTooLarge: 413, the request body is too large.
+            RateLimited: 429, over a limit (``retry_after`` says how long to wait).
+            ServerError: a 5xx answer, or the server cannot be reached.
+            TunehubError: any other class of :mod:`tunehub.errors` the server names
+                (e.g. IncompatibleBase, IntegrityError).
+        """
         body = _body(
             model,
             prompt=prompt,
@@ -326,7 +367,24 @@ class Client:
         stop: str | list[str] | None = None,
         **options: Any,
     ) -> Completion:
-        """Answer chat ``messages`` (a list of {role, content}, or one user message as a string)."""
+        """Answer chat ``messages`` (a list of {role, content}, or one user message as a string).
+
+        The server renders the messages with the base's chat template.
+
+        Args:
+            model: a module reference (``acme/summarize@prod``) or the base's name.
+            messages: ``[{"role": ..., "content": ...}, ...]``, or one user message as a string.
+            max_tokens, temperature, top_p, seed, stop, **options: as for :meth:`complete`.
+
+        Returns:
+            The answer, with the exact module version that produced it and token counts.
+
+        Raises:
+            InvalidRequest: as for :meth:`complete`, and also when the base has no chat template
+                or the template refuses the messages.
+            Unauthorized, ModuleNotFound, PayloadTooLarge, RateLimited, ServerError, TunehubError:
+                as for :meth:`complete`.
+        """
         body = _body(
             model,
             messages=messages,
@@ -337,47 +395,159 @@ class Client:
         return _completion(response.json(), response.headers)
 
     def stream_complete(self, model: str, prompt: str | list[int], **options: Any) -> CompletionStream:
-        """Like :meth:`complete`, streamed; the returned stream already knows ``module``."""
+        """Like :meth:`complete`, streamed; the returned stream already knows ``module``.
+
+        Args:
+            model: a module reference or the base's name.
+            prompt: the text to continue, or its token ids.
+            **options: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``... as for
+                :meth:`complete`.
+
+        Returns:
+            A stream: iterate it for :class:`Chunk` objects, then read ``completion``; use it
+            in a ``with`` block (or ``close()`` it) to stop early.
+
+        Raises:
+            InvalidRequest, Unauthorized, ModuleNotFound, PayloadTooLarge, RateLimited, ServerError,
+            TunehubError: as for :meth:`complete`, when the server refuses the request before
+                streaming. Iterating raises the error the server sends mid-stream
+                (by the class it names), and ServerError when the stream ends unfinished.
+        """
         return CompletionStream(self._stream("/v1/completions", _body(model, prompt=prompt, stream=True, options=options)))
 
     def stream_chat(self, model: str, messages: Messages | str, **options: Any) -> CompletionStream:
-        """Like :meth:`chat`, streamed."""
+        """Like :meth:`chat`, streamed.
+
+        Args:
+            model: a module reference or the base's name.
+            messages: as for :meth:`chat`.
+            **options: as for :meth:`stream_complete`.
+
+        Returns:
+            A stream, as :meth:`stream_complete` returns.
+
+        Raises:
+            InvalidRequest, Unauthorized, ModuleNotFound, PayloadTooLarge, RateLimited, ServerError,
+            TunehubError: as for :meth:`chat`, when the server refuses the request before
+                streaming; iterating raises as :meth:`stream_complete` says.
+        """
         return CompletionStream(
             self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options))
         )
 
     # --- discovery and operations --------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
-        """The modules (and base) this key may use, with version, aliases and lineage."""
+        """The modules (and base) this key may use, with version, aliases and lineage.
+
+        Returns:
+            The ``data`` list of ``/v1/models``: one dict per model (``id``, ...).
+
+        Raises:
+            Unauthorized: no or an unknown API key (when the server requires one).
+            ServerError: a 5xx answer, or the server cannot be reached.
+            TunehubError: another class the server names (e.g. StoreError: the registry failed).
+        """
         return self._request("GET", "/v1/models").json()["data"]
 
     def health(self) -> bool:
+        """Whether the server answers ``/health`` with 200; never raises (unreachable: False)."""
         try:
             return self._http.get("/health").status_code == 200
         except httpx.HTTPError:
             return False
 
     def pool(self) -> dict[str, Any]:
-        """Admin: what the module pool holds (modules, bytes, hits, pins)."""
+        """Admin: what the module pool holds (modules, bytes, hits, pins).
+
+        Returns:
+            The pool's status as the server reports it.
+
+        Raises:
+            Forbidden: the client has no ``admin_key`` (nothing is sent), or the server refuses it.
+            Unauthorized: the server does not know the key.
+            ServerError: a 5xx answer, or the server cannot be reached.
+            TunehubError: another class the server names.
+        """
         return self._request("GET", "/admin/pool", admin=True).json()
 
     def load(self, model: str) -> dict[str, Any]:
+        """Admin: load ``model`` into the pool now (a later request finds it warm).
+
+        Args:
+            model: a module reference; an alias is resolved now.
+
+        Returns:
+            The server's answer (the exact module version loaded, ...).
+
+        Raises:
+            Forbidden: the client has no ``admin_key`` (nothing is sent), or the server refuses it.
+            Unauthorized: the server does not know the key.
+            ModuleNotFound: no such module, version or alias (or the subclass the server names).
+            InvalidRequest: the server refuses the module (e.g. UnsupportedModule,
+                InvalidModuleWeights) or the request.
+            ServerError: a 5xx answer, or the server cannot be reached.
+            TunehubError: another class the server names (e.g. IncompatibleBase, IntegrityError).
+        """
         return self._request("POST", "/admin/load", {"model": model}, admin=True).json()
 
     def unload(self, model: str) -> dict[str, Any]:
+        """Admin: drop ``model`` from the pool (when a request still uses it: once released).
+
+        Args:
+            model: a module reference.
+
+        Returns:
+            The server's answer (whether the module was dropped, ...).
+
+        Raises:
+            Forbidden, Unauthorized, ModuleNotFound, InvalidRequest, ServerError, TunehubError:
+                as for :meth:`load`.
+        """
         return self._request("POST", "/admin/unload", {"model": model}, admin=True).json()
 
     def pin(self, model: str) -> dict[str, Any]:
+        """Admin: load ``model`` and keep it in the pool (never evicted until :meth:`unpin`).
+
+        Args:
+            model: a module reference; an alias is resolved now.
+
+        Returns:
+            The server's answer (the exact module version pinned, ...).
+
+        Raises:
+            Forbidden, Unauthorized, ModuleNotFound, InvalidRequest, ServerError, TunehubError:
+                as for :meth:`load`.
+        """
         return self._request("POST", "/admin/pin", {"model": model}, admin=True).json()
 
     def unpin(self, model: str) -> dict[str, Any]:
+        """Admin: let ``model`` be evicted again.
+
+        Args:
+            model: a module reference.
+
+        Returns:
+            The server's answer.
+
+        Raises:
+            Forbidden, Unauthorized, ModuleNotFound, InvalidRequest, ServerError, TunehubError:
+                as for :meth:`load` (ModuleNotFound also when the module is not loaded).
+        """
         return self._request("POST", "/admin/unpin", {"model": model}, admin=True).json()
 
     def reload(self) -> dict[str, Any]:
-        """Admin: re-resolve aliases now (a promotion takes effect for the next requests)."""
+        """Admin: re-resolve aliases now (a promotion takes effect for the next requests).
+
+        Returns:
+            The server's answer.
+
+        Raises:
+            Forbidden, Unauthorized, ServerError, TunehubError: as for :meth:`pool`.
+        """
         return self._request("POST", "/admin/reload", {}, admin=True).json()
 
     def close(self) -> None:
+        """Close the connections (also done by leaving a ``with`` block)."""
         self._http.close()
 
     def __enter__(self) -> "Client":
@@ -430,6 +600,7 @@ class AsyncClient:
         timeout: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
+        """Like :class:`Client`; ``transport`` is an httpx async transport."""
         self.url = url.rstrip("/")
         self.admin_key = admin_key
         self._http = httpx.AsyncClient(base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport)
@@ -446,6 +617,7 @@ class AsyncClient:
         stop: str | list[str] | None = None,
         **options: Any,
     ) -> Completion:
+        """The awaitable :meth:`Client.complete`: same arguments, result and errors."""
         body = _body(
             model,
             prompt=prompt,
@@ -467,6 +639,7 @@ class AsyncClient:
         stop: str | list[str] | None = None,
         **options: Any,
     ) -> Completion:
+        """The awaitable :meth:`Client.chat`: same arguments, result and errors."""
         body = _body(
             model,
             messages=messages,
@@ -477,43 +650,54 @@ class AsyncClient:
         return _completion(response.json(), response.headers)
 
     async def stream_complete(self, model: str, prompt: str | list[int], **options: Any) -> AsyncCompletionStream:
+        """The awaitable :meth:`Client.stream_complete`; the stream is iterated with ``async for``."""
         return AsyncCompletionStream(
             await self._stream("/v1/completions", _body(model, prompt=prompt, stream=True, options=options))
         )
 
     async def stream_chat(self, model: str, messages: Messages | str, **options: Any) -> AsyncCompletionStream:
+        """The awaitable :meth:`Client.stream_chat`; the stream is iterated with ``async for``."""
         return AsyncCompletionStream(
             await self._stream("/v1/chat/completions", _body(model, messages=messages, stream=True, options=options))
         )
 
     async def models(self) -> list[dict[str, Any]]:
+        """The awaitable :meth:`Client.models`: same result and errors."""
         return (await self._request("GET", "/v1/models")).json()["data"]
 
     async def health(self) -> bool:
+        """The awaitable :meth:`Client.health`; never raises."""
         try:
             return (await self._http.get("/health")).status_code == 200
         except httpx.HTTPError:
             return False
 
     async def pool(self) -> dict[str, Any]:
+        """The awaitable :meth:`Client.pool`: same result and errors."""
         return (await self._request("GET", "/admin/pool", admin=True)).json()
 
     async def reload(self) -> dict[str, Any]:
+        """The awaitable :meth:`Client.reload`: same result and errors."""
         return (await self._request("POST", "/admin/reload", {}, admin=True)).json()
 
     async def pin(self, model: str) -> dict[str, Any]:
+        """The awaitable :meth:`Client.pin`: same arguments, result and errors."""
         return (await self._request("POST", "/admin/pin", {"model": model}, admin=True)).json()
 
     async def unpin(self, model: str) -> dict[str, Any]:
+        """The awaitable :meth:`Client.unpin`: same arguments, result and errors."""
         return (await self._request("POST", "/admin/unpin", {"model": model}, admin=True)).json()
 
     async def load(self, model: str) -> dict[str, Any]:
+        """The awaitable :meth:`Client.load`: same arguments, result and errors."""
         return (await self._request("POST", "/admin/load", {"model": model}, admin=True)).json()
 
     async def unload(self, model: str) -> dict[str, Any]:
+        """The awaitable :meth:`Client.unload`: same arguments, result and errors."""
         return (await self._request("POST", "/admin/unload", {"model": model}, admin=True)).json()
 
     async def aclose(self) -> None:
+        """Close the connections (also done by leaving an ``async with`` block)."""
         await self._http.aclose()
 
     async def __aenter__(self) -> "AsyncClient":

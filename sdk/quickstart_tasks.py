@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +135,7 @@ def _sentence(rng: random.Random, heldout: bool, phrases: dict[bool, tuple[str, 
 
 
 def _labelled(
-    rng: random.Random, heldout: bool, words: dict[str, tuple[str, ...]], phrases: dict[bool, tuple[str, ...]]
+    rng: random.Random, heldout: bool, words: Mapping[str, tuple[str, ...]], phrases: dict[bool, tuple[str, ...]]
 ) -> tuple[str, str]:
     """A label, and a sentence around one of the words that decide it."""
     label = rng.choice(tuple(words))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 from tunehub.registry.manifest import Manifest, ModuleKind
@@ -23,17 +24,55 @@ class Registry:
     """
 
     def __init__(self, uri: str | None = None, **options: object):
+        """Open the store at ``uri``.
+
+        Args:
+            uri: ``file://PATH``, ``hf://NAMESPACE``, or a plain path (a ``file://`` store).
+                None: ``$TUNEHUB_REGISTRY``, else ``file://$TUNEHUB_HOME/registry``.
+            **options: passed to the store: ``cache_dir`` for ``file://``; ``endpoint``,
+                ``token``, ``cache_dir``, ``modules_dir`` for ``hf://``.
+
+        Raises:
+            ConfigError: a scheme no store is registered for, or ``hf://`` in a build without
+                huggingface_hub.
+            InvalidReference: an ``hf://`` namespace or hub endpoint that is not valid.
+        """
         self.store: ModuleStore = open_store(uri, **options)
 
     @property
     def uri(self) -> str:
+        """The store's URI (``file:///abs/path`` or ``hf://namespace``)."""
         return self.store.uri
 
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
 
     def push(self, folder: str | Path, name: str | ModuleRef) -> VersionInfo:
-        """Verify the module folder and store it as the next version of ``name``."""
+        """Verify the module folder and store it as the next version of ``name``.
+
+        Every entry must be a regular file with a name every store accepts, every file must
+        match the manifest's sha256, and every ``*.safetensors`` file must be readable with
+        finite values; nothing is stored otherwise.
+
+        Args:
+            folder: a module folder (``manifest.json`` and the files it lists).
+            name: ``[namespace/]name`` without ``@version``: the registry numbers versions.
+
+        Returns:
+            The new version (``info.ref`` is ``name@N``).
+
+        Raises:
+            InvalidReference: ``name`` does not parse (or, ``hf://``, names another namespace).
+            Conflict: ``name`` carries ``@version`` or ``@alias``; ``hf://``: the repo holds
+                files of something else, or changed too often concurrently.
+            ManifestError: ``folder`` is not a folder, or its manifest is missing or invalid
+                (:class:`~tunehub.errors.UnsupportedSchemaVersion` for an unknown schema).
+            UnsafeFile: a link, special file, pickle, or a name a store refuses.
+            IntegrityError: a file does not match its sha256, a safetensors file is unreadable
+                or holds NaN/Inf, or a file changed while it was pushed.
+            StoreError: the store could not be written (I/O; ``hf://``: offline, the hub
+                unreachable or refusing access).
+        """
         return self.store.push(folder, name)
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
@@ -41,13 +80,66 @@ class Registry:
 
         ``dest`` must be new, empty, or hold exactly an earlier pull of this module, else
         :class:`~tunehub.errors.Conflict`; ``force=True`` writes the module's files into it
-        anyway and leaves every other file alone. Nothing pull did not write is deleted."""
+        anyway and leaves every other file alone. Nothing pull did not write is deleted.
+
+        Args:
+            ref: ``[namespace/]name[@version|@alias]``; no selector means ``latest``.
+            dest: the folder to write; None: the store's own cache folder.
+            force: write into a ``dest`` that holds other files.
+
+        Returns:
+            The local module: its folder, verified manifest, ``ref`` (``name@N``) and version.
+
+        Raises:
+            InvalidReference: ``ref`` does not parse.
+            ModuleNotFound: the registry has no such module.
+            VersionNotFound: the version does not exist, was deleted or is yanked (or no
+                version is left for ``latest``).
+            AliasNotFound: the module has no such alias.
+            Conflict: ``dest`` is not a folder, or holds other files (without ``force``), or
+                a path the module needs is taken.
+            IntegrityError: a stored file or record is missing or damaged.
+            ManifestError: a stored record or manifest does not parse.
+            StoreError: ``dest`` cannot be written beside; ``hf://``: the hub cannot be
+                reached and the local cache does not hold the module.
+        """
         return self.store.pull(ref, dest, force=force)
 
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
+        """The exact version ``ref`` points to now (aliases and ``latest`` resolved).
+
+        Args:
+            ref: ``[namespace/]name[@version|@alias]``.
+
+        Returns:
+            What the registry recorded about that version.
+
+        Raises:
+            InvalidReference: ``ref`` does not parse.
+            ModuleNotFound: the registry has no such module.
+            VersionNotFound: the version does not exist, was deleted or is yanked.
+            AliasNotFound: the module has no such alias.
+            IntegrityError: the module's stored state or record is damaged.
+            ManifestError: ``file://``: a stored record is not valid JSON.
+            StoreError: ``hf://``: the hub cannot be reached and nothing is cached.
+        """
         return self.store.resolve(ref)
 
     def manifest(self, ref: str | ModuleRef) -> Manifest:
+        """The verified manifest of the version ``ref`` resolves to (no other file is read).
+
+        Args:
+            ref: ``[namespace/]name[@version|@alias]``.
+
+        Returns:
+            The manifest, checked against the sha256 the registry recorded.
+
+        Raises:
+            InvalidReference, ModuleNotFound, VersionNotFound, AliasNotFound: as :meth:`resolve`.
+            IntegrityError: the stored manifest is missing or damaged.
+            ManifestError: the stored manifest (or a record) does not parse.
+            StoreError: ``hf://``: the hub cannot be reached and nothing is cached.
+        """
         return self.store.manifest(ref)
 
     def list(
@@ -58,29 +150,160 @@ class Registry:
         task: str | None = None,
         namespace: str | None = None,
     ) -> list[VersionInfo]:
+        """The latest usable version of every module that matches all the filters given.
+
+        Args:
+            base: a base model id, or a base fingerprint (or a prefix of 8+ characters).
+            kind: a module kind (``lora``, ``ia3``...).
+            task: the task the module was trained for.
+            namespace: only modules in this namespace.
+
+        Returns:
+            One entry per module; modules whose every version is yanked or deleted are left out.
+
+        Raises:
+            IntegrityError: ``file://``: a module's stored state or record is damaged.
+            ManifestError: ``file://``: a stored record is not valid JSON.
+            StoreError: ``hf://``: offline, or the hub cannot be reached or refuses.
+        """
         return self.store.list(base=base, kind=kind, task=task, namespace=namespace)
 
-    def versions(self, name: str | ModuleRef, *, include_yanked: bool = True) -> list[VersionInfo]:
+    def versions(self, name: str | ModuleRef, *, include_yanked: bool = True) -> builtins.list[VersionInfo]:
+        """Every live (not deleted) version of a module, oldest first.
+
+        Args:
+            name: the module (a selector in it is ignored).
+            include_yanked: False leaves yanked versions out.
+
+        Returns:
+            The versions, each with its aliases and yank.
+
+        Raises:
+            InvalidReference: ``name`` does not parse.
+            ModuleNotFound: the module has no live version.
+            IntegrityError: the module's stored state or a record is damaged.
+            ManifestError: ``file://``: a stored record is not valid JSON.
+            StoreError: ``hf://``: the hub cannot be reached and nothing is cached.
+        """
         return self.store.versions(name, include_yanked=include_yanked)
 
     def aliases(self, name: str | ModuleRef) -> dict[str, int]:
+        """The module's aliases: alias -> version.
+
+        Args:
+            name: the module (a selector in it is ignored).
+
+        Raises:
+            InvalidReference, ModuleNotFound, IntegrityError, ManifestError, StoreError:
+                as :meth:`versions`.
+        """
         return self.store.aliases(name)
 
-    def alias_history(self, name: str | ModuleRef, alias: str | None = None) -> list[AliasMove]:
+    def alias_history(self, name: str | ModuleRef, alias: str | None = None) -> builtins.list[AliasMove]:
+        """Every recorded alias move of a module (promotions and rollbacks), oldest first.
+
+        Args:
+            name: the module (a selector in it is ignored).
+            alias: only the moves of this alias; None: every alias.
+
+        Raises:
+            InvalidReference, ModuleNotFound, IntegrityError, ManifestError, StoreError:
+                as :meth:`versions`.
+        """
         return self.store.alias_history(name, alias)
 
     def promote(self, ref: str | ModuleRef, alias: str) -> AliasMove:
+        """Point ``alias`` at the version ``ref`` resolves to (creating the alias if new).
+
+        Args:
+            ref: the version to point at: ``name@N``, ``name@other-alias`` or ``name`` (latest).
+            alias: the alias to move; not ``latest``, not a version number.
+
+        Returns:
+            The recorded move (from which version to which, by whom, when).
+
+        Raises:
+            InvalidReference: ``ref`` or ``alias`` is not valid (``hf://``: also an alias
+                that is a branch or commit name).
+            Conflict: ``alias`` is ``latest``; ``hf://``: the repo changed too often concurrently.
+            ModuleNotFound, VersionNotFound, AliasNotFound: as :meth:`resolve`.
+            IntegrityError: the module's stored state is damaged.
+            ManifestError: ``file://``: the stored state is not valid JSON.
+            StoreError: ``hf://``: offline, or the hub cannot be reached or refuses.
+        """
         return self.store.promote(ref, alias)
 
     def rollback(self, name: str | ModuleRef, alias: str) -> AliasMove:
+        """Point ``alias`` back at its previous target that is still live and not yanked.
+
+        Args:
+            name: the module.
+            alias: the alias to move back.
+
+        Returns:
+            The recorded move.
+
+        Raises:
+            InvalidReference: ``name`` or ``alias`` is not valid.
+            ModuleNotFound: the registry has no such module.
+            AliasNotFound: the module has no such alias.
+            Conflict: the alias has no earlier usable target; ``hf://``: the repo changed too
+                often concurrently.
+            IntegrityError, ManifestError, StoreError: as :meth:`promote`.
+        """
         return self.store.rollback(name, alias)
 
     def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+        """Hide a version from resolution: ``latest`` skips it, ``name@N`` and aliases that
+        point at it are refused. Its record and files stay.
+
+        Args:
+            ref: the exact version, ``name@N``.
+            reason: recorded with the yank and shown when the version is refused.
+
+        Returns:
+            The version, now yanked.
+
+        Raises:
+            InvalidReference: ``ref`` does not parse.
+            Conflict: ``ref`` names no exact version; ``hf://``: the repo changed too often
+                concurrently.
+            ModuleNotFound: the registry has no such module.
+            VersionNotFound: the version does not exist.
+            IntegrityError, ManifestError, StoreError: as :meth:`promote`.
+        """
         return self.store.yank(ref, reason)
 
-    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> list[int]:
+    def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
+        """Delete one version (``name@N``) or every version of a module (``name``); the numbers
+        are never handed out again.
+
+        Args:
+            ref: ``name@N`` or ``name``; not an alias.
+            force: also remove the aliases that point at what is deleted.
+
+        Returns:
+            The versions deleted, in order.
+
+        Raises:
+            InvalidReference: ``ref`` does not parse.
+            Conflict: ``ref`` names an alias, or aliases point at what would be deleted (without
+                ``force``); ``hf://``: the repo changed too often concurrently.
+            ModuleNotFound: the registry has no such module.
+            VersionNotFound: the version is not live.
+            IntegrityError, ManifestError, StoreError: as :meth:`promote`.
+        """
         return self.store.delete(ref, force=force)
 
-    def gc(self) -> dict[str, list[str]]:
-        """Remove unreferenced blobs and leftovers of killed writers (``file://`` stores)."""
+    def gc(self) -> dict[str, builtins.list[str]]:
+        """Remove unreferenced blobs and leftovers of killed writers (``file://`` stores).
+
+        Returns:
+            What was removed: ``blobs`` (sha256 digests) and ``tmp`` (paths in the store).
+
+        Raises:
+            ConfigError: the store keeps nothing to collect (``hf://``).
+            IntegrityError: ``file://``: a version record is damaged (nothing is removed then).
+            ManifestError: ``file://``: a version record is not valid JSON (nothing is removed).
+        """
         return self.store.gc()

@@ -152,8 +152,13 @@ class AuditLog:
 
     def __init__(self, path: str | Path | None = None):
         self._lock = threading.Lock()
-        self._own = path not in (None, "-")
-        self._stream: IO[str] = open(path, "a", encoding="utf-8", buffering=1) if self._own else sys.stderr  # noqa: SIM115
+        self._stream: IO[str]
+        if path is None or path == "-":
+            self._own = False
+            self._stream = sys.stderr
+        else:
+            self._own = True
+            self._stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def write(self, call: CallRecord) -> None:
         line = {

@@ -304,10 +304,11 @@ def _parse_messages(messages: Any, problems: _Problems) -> list[dict[str, str]] 
         content = message.get("content")
         if isinstance(content, list):
             texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            strings = [t for t in texts if isinstance(t, str)]
+            if len(strings) != len(content):
                 problems.add("messages", f"messages[{i}].content parts must all be text parts")
                 continue
-            content = "".join(texts)
+            content = "".join(strings)
         if not isinstance(content, str):
             problems.add("messages", f"messages[{i}].content must be a string")
             continue

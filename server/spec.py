@@ -228,7 +228,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    errors = getattr(exc, "errors", list)()
+    errors: list[dict[str, Any]] = getattr(exc, "errors", list)()
     details = "; ".join(f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5])
     return error_response(InvalidRequest(f"invalid request: {_short(details) or 'malformed'}"))
 
@@ -374,7 +374,7 @@ class TunehubSpec(LitSpec):
         info: dict[str, Any],
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        common = {
+        common: dict[str, Any] = {
             "chat": parsed.chat,
             "request_id": call.request_id,
             "created": created,

@@ -21,7 +21,7 @@ from tunehub.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers is imported lazily: listing presets must stay cheap
     from tokenizers import Tokenizer
-    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 Architecture = Literal["llama", "bert"]
 
@@ -489,9 +489,10 @@ def _train_bert_tokenizer(spec: BasePreset, corpus: list[str]) -> Tokenizer:
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = splitter
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    tokenizer.post_processor = processors.BertProcessing(
-        ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
-    )
+    sep, cls = tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("[CLS]")
+    if sep is None or cls is None:  # cannot happen: both were added as special tokens above
+        raise RuntimeError("the wordpiece tokenizer lost its [SEP] or [CLS] token")
+    tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
     return tokenizer
 
 
@@ -549,6 +550,17 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise ConfigError(f"{path} is not empty; pass overwrite=True to replace it")
 
 
+def _new_model(config: PretrainedConfig) -> PreTrainedModel:
+    """A randomly initialised model of a :func:`model_config` config (llama: causal LM, bert: masked LM)."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM(config)
+    if isinstance(config, BertConfig):
+        return BertForMaskedLM(config)
+    raise RuntimeError(f"model_config made a {type(config).__name__}, which no preset architecture uses")
+
+
 def build_base(
     path: str | Path,
     preset: str = "tiny",
@@ -569,7 +581,7 @@ def build_base(
     _check_target(path, overwrite)
 
     import torch
-    from transformers import BertForMaskedLM, GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     tokenizer = build_tokenizer(spec, seed=seed)
     if spec.architecture == "llama":
@@ -579,15 +591,13 @@ def build_base(
             "pad": tokenizer.pad_token_id,
         }
         config = model_config(spec, special_ids=ids)
-        model_cls = LlamaForCausalLM
     else:
         config = model_config(spec, special_ids={"pad": tokenizer.pad_token_id})
-        model_cls = BertForMaskedLM
 
     # fork_rng: seeding must not disturb the caller's global RNG state
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls(config)  # always initialised in float32, cast after: dtypes share weights
+        model = _new_model(config)  # always initialised in float32, cast after: dtypes share weights
     model.eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))

@@ -134,7 +134,7 @@ def run_config_class() -> type[RunConfig]:
     cls = _RUN_CONFIG_CLASSES.get(classes)
     if cls is None:
         union: Any = Annotated[Union[classes], Field(discriminator="name")]  # built at run time from the registry
-        cls = create_model(  # type: ignore[call-overload]  # pydantic's stubs do not type a dynamic field
+        cls = create_model(
             "RunConfig",
             __base__=RunConfig,
             method=(union, Field(description="name: " + "|".join(method_names()) + ", plus the method's parameters")),

@@ -33,7 +33,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -853,20 +853,25 @@ def _mlm_collator_class() -> type:
     class MLMCollator(DataCollatorForLanguageModeling):
         """Pads ``offset_mapping`` (which ``tokenizer.pad`` leaves ragged) before masking."""
 
-        def torch_call(self, examples: list[dict]) -> dict[str, Any]:
-            examples = [dict(e) for e in examples]
+        def torch_call(self, examples: list[list[int] | Any | dict[str, Any]]) -> dict[str, Any]:
+            # copies of the example dicts (from mlm_examples): offset_mapping changes below
+            rows: list[Any] = []
+            for e in examples:
+                if not isinstance(e, Mapping):
+                    raise DataError("masked-LM examples must be dicts of token lists (from mlm_examples)")
+                rows.append(dict(e))
             if self.whole_word_mask:
-                if any("offset_mapping" not in e for e in examples):
+                if any("offset_mapping" not in e for e in rows):
                     raise DataError("whole-word masking needs examples with offset_mapping (from mlm_examples)")
-                length = max(len(e["input_ids"]) for e in examples)
+                length = max(len(e["input_ids"]) for e in rows)
                 if self.pad_to_multiple_of:
                     length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-                for e in examples:
+                for e in rows:
                     e["offset_mapping"] = list(e["offset_mapping"]) + [[0, 0]] * (length - len(e["offset_mapping"]))
             else:
-                for e in examples:
+                for e in rows:
                     e.pop("offset_mapping", None)
-            return super().torch_call(examples)
+            return super().torch_call(rows)
 
     return MLMCollator
 

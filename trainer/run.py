@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from tunehub.bases import resolve_base_folder
 from tunehub.devices import device_type, load_quantized, use_lean_cpu_allocator
@@ -29,6 +29,9 @@ from tunehub.quantization import bnb_config
 from tunehub.registry.manifest import Manifest
 from tunehub.registry.store import VersionInfo
 from tunehub.trainer.config import RunConfig
+
+if TYPE_CHECKING:
+    from transformers import BertForPreTraining
 
 log = logging.getLogger("tunehub.trainer")
 
@@ -56,9 +59,12 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     objective = config.objective.name
+    model_cls: type[BertForPreTraining] | type[AutoModelForMaskedLM] | type[AutoModelForCausalLM]
     if objective == "mlm":
         if config.objective.nsp:
-            from transformers import BertForPreTraining as model_cls
+            from transformers import BertForPreTraining
+
+            model_cls = BertForPreTraining
         else:
             model_cls = AutoModelForMaskedLM
     else:
@@ -144,12 +150,7 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
         eval_records = d.read_sft_records(cfg.eval, cfg.format) if cfg.eval else None
         if eval_records is None:
             train_records, eval_records = d.split_records(train_records, cfg.eval_fraction, cfg.seed)
-    else:
-        # raw text is split after it is cut into blocks: a corpus may be one long file
-        train_records = d.read_texts(cfg.train)
-        eval_records = d.read_texts(cfg.eval) if cfg.eval else []
-    num_examples = len(train_records) + len(eval_records)
-    if objective == "sft":
+        num_examples = len(train_records) + len(eval_records)
         if tokenizer.pad_token_id is None:
             raise ConfigError("the base tokenizer has no pad token; set one in its tokenizer_config.json")
         train = d.tokenize_sft(train_records, tokenizer, cfg.max_length, config.objective.template)
@@ -158,19 +159,24 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
             train = d.pack_examples(train, cfg.max_length)
             evals = d.pack_examples(evals, cfg.max_length) if evals else []
         collator = d.SFTCollator(tokenizer.pad_token_id)
-    elif objective == "clm":
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        train = d.clm_blocks(train_records, tokenizer, cfg.max_length)
-        evals = d.clm_blocks(eval_records, tokenizer, cfg.max_length) if eval_records else []
-        collator = d.SFTCollator(tokenizer.pad_token_id)
     else:
-        nsp = config.objective.nsp
-        train = d.mlm_examples(train_records, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed)
-        evals = d.mlm_examples(eval_records, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed) if eval_records else []
-        collator = d.mlm_collator(
-            tokenizer, config.objective.mlm_probability, config.objective.whole_word, seed=config.training.seed
-        )
+        # raw text is split after it is cut into blocks: a corpus may be one long file
+        train_texts = d.read_texts(cfg.train)
+        eval_texts = d.read_texts(cfg.eval) if cfg.eval else []
+        num_examples = len(train_texts) + len(eval_texts)
+        if objective == "clm":
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            train = d.clm_blocks(train_texts, tokenizer, cfg.max_length)
+            evals = d.clm_blocks(eval_texts, tokenizer, cfg.max_length) if eval_texts else []
+            collator = d.SFTCollator(tokenizer.pad_token_id)
+        else:
+            nsp = config.objective.nsp
+            train = d.mlm_examples(train_texts, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed)
+            evals = d.mlm_examples(eval_texts, tokenizer, cfg.max_length, nsp=nsp, seed=cfg.seed) if eval_texts else []
+            collator = d.mlm_collator(
+                tokenizer, config.objective.mlm_probability, config.objective.whole_word, seed=config.training.seed
+            )
     if objective != "sft" and not cfg.eval:
         train, evals = d.split_records(train, cfg.eval_fraction, cfg.seed)
     if not train:
@@ -324,7 +330,7 @@ def train(
     total_steps = tcfg.max_steps or max(1, math.ceil(steps_per_epoch * tcfg.epochs))
 
     model = load_base_model(base_dir, config)
-    task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
+    task_type: Literal["CAUSAL_LM"] | None = None if config.objective.name == "mlm" else "CAUSAL_LM"
     ctx = BuildContext(task_type=task_type, total_steps=total_steps, linear_module_names=linear_module_names(model))
     peft_config = method.build_peft_config(method_cfg, ctx)
     peft_model = _wrap(model, peft_config, ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, cast
 
 from tunehub.errors import ConfigError
 from tunehub.registry.manifest import ModuleKind
@@ -77,7 +77,8 @@ def make_lora_model(
         for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
             if isinstance(module, LoraLayer):
                 for layer in module.lora_B.values():
-                    weight = layer.weight
+                    # a Parameter: Module.__getattr__ is typed Tensor | Module
+                    weight = cast("torch.Tensor", layer.weight)
                     noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * B_INIT_STD
                     weight.copy_(noise.to(weight.dtype))
     return model.eval()
@@ -137,7 +138,8 @@ def make_peft_model(
 
     kind = ModuleKind(kind)
     task_type = task_type_for(base_path)
-    targets = target_modules or "all-linear"
+    # PEFT's configs take a str or a list
+    targets: str | list[str] = (target_modules if isinstance(target_modules, str) else list(target_modules or [])) or "all-linear"
     configs = {
         ModuleKind.LORA: lambda: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type=task_type),
         ModuleKind.DORA: lambda: LoraConfig(
@@ -154,7 +156,7 @@ def make_peft_model(
             task_type=task_type,
         ),
         ModuleKind.IA3: lambda: IA3Config(
-            target_modules=target_modules or ["k_proj", "v_proj", "down_proj"],
+            target_modules=targets if target_modules else ["k_proj", "v_proj", "down_proj"],
             feedforward_modules=["down_proj"],
             task_type=task_type,
         ),

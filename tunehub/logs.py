@@ -31,7 +31,7 @@ class _TunehubHandler(logging.StreamHandler):
     doubled). It writes to whatever ``sys.stderr`` is when a record comes: a stream swapped
     later (test capture, a CLI runner) is followed, a closed one never written to."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):  # noqa: ANN201 - StreamHandler's attribute, read at emit time
         return sys.stderr
 

@@ -69,7 +69,9 @@ def load_base(
     else:
         model = load_quantized(AutoModelForCausalLM, path, **kwargs)
     if quantization == "none":
-        model.to(device)
+        # transformers wraps Module.to with functools.wraps, whose stub types the call as unbound
+        # (the device is taken for ``self``): a stub gap, the call is Module.to(model, device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)

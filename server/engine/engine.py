@@ -41,6 +41,7 @@ from tunehub.errors import (  # the engine's errors live in tunehub.errors; impo
 )
 from tunehub.server.engine.base import LoadedBase
 from tunehub.server.engine.layers import (
+    AdaptedLinear,
     BatchState,
     build_plan,
     onednn_linear_works,
@@ -48,7 +49,7 @@ from tunehub.server.engine.layers import (
     use_onednn_linears,
 )
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
-from tunehub.server.engine.pool import ModulePool, ModuleSource
+from tunehub.server.engine.pool import FolderSource, ModulePool, ModuleSource
 
 log = logging.getLogger("tunehub.engine")
 
@@ -163,7 +164,9 @@ class TokenEvent:
 
 
 class RequestHandle:
-    """What ``Engine.submit`` returns: iterate it for tokens, or call ``result()``."""
+    """What ``Engine.submit`` returns: iterate it for tokens, or call ``result()``.
+
+    A request that fails raises its error from both (see :meth:`Engine.submit` for which)."""
 
     def __init__(self, request: GenerationRequest):
         self.request = request
@@ -176,9 +179,19 @@ class RequestHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
+        """Ask the engine to stop this request; it never raises. A request still queued fails
+        with :class:`~tunehub.errors.RequestCancelled`; a running one finishes at its next
+        token with ``finish_reason`` "cancelled" and the text generated so far."""
         self.cancelled = True
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        """The tokens as they are generated (the last event may add text without a token,
+        ``token_id`` -1); ends when the request finishes.
+
+        Raises:
+            TunehubError: the request failed (the classes :meth:`Engine.submit` lists);
+                another exception when a fault of the engine failed it.
+        """
         while True:
             kind, payload = self._events.get()
             if kind == "token":
@@ -189,6 +202,20 @@ class RequestHandle:
                 return
 
     def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the request to finish and return its result.
+
+        Args:
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            The text, token ids, finish reason ("stop", "length" or "cancelled"), the exact
+            module version that answered and token counts.
+
+        Raises:
+            TimeoutError: the request did not finish within ``timeout`` (it keeps running).
+            TunehubError: the request failed (the classes :meth:`Engine.submit` lists);
+                another exception when a fault of the engine failed it.
+        """
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
         if self._error is not None:
@@ -229,15 +256,21 @@ class _Row:
                 self.params.seed if self.params.seed is not None else int(time.time_ns() % (2**63))
             )
         self.finish_reason: str | None = None
+        self.final_text = ""  # the row's whole text so far (cut at a stop string), set per token
 
 
 class Engine:
-    """Serve many modules from one base. Thread-safe ``submit``; one background decode loop."""
+    """Serve many modules from one base. Thread-safe ``submit``; one background decode loop.
+
+    Modules come from ``source`` (a registry store) through :attr:`pool` (``engine.pool``
+    loads, pins and unloads them); each request names its own module, and requests for
+    different modules share batches. A request that fails fails alone (see the module
+    docstring); :meth:`RequestHandle.cancel` stops one."""
 
     def __init__(
         self,
         base: LoadedBase,
-        source: ModuleSource | None = None,
+        source: ModuleSource | FolderSource | None = None,
         *,
         pool_bytes: int = 1 << 30,
         max_batch: int = 16,
@@ -257,7 +290,25 @@ class Engine:
         ``cpu_linear``: "onednn" (what "auto" picks where this torch build has it) serves the
         base's fp32 linear layers on the CPU (of a 4-bit base: its LM head) through oneDNN, each
         weight reordered once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
-        torch's linear. Engines built on one loaded base share its layers: the first decides."""
+        torch's linear. Engines built on one loaded base share its layers: the first decides.
+
+        Args:
+            base: the loaded base model (:func:`~tunehub.server.engine.load_base`); its linear
+                layers are patched in place to apply each row's module.
+            source: where modules come from (a registry store: ``resolve`` and ``read``, or
+                ``resolve`` and ``pull``). None: only the base answers, and a request naming a
+                module fails with :class:`~tunehub.errors.ModuleNotFound`.
+            pool_bytes: the module pool's budget; modules not in use are evicted over it.
+            max_batch: the most requests decoded together.
+            max_rank: the largest rank of a low-rank module (LoRA, DoRA, AdaLoRA) it serves.
+            alias_ttl_s: how long an alias or ``latest`` stays resolved before it is looked up
+                again (a promotion takes effect after at most this).
+            gather_s, cpu_allocator, cpu_linear: as above.
+
+        Raises:
+            ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values, or
+                ``cpu_linear="onednn"`` where this torch build has no working oneDNN linear.
+        """
         if cpu_allocator not in ("auto", "reuse", "default"):
             raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
         if cpu_linear not in ("auto", "onednn", "default"):
@@ -272,7 +323,7 @@ class Engine:
         self.max_batch = max_batch
         # the patched layers live on the model: engines built on one loaded base share them, and
         # share the lock that keeps their forward passes (each sets the batch's plan) apart
-        shared = getattr(self.model, "_tunehub_adapted", None)
+        shared: tuple[BatchState, dict[str, AdaptedLinear], threading.Lock] | None = getattr(self.model, "_tunehub_adapted", None)
         if shared is None:
             state = BatchState()
             if cpu_linear != "default" and onednn_linear_works():
@@ -295,7 +346,7 @@ class Engine:
         )
         # ids must index the input embedding (the LM head may be padded wider)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        self._queue: queue.Queue[RequestHandle] = queue.Queue()
+        self._queue: queue.Queue[RequestHandle | None] = queue.Queue()  # None: wake the loop to stop
         self._rows: list[_Row] = []
         self._cache: Any = None  # the running batch's key/value cache (growing layers)
         self._mask: torch.Tensor | None = None
@@ -309,7 +360,27 @@ class Engine:
 
     # --- public API ----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue ``request``; its sampling parameters are checked here (InvalidRequest)."""
+        """Queue ``request``; its sampling parameters are checked here (InvalidRequest).
+
+        Everything else is checked when the engine admits the request, and a request that
+        fails then, or later, fails alone: its handle raises the error (``result()`` or
+        iterating it). It fails with InvalidRequest (no prompt, bad or empty ``input_ids``),
+        PromptTooLong, RequestCancelled (cancelled while queued), NonFiniteLogits (a sampled
+        row whose logits are not finite); for its module with InvalidReference,
+        ModuleNotFound (VersionNotFound, AliasNotFound), IncompatibleBase (trained for another
+        base or tokenizer), UnsupportedModule, InvalidModuleWeights, or what the source raises
+        reading it (IntegrityError, ManifestError, StoreError).
+
+        Args:
+            request: the prompt (text or token ids), the module reference (None: the base
+                alone) and the sampling parameters.
+
+        Returns:
+            The request's handle: iterate it for tokens, or call ``result()``.
+
+        Raises:
+            InvalidRequest: a sampling parameter is out of range (nothing is queued then).
+        """
         request.params.check(self.vocab_size)
         handle = RequestHandle(request)
         self._queue.put(handle)
@@ -317,18 +388,51 @@ class Engine:
         return handle
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` together and wait for all of them (a blocking :meth:`submit`).
+
+        Args:
+            requests: the requests; they are batched with each other and with running ones.
+
+        Returns:
+            Their results, in the order of ``requests``.
+
+        Raises:
+            InvalidRequest: a request's sampling parameters are out of range (the requests
+                before it were queued and still run).
+            TunehubError: the first failed request's error, in order (the classes
+                :meth:`submit` lists; another exception when a fault of the engine failed
+                it); the other requests still finish.
+        """
         handles = [self.submit(r) for r in requests]
         return [h.result() for h in handles]
 
     def close(self) -> None:
+        """Stop the decode loop after its current step (waits up to 10 s for it). Never raises.
+        Requests queued or running are not answered until a later :meth:`submit` starts the
+        loop again."""
         self._stop.set()
-        self._queue.put(None)  # type: ignore[arg-type]
+        self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     @torch.no_grad()
     def logits(self, rows: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
-        """Prefill logits of each row's own tokens (virtual tokens excluded), all rows in one pass."""
+        """Prefill logits of each row's own tokens (virtual tokens excluded), all rows in one pass.
+
+        Runs in the caller's thread (between decode steps of the loop), for tests and scoring.
+
+        Args:
+            rows: (token ids, module reference or None for the base) per row.
+
+        Returns:
+            Per row, float32 logits of shape (len(ids), the LM head's vocabulary).
+
+        Raises:
+            InvalidRequest: ids that are empty or not token ids of the base's vocabulary.
+            InvalidReference, ModuleNotFound, IncompatibleBase, UnsupportedModule,
+            InvalidModuleWeights, IntegrityError, ManifestError, StoreError: a row's module
+                cannot be loaded (as for :meth:`submit`).
+        """
         modules = [self.pool.acquire(ref) if ref else None for _, ref in rows]
         try:
             with self._lock:
@@ -511,8 +615,9 @@ class Engine:
         for i, ids in enumerate(prompts):
             pad = width - lengths[i]
             tokens = embed(torch.tensor(ids, device=device)).to(dtype)
-            if virtual[i]:
-                embeds[i, pad : pad + virtual[i]] = virtual_embeds[i].to(device=device, dtype=dtype)
+            row_embeds = virtual_embeds[i]
+            if row_embeds is not None and virtual[i]:
+                embeds[i, pad : pad + virtual[i]] = row_embeds.to(device=device, dtype=dtype)
             embeds[i, pad + virtual[i] :] = tokens
             # PEFT runs prefix rows with the prefix as cache, so their tokens start at position p
             positions[i, pad:] = torch.arange(prefix[i], prefix[i] + lengths[i], device=device)
@@ -553,7 +658,7 @@ class Engine:
             keys = torch.zeros(batch, kv_heads, width, head_dim, dtype=dtype, device=device)
             values = torch.zeros_like(keys)
             for i, row_prefix in enumerate(prefixes):
-                if prefix[i]:
+                if row_prefix is not None and prefix[i]:
                     k, v = row_prefix[layer]
                     keys[i, :, width - prefix[i] :] = k.to(device=device, dtype=dtype)
                     values[i, :, width - prefix[i] :] = v.to(device=device, dtype=dtype)
@@ -580,7 +685,7 @@ class Engine:
         rows = self._rows
         length = self._cache.layers[0].get_seq_length()
         try:
-            logits, self._mask = self._decode_forward(rows, self._cache, self._mask)
+            logits, self._mask = self._decode_forward(rows, self._cache, self._running_mask())
         except Exception as exc:  # re-raised unless a row explains it
             # the layers the failed step reached wrote one slot past ``length``: forget it
             for layer in self._cache.layers:
@@ -610,7 +715,7 @@ class Engine:
             index = torch.tensor(indices, device=self.base.device)
             kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _cache_tensors(self._cache)]
             try:
-                self._decode_forward(rows, _growing_cache(kv, 1), self._mask.index_select(0, index))
+                self._decode_forward(rows, _growing_cache(kv, 1), self._running_mask().index_select(0, index))
                 return []
             except Exception as exc:  # noqa: BLE001 - any failure marks the group
                 error = exc
@@ -625,15 +730,22 @@ class Engine:
             self._rows, self._mask = list(rows), mask
             self._cache = _growing_cache(kv, self._room())
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        running = self._running_mask()
+        old_len, new_len = running.shape[1], mask.shape[1]
         width = max(old_len, new_len)
-        old_kv, old_mask = _left_pad(_cache_tensors(self._cache), self._mask, width)
+        old_kv, old_mask = _left_pad(_cache_tensors(self._cache), running, width)
         new_kv, new_mask = _left_pad(kv, mask, width)
         self._mask = torch.cat([old_mask, new_mask])
         self._rows = self._rows + list(rows)
         self._cache = _growing_cache(
             [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old_kv, new_kv, strict=True)], self._room()
         )
+
+    def _running_mask(self) -> torch.Tensor:
+        """The running batch's attention mask: set whenever rows run."""
+        if self._mask is None:
+            raise RuntimeError("the engine has rows but no attention mask")
+        return self._mask
 
     def _room(self) -> int:
         """Cache slots to reserve past the current length: what the rows may still generate,
@@ -649,7 +761,7 @@ class Engine:
             self._rows, self._cache, self._mask = [], None, None
             return
         index = torch.tensor(keep, device=self.base.device)
-        mask = self._mask.index_select(0, index)
+        mask = self._running_mask().index_select(0, index)
         # drop leading columns no remaining row attends to, so the cache does not grow forever
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else 0
@@ -727,7 +839,7 @@ class Engine:
 
     def _complete(self, row: _Row) -> None:
         self._release(row)
-        text = getattr(row, "final_text", "")
+        text = row.final_text
         if len(text) > len(row.emitted_text) and text.startswith(row.emitted_text):
             rest = text[len(row.emitted_text) :]
             row.emitted_text = text

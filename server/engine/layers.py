@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from tunehub.devices import release_file_pages
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -89,7 +92,7 @@ def onednn_linear_works() -> bool:
         return False
 
 
-def use_onednn_linears(model: nn.Module) -> int:
+def use_onednn_linears(model: PreTrainedModel) -> int:
     """Replace the fp32 CPU linear layers of the decoder blocks and the LM head by
     :class:`OneDNNLinear`; returns how many were replaced. An LM head tied to the input
     embeddings stays as it is (packing it would hold the matrix twice)."""
@@ -116,8 +119,8 @@ class AdaptedLinear(nn.Module):
         self.base = base
         self.state = state
         # Linear4bit and OneDNNLinear keep the logical shape on the module, not on their weight
-        self.in_features = int(getattr(base, "in_features", 0) or base.weight.shape[1])
-        self.out_features = int(getattr(base, "out_features", 0) or base.weight.shape[0])
+        self.in_features = int(getattr(base, "in_features", 0) or _weight(base).shape[1])
+        self.out_features = int(getattr(base, "out_features", 0) or _weight(base).shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.state.layers.get(self.name)
@@ -126,9 +129,17 @@ class AdaptedLinear(nn.Module):
         for transform in plan.before:
             x = transform(x)
         y = self.base(x)
-        for transform in plan.after:
-            y = transform(self, x, y)
+        for after in plan.after:
+            y = after(self, x, y)
         return y
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight (nn.Module types its attributes as Tensor | Module)."""
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__}.weight is not a tensor")
+    return weight
 
 
 def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def parse_weights(files: dict[str, bytes | memoryview], name: str = "module") -> dict[str, Any]:
+def parse_weights(files: Mapping[str, bytes | bytearray | memoryview], name: str = "module") -> dict[str, Any]:
     """The module's tensors from the bytes of its files (no mmap: a pool that loads and evicts
     thousands of modules must not keep file mappings around)."""
     data = files.get(WEIGHTS_FILE)
@@ -176,7 +177,7 @@ def tensors_from_safetensors(data: bytes | bytearray | memoryview, where: str) -
     return tensors
 
 
-def _parse_module_weights(files: dict[str, bytes | memoryview], name: str) -> dict[str, Any]:
+def _parse_module_weights(files: Mapping[str, bytes | bytearray | memoryview], name: str) -> dict[str, Any]:
     try:
         return parse_weights(files, name)
     except IntegrityError as exc:  # a malformed module, not a damaged copy (see InvalidModuleWeights)

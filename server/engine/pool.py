@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 from tunehub.errors import ModuleNotFound
 from tunehub.registry.module import LocalModule, ModuleContent
@@ -26,13 +26,22 @@ from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule
 class ModuleSource(Protocol):
     """Where modules come from: a registry store (``resolve`` + ``read``) or anything alike.
 
-    A source without ``read`` (only ``pull``, which gives a verified folder) works too."""
+    A source without ``read`` (only ``pull``, which gives a verified folder) works too: see
+    :class:`FolderSource`."""
 
     def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
 
     def read(
         self, ref: str | ModuleRef, files: list[str] | None = None, *, check: Any = None, parse: Any = None
     ) -> ModuleContent: ...
+
+
+class FolderSource(Protocol):
+    """A source without ``read``: ``pull`` gives a verified local folder, read from there."""
+
+    def resolve(self, ref: str | ModuleRef) -> Any: ...  # -> VersionInfo-like with .repo, .version, .ref
+
+    def pull(self, ref: str) -> LocalModule: ...
 
 
 @dataclass
@@ -60,7 +69,7 @@ class PoolStats:
 class ModulePool:
     def __init__(
         self,
-        source: ModuleSource,
+        source: ModuleSource | FolderSource,
         materialize: Callable[[LocalModule | ModuleContent, str], LoadedModule],
         *,
         check: Callable[[Any, str], None] | None = None,
@@ -133,7 +142,8 @@ class ModulePool:
                 # materialised while the bytes are still being hashed, and kept only if they match
                 module = read(key, [WEIGHTS_FILE], check=self._checker(key), parse=self._materializer(key)).parsed
             else:
-                module = self.materialize(self.source.pull(key), key)
+                # a source without read pulls (FolderSource)
+                module = self.materialize(cast(FolderSource, self.source).pull(key), key)
             elapsed = time.perf_counter() - started
         except BaseException:
             with self._lock:

@@ -31,7 +31,6 @@ def test_package_discovery_finds_every_subpackage_through_the_namespace_links():
     name of each top-level folder is a real path (tunehub/<folder> links to it) that static tools
     resolve without setuptools' import hook."""
     import tomllib
-
     from setuptools import find_packages
 
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]

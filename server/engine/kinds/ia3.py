@@ -10,7 +10,7 @@ Rows of other modules get ones, so one elementwise product serves the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,22 +36,29 @@ class IA3Delta:
 
 
 class IA3Part:
-    """A batch's IA3 vectors at one layer; ``before``/``after`` are None where no row scales."""
+    """A batch's IA3 vectors at one layer; ``before``/``after`` are None where no row scales
+    (the layer then skips them)."""
+
+    before: Callable[[torch.Tensor], torch.Tensor] | None
+    after: Callable[[AdaptedLinear, torch.Tensor, torch.Tensor], torch.Tensor] | None
 
     def __init__(self, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None):
         self.in_scale = in_scale  # (B, 1, in)
         self.out_scale = out_scale  # (B, 1, out)
-        # an unused transform is None on the instance (it shadows the method): the layer skips it
-        if in_scale is None:
-            self.before = None
-        if out_scale is None:
-            self.after = None
+        self.before = None
+        self.after = None
+        if in_scale is not None:
 
-    def before(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.in_scale
+            def scale_input(x: torch.Tensor) -> torch.Tensor:
+                return x * in_scale
 
-    def after(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y * self.out_scale
+            self.before = scale_input
+        if out_scale is not None:
+
+            def scale_output(layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return y * out_scale
+
+            self.after = scale_output
 
 
 def _matches(names: set[str], layer: str) -> bool:

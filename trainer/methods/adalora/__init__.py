@@ -51,7 +51,8 @@ def build_adalora(cfg: AdaLoraMethodConfig, ctx: BuildContext) -> Any:
     return AdaLoraConfig(
         init_r=cfg.init_r,
         target_r=cfg.target_r,
-        lora_alpha=cfg.alpha,
+        # peft annotates lora_alpha as int, but only divides by it (scaling = alpha / r): a float is right
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         tinit=tinit,
