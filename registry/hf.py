@@ -29,14 +29,18 @@ checked against the recorded sha256 while it is copied into a plain folder; a da
 file is evicted so that the next pull fetches it again. With ``HF_HUB_OFFLINE=1`` reads use the
 cache and the last state seen online.
 
-Private hubs without Xet storage need ``HF_HUB_DISABLE_XET=1``; this store sets it for any
-endpoint that is not huggingface.co unless the environment already says otherwise.
+A hub that is not huggingface.co (``tunehub hub serve``, a mirror) takes uploads over classic
+LFS, not Xet, so huggingface_hub must run with ``HF_HUB_DISABLE_XET=1`` there. That is a choice
+for the whole process, made by the entry point the user runs (the CLI calls
+:func:`prepare_environment`), never by constructing a store; a push that would go through Xet to
+such a hub is refused before anything is sent, with a message that says what to set.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -51,6 +55,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from tunehub.errors import (
+    ConfigError,
     Conflict,
     IntegrityError,
     InvalidReference,
@@ -123,16 +128,21 @@ def _is_huggingface_co(endpoint: str) -> bool:
 
 
 def prepare_environment(endpoint: str) -> None:
-    """Disable Xet for hubs that are not huggingface.co (they speak classic LFS only).
+    """For entry points: make huggingface_hub upload to ``endpoint`` in the way it can take.
 
-    huggingface_hub reads ``HF_HUB_DISABLE_XET`` when it is imported and checks its constant at
-    upload time, so both are set; an explicit ``HF_HUB_DISABLE_XET`` in the environment wins."""
+    A hub that is not huggingface.co speaks classic LFS only: set ``HF_HUB_DISABLE_XET=1`` for
+    this process and those it starts, unless the environment already says either way.
+    huggingface_hub reads the variable when it is imported, so an already imported one gets its
+    constant set too."""
     if "HF_HUB_DISABLE_XET" not in os.environ and not _is_huggingface_co(endpoint):
         os.environ["HF_HUB_DISABLE_XET"] = "1"
-    from huggingface_hub import constants
-
-    if _truthy(os.environ.get("HF_HUB_DISABLE_XET")):
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and _truthy(os.environ.get("HF_HUB_DISABLE_XET")):
         constants.HF_HUB_DISABLE_XET = True
+
+
+def _xet_installed() -> bool:
+    return importlib.util.find_spec("hf_xet") is not None
 
 
 def _is_offline() -> bool:
@@ -222,13 +232,26 @@ class HubStore(ModuleStore):
         self.cache_dir = str(Path(cache_dir).expanduser()) if cache_dir else None
         host = re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(self.endpoint).netloc) or "hub"
         self.modules_dir = Path(modules_dir).expanduser() if modules_dir else tunehub_home() / "modules" / "_hf" / host
-        prepare_environment(self.endpoint)
         from huggingface_hub import HfApi
 
         self.api = HfApi(endpoint=self.endpoint, token=token)
 
     def __repr__(self) -> str:
         return f"HubStore({self.namespace!r}, endpoint={self.endpoint!r})"
+
+    def _refuse_xet_to_an_lfs_hub(self) -> None:
+        """A push to a hub that is not huggingface.co must go over LFS; with hf_xet installed,
+        huggingface_hub would try Xet unless the process disabled it (see prepare_environment)."""
+        from huggingface_hub import constants
+
+        uses_xet = _xet_installed() and not constants.HF_HUB_DISABLE_XET  # what huggingface_hub decides on
+        keeps_xet = "HF_HUB_DISABLE_XET" in os.environ and not _truthy(os.environ["HF_HUB_DISABLE_XET"])
+        if not _is_huggingface_co(self.endpoint) and uses_xet and not keeps_xet:
+            raise ConfigError(
+                f"{self.endpoint} is not huggingface.co: it takes uploads over LFS, and huggingface_hub would use Xet."
+                " Set HF_HUB_DISABLE_XET=1 before huggingface_hub is imported (the tunehub CLI does this for such endpoints),"
+                " or call tunehub.registry.hf.prepare_environment(endpoint) before pushing"
+            )
 
     # --- names and errors ----------------------------------------------------------------------
     def _repo(self, ref: str | ModuleRef) -> tuple[ModuleRef, str]:
@@ -542,6 +565,7 @@ class HubStore(ModuleStore):
         ref, repo_id = self._repo(ref)
         if ref.version is not None or ref.alias is not None:
             raise Conflict(f"push takes a name without @version: versions are assigned by the registry (got {ref})")
+        self._refuse_xet_to_an_lfs_hub()
         module = check_module_for_push(folder)  # the same checks as every store (names the Hub takes)
         manifest = module.manifest
         files = dict(manifest.files)

@@ -56,6 +56,10 @@ def _root(
         # worker, accelerate's ranks), which configure their logging from the environment
         os.environ[LOG_LEVEL_ENV] = level
     configure_logging(level)
+    from tunehub.registry.hf import DEFAULT_ENDPOINT, prepare_environment
+
+    # the CLI is where the process-wide choice of the Hub client's upload protocol is made
+    prepare_environment(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
 
 
 def _registry(uri: str | None):

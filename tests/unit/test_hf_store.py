@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunehub.errors import Conflict, IntegrityError, InvalidReference, StoreError
+from tunehub.errors import Conflict, IntegrityError, InvalidReference, ManifestError, StoreError
 from tunehub.registry.hf import HubStore, _check_state, prepare_environment
 from tunehub.registry.refs import is_commit_sha, parse_ref
 from tunehub.registry.store import open_store
@@ -15,11 +15,11 @@ DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens there; these tests never
 
 @pytest.fixture(autouse=True)
 def _restore_hub_settings(monkeypatch):
-    """HubStore switches Xet off process-wide for private hubs; undo that after each test."""
+    """prepare_environment (and the CLI) switch Xet off process-wide; undo that after each test."""
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", constants.HF_HUB_DISABLE_XET)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # as in a process started with it
 
 
 @pytest.fixture
@@ -114,3 +114,33 @@ def test_state_from_the_hub_is_validated():
     for broken in (evil, {**good, "schema": 9}, [], {**good, "aliases": {"prod": "1"}}, {**good, "history": [{"x": 1}]}):
         with pytest.raises(IntegrityError, match="corrupt"):
             _check_state(broken, "acme/x")
+
+
+def test_constructing_a_store_leaves_the_process_alone_and_a_push_over_xet_is_refused(monkeypatch, tmp_path):
+    """The Hub client's environment is the entry point's choice: a store for a private hub
+    changes nothing process-wide, and its push is refused before anything is sent when
+    huggingface_hub would use Xet there."""
+    import os
+
+    from huggingface_hub import constants
+
+    from tunehub.errors import ConfigError
+    from tunehub.registry import hf
+    from tunehub.sdk.cli import main
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setattr(hf, "_xet_installed", lambda: True)  # as where hf_xet is installed
+    store = HubStore("acme", endpoint=DEAD_ENDPOINT, cache_dir=tmp_path / "hf")
+    assert "HF_HUB_DISABLE_XET" not in os.environ and constants.HF_HUB_DISABLE_XET is False
+    with pytest.raises(ConfigError, match=r"^http://127\.0\.0\.1:9 is not huggingface\.co: it takes uploads over LFS"):
+        store.push(tmp_path / "anything", "m")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")  # the user's explicit choice to keep Xet wins
+    with pytest.raises(ManifestError):  # past the check: the folder is not a module
+        store.push(tmp_path / "anything", "m")
+
+    # the CLI is the entry point that chooses: with a private HF_ENDPOINT it switches Xet off
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setenv("HF_ENDPOINT", DEAD_ENDPOINT)
+    assert main(["ls", "--help"]) == 0
+    assert os.environ["HF_HUB_DISABLE_XET"] == "1" and constants.HF_HUB_DISABLE_XET is True
