@@ -187,17 +187,24 @@ def verify_files(folder: Path, expected: dict[str, str], *, allow_extra: bool = 
             raise IntegrityError(f"{folder}: {rel} does not match its sha256 (expected {digest[:12]}..., got {actual[:12]}...)")
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, then rename it into place."""
+def write_bytes_atomic(path: Path, data: bytes, *, staging: Path | None = None) -> None:
+    """Write ``data`` to ``staging`` (default: a hidden file beside ``path``), fsync it, then
+    rename it into place and fsync the folder: readers see the old file or the new one, and a
+    crash leaves one of them. ``staging`` must be on the same file system as ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    tmp = staging if staging is not None else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode() + b"\n")
 
 
 def fsync_dir(path: Path) -> None:

@@ -138,7 +138,7 @@ def prepare_environment(endpoint: str) -> None:
         os.environ["HF_HUB_DISABLE_XET"] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None and _truthy(os.environ.get("HF_HUB_DISABLE_XET")):
-        constants.HF_HUB_DISABLE_XET = True
+        setattr(constants, "HF_HUB_DISABLE_XET", True)  # noqa: B010 - a module found in sys.modules, untyped
 
 
 def _xet_installed() -> bool:

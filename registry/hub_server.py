@@ -6,133 +6,106 @@ It lets a team share modules from one machine with the stock client (``HfApi``,
 ``hf://`` store's tests run against. Clients must set ``HF_HUB_DISABLE_XET=1``: uploads then use
 the classic LFS batch protocol, which this server speaks; it never advertises Xet.
 
-Storage layout under the root::
-
-    objects/sha256/<aa>/<sha256>            every file's content, named by its sha256 (regular and LFS)
-    repos/models/<namespace>/<name>/
-        repo.json                           id and creation time
-        refs.json                           {"branches": {name: commit}, "tags": {name: {"commit", "message"}}}
-        commits/<aa>/<commit id>.json       immutable commit objects: parents, title, message, author,
-                                            date and the whole file table {path: {sha256, size, oid, lfs}}
-        .lock                               flock'ed while refs.json changes (one lock per repo)
-    tmp/                                    uploads and records being written; never read as content
+This module is the HTTP layer; the folder, its layout and its atomic writes are
+:mod:`tunehub.registry.hub_storage`. :class:`HubApp` is an ASGI application built on Starlette
+(its ``Request``, responses and thread pool); :class:`HubServer` runs it under uvicorn, which
+owns the connection: request framing (``Content-Length``, chunked bodies), keep-alive and the
+HTTP/1.1 parser (h11). The Hub's routes are matched here, on the raw request target, not by
+Starlette's router: a revision or a file path may hold ``%2F``, which a decoded path loses.
 
 Guarantees:
-- Writes are atomic: content, commit objects and refs are written aside in ``tmp/``, fsynced and
-  renamed into place; a commit becomes visible only when ``refs.json`` is replaced under the
-  repo's lock, after its ``parentCommit`` was checked against the branch head (412 otherwise).
-- Nothing outside the root is ever read or written: repo names, revisions and file paths are
-  validated (no ``..``, absolute paths, backslashes or NUL); revisions live in ``refs.json`` and
-  never become file names; commit ids and object names are checked hex digests.
+- Writes are atomic and nothing outside the root is ever read or written (see
+  :mod:`~tunehub.registry.hub_storage`): repo names, revisions and file paths are validated
+  before they reach the storage.
 - With a token file, every write needs ``Authorization: Bearer <token>`` (LFS upload targets carry
   a signed URL instead, as the client sends no header there); reads stay anonymous.
 - Bad input gets a clear 4xx with a JSON ``{"error": ...}`` body and, where the Hub has one, an
   ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``).
-- Malformed requests get a 400, never a 5xx: every parse of client bytes (request target, query,
-  the headers this server interprets, JSON and NDJSON bodies, forms, chunk sizes, model-card YAML)
-  goes through one of the ``parse_*`` functions below, which raise
-  :class:`~tunehub.errors.InvalidRequest`; ``_dispatch`` turns it into the 400 in one place. The
-  request line, query and headers are checked before authentication (a 400 there says nothing
-  about any repo); bodies of writes are read only after it, so an anonymous client cannot make
-  the server read and parse a large body.
+- Malformed requests get a 400, never a 5xx: every parse of client bytes that reach the
+  application (request target, query, the headers this server interprets, JSON and NDJSON
+  bodies, forms, model-card YAML) goes through one of the ``parse_*`` functions below, which
+  raise :class:`~tunehub.errors.InvalidRequest`; :meth:`_Exchange.run` turns it into the 400 in
+  one place. Requests uvicorn cannot frame (a broken request line, header or chunk size, two
+  different ``Content-Length`` values, a transfer coding other than chunked) never reach the
+  application: uvicorn answers them with its own plain-text 400 and closes that connection.
+  The request line, query and headers are checked before authentication (a 400 there says
+  nothing about any repo); bodies of writes are read only after it, so an anonymous client
+  cannot make the server read and parse a large body (an answer given with a body left unread
+  closes the connection).
+- Bodies are streamed: a body larger than ``max_body_bytes`` (or than an LFS object's announced
+  size) is refused with a 413 as soon as its declared length or the bytes received pass the
+  limit, never read whole into memory; LFS uploads go to disk chunk by chunk as they arrive, and
+  a body that stalls for two minutes is refused with a 408. Every handler, and all its blocking
+  file IO, runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
+import concurrent.futures
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote_to_bytes
 
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import uvicorn
 import yaml
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tunehub.errors import InvalidRequest
+from tunehub.registry.hub_storage import (
+    LFS_SUFFIXES,
+    LFS_THRESHOLD_BYTES,
+    SHA1_HEX,
+    SHA256_HEX,
+    Commit,
+    HubError,
+    HubStorage,
+    check_file_path,
+    check_ref_name,
+    check_repo_part,
+    git_blob_oid,
+    lfs_pointer,
+    strip_ref_prefix,
+)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 30
-#: files above this size are stored as LFS objects whatever their content (as on the Hub)
-LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
-#: extensions the Hub's default .gitattributes routes to LFS
-LFS_SUFFIXES = frozenset(
-    {
-        ".safetensors",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".h5",
-        ".onnx",
-        ".msgpack",
-        ".model",
-        ".gguf",
-        ".npy",
-        ".npz",
-        ".pkl",
-        ".pickle",
-        ".zip",
-        ".tar",
-        ".gz",
-        ".tgz",
-        ".zst",
-        ".arrow",
-        ".parquet",
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".wasm",
-        ".tflite",
-        ".ot",
-        ".joblib",
-    }
-)
-GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in sorted(LFS_SUFFIXES)).encode()
 PAGE_SIZE = 1000
 _CHUNK = 1 << 20
 _SIGNED_URL_TTL_S = 3600
-
-_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
-_SHA1 = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_MAX_PATH_LENGTH = 1024
-
-
-class HubError(Exception):
-    """An HTTP error answer: status, message and the Hub's ``X-Error-Code`` where it has one."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = headers or {}
-        self.extra = extra or {}
+#: a request body that sends nothing for this long is refused (408) and its worker thread freed
+_BODY_IDLE_TIMEOUT_S = 120
+#: idle keep-alive connections are closed after this long
+_KEEP_ALIVE_S = 120
+#: a body over the limit is still read (and dropped) up to this much past it, so that the client
+#: reads the 413 instead of a connection reset; beyond, the connection is closed at once
+_DRAIN_EXCESS = 64 * _CHUNK
+#: request line and headers together (uvicorn's h11 parser refuses more with a 400)
+_MAX_HEAD_BYTES = 64 * 1024
+#: handlers run in worker threads and may wait on a slow client's body: allow many at once
+_WORKER_THREADS = 256
+#: requests still running when the server stops get this long to finish
+_GRACEFUL_SHUTDOWN_S = 5
 
 
 def _bad(message: str) -> HubError:
@@ -143,65 +116,6 @@ def _header_safe(value: str) -> str:
     """A header value that cannot split the response: error messages quote client input (a
     revision may be ``x%0D%0ASet-Cookie:...``), so control and non-ASCII characters become '?'."""
     return re.sub(r"[^\x20-\x7e]", "?", value)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def git_blob_oid(data: bytes) -> str:
-    """The git object id of a blob: what the Hub reports (and uses as ETag) for regular files."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-# --- validation ----------------------------------------------------------------------------------
-def check_repo_part(value: str, what: str) -> str:
-    """One part of a repo id (namespace or name), safe as one path component."""
-    if not isinstance(value, str) or not _REPO_PART.fullmatch(value):
-        raise _bad(
-            f"invalid {what} {value!r}: use letters, digits, '-', '_' and '.', start with a letter or digit,"
-            " at most 96 characters"
-        )
-    if ".." in value or "--" in value or value.endswith((".", "-", ".git")):
-        raise _bad(f"invalid {what} {value!r}: '..', '--', a trailing '.' or '-' and a '.git' suffix are not allowed")
-    return value
-
-
-def check_file_path(path: Any) -> str:
-    """A path inside a repo: relative, POSIX, no empty, '.' or '..' parts, no backslash or NUL."""
-    if not isinstance(path, str) or path == "":
-        raise _bad("empty or missing file path")
-    if len(path) > _MAX_PATH_LENGTH:
-        raise _bad(f"file path is longer than {_MAX_PATH_LENGTH} characters")
-    if "\\" in path or any(ord(c) < 32 for c in path):
-        raise _bad(f"file path {path!r} contains a backslash or a control character")
-    if path.startswith("/"):
-        raise _bad(f"file path {path!r} is absolute")
-    parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise _bad(f"file path {path!r} has an empty, '.' or '..' part")
-    if parts[0] == ".git":
-        raise _bad(f"file path {path!r} is inside .git")
-    return path
-
-
-def check_ref_name(name: Any, what: str = "revision") -> str:
-    if not isinstance(name, str) or not _REF_NAME.fullmatch(name):
-        raise _bad(f"invalid {what} name {name!r}")
-    if ".." in name or "//" in name or name.endswith(("/", ".lock", ".")) or _SHA1.fullmatch(name):
-        raise _bad(f"invalid {what} name {name!r}")
-    return name
-
-
-def _strip_ref_prefix(rev: str) -> str:
-    for prefix in ("refs/heads/", "refs/tags/"):
-        if rev.startswith(prefix):
-            return rev[len(prefix) :]
-    return rev
 
 
 # --- parsing at the HTTP boundary ------------------------------------------------------------------
@@ -222,7 +136,6 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")
 _RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
 #: scheme and authority of an absolute-form target: a host name or a bracketed IPv6 address, a port
 _AUTHORITY = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?=[/?#]|$)", re.IGNORECASE)
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _MAX_QUERY_FIELDS = 100_000  # forms list every path of a paths-info request
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
@@ -307,21 +220,14 @@ def parse_content_length(values: list[str]) -> int | None:
 
 
 def parse_transfer_encoding(value: str | None) -> bool:
-    """Whether the body is chunked; any other transfer coding is refused."""
+    """Whether the body is chunked; any other transfer coding is refused. (uvicorn frames the body
+    and refuses other codings first; this is what the application reads from the header.)"""
     if value is None:
         return False
     codings = [c.strip().lower() for c in value.split(",") if c.strip()]
     if codings != ["chunked"]:
         raise InvalidRequest(f"unsupported Transfer-Encoding {value[:80]!r}: only 'chunked' is accepted")
     return True
-
-
-def parse_chunk_size(line: bytes) -> int:
-    """The size line of a chunk: hex digits, optionally followed by ``;extensions``."""
-    size = line.split(b";", 1)[0].strip(b" \t\r\n")
-    if not _CHUNK_SIZE.fullmatch(size):
-        raise InvalidRequest("malformed chunked encoding")
-    return int(size, 16)
 
 
 def parse_range(value: str) -> tuple[int | None, int | None]:
@@ -385,337 +291,7 @@ def _json_safe(value: Any, budget: list[int], depth: int = 0) -> Any:
     return str(value)  # dates, datetimes, bytes
 
 
-# --- storage ---------------------------------------------------------------------------------
-@dataclass
-class Commit:
-    id: str
-    parents: list[str]
-    title: str
-    message: str
-    author: str
-    date: str
-    files: dict[str, dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "parents": self.parents,
-            "title": self.title,
-            "message": self.message,
-            "author": self.author,
-            "date": self.date,
-            "files": self.files,
-        }
-
-
-class HubStorage:
-    """The folder behind the server; every method is safe to call from many threads."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        for sub in ("objects/sha256", "repos/models", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    # paths (every argument was validated before it gets here)
-    def repo_dir(self, namespace: str, name: str) -> Path:
-        return self.root / "repos" / "models" / check_repo_part(namespace, "namespace") / check_repo_part(name, "name")
-
-    def object_path(self, sha256: str) -> Path:
-        if not _SHA256.fullmatch(sha256):
-            raise _bad(f"invalid object id {sha256!r}")
-        return self.root / "objects" / "sha256" / sha256[:2] / sha256
-
-    def _commit_path(self, repo: Path, commit_id: str) -> Path:
-        if not _SHA1.fullmatch(commit_id):
-            raise _bad(f"invalid commit id {commit_id!r}")
-        return repo / "commits" / commit_id[:2] / f"{commit_id}.json"
-
-    def tmp_path(self, suffix: str = "") -> Path:
-        return self.root / "tmp" / f"{uuid.uuid4().hex}{suffix}"
-
-    # atomic writes
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = self.tmp_path(".part")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-    def put_object_bytes(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.object_path(digest)
-        if not target.exists():
-            self._write_atomic(target, data)
-        return digest
-
-    def stage_bytes(self, data: bytes) -> tuple[Path, str]:
-        """Write content aside in tmp/; it becomes an object only when a commit is accepted."""
-        tmp = self.tmp_path(".staged")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return tmp, hashlib.sha256(data).hexdigest()
-
-    def publish_staged(self, tmp: Path, sha256: str) -> None:
-        target = self.object_path(sha256)
-        if target.exists():
-            tmp.unlink(missing_ok=True)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-
-    def put_object_stream(self, chunks: Iterator[bytes], expected_sha256: str, expected_size: int) -> None:
-        """Stream an upload aside while hashing it; it enters the store only if it is what was announced."""
-        target = self.object_path(expected_sha256)
-        tmp = self.tmp_path(".upload")
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with open(tmp, "wb") as handle:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > expected_size:
-                        raise _bad(f"upload is larger than the announced {expected_size} bytes")
-                    digest.update(chunk)
-                    handle.write(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if size != expected_size or digest.hexdigest() != expected_sha256:
-                raise _bad("uploaded content does not match its oid and size")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def object_size(self, sha256: str) -> int | None:
-        try:
-            return self.object_path(sha256).stat().st_size
-        except FileNotFoundError:
-            return None
-
-    # repos
-    def repo_exists(self, namespace: str, name: str) -> bool:
-        return (self.repo_dir(namespace, name) / "refs.json").is_file()
-
-    def require_repo(self, namespace: str, name: str) -> Path:
-        repo = self.repo_dir(namespace, name)
-        if not (repo / "refs.json").is_file():
-            raise HubError(404, f"Repository {namespace}/{name} not found", "RepoNotFound")
-        return repo
-
-    def create_repo(self, namespace: str, name: str, author: str) -> None:
-        target = self.repo_dir(namespace, name)
-        if (target / "refs.json").is_file():
-            raise HubError(409, f"You already created this model repo: {namespace}/{name}")
-        staging = self.tmp_path(".repo")
-        staging.mkdir()
-        try:
-            attributes = self.put_object_bytes(GITATTRIBUTES)
-            initial = self._make_commit(
-                staging,
-                parents=[],
-                title="initial commit",
-                message="",
-                author=author,
-                files={
-                    ".gitattributes": {
-                        "sha256": attributes,
-                        "size": len(GITATTRIBUTES),
-                        "oid": git_blob_oid(GITATTRIBUTES),
-                        "lfs": False,
-                    }
-                },
-            )
-            meta = {"id": f"{namespace}/{name}", "created_at": _now()}
-            self._write_atomic(staging / "repo.json", _dumps(meta))
-            self._write_atomic(staging / "refs.json", _dumps({"branches": {"main": initial.id}, "tags": {}}))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(staging, target)  # atomic; fails when another create won
-            except OSError:
-                raise HubError(409, f"You already created this model repo: {namespace}/{name}") from None
-            _fsync_dir(target.parent)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-
-    def delete_repo(self, namespace: str, name: str) -> None:
-        repo = self.require_repo(namespace, name)
-        with self.locked(repo):
-            trash = self.tmp_path(".deleted")
-            os.rename(repo, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def iter_repos(self) -> Iterator[tuple[str, str]]:
-        base = self.root / "repos" / "models"
-        for namespace in sorted(os.listdir(base)):
-            ns_dir = base / namespace
-            if not ns_dir.is_dir() or not _REPO_PART.fullmatch(namespace):
-                continue
-            for name in sorted(os.listdir(ns_dir)):
-                if (ns_dir / name / "refs.json").is_file():
-                    yield namespace, name
-
-    def repo_meta(self, repo: Path) -> dict[str, Any]:
-        return _loads(repo / "repo.json")
-
-    @contextmanager
-    def locked(self, repo: Path) -> Iterator[None]:
-        # flock on separately opened files also excludes other threads of this process
-        with open(repo / ".lock", "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-    # refs and commits
-    def refs(self, repo: Path) -> dict[str, Any]:
-        refs = _loads(repo / "refs.json")
-        refs.setdefault("branches", {})
-        refs.setdefault("tags", {})
-        return refs
-
-    def write_refs(self, repo: Path, refs: dict[str, Any]) -> None:
-        self._write_atomic(repo / "refs.json", _dumps(refs))
-
-    def commit(self, repo: Path, commit_id: str) -> Commit:
-        try:
-            data = _loads(self._commit_path(repo, commit_id))
-        except FileNotFoundError:
-            raise HubError(404, f"Invalid rev id: {commit_id}", "RevisionNotFound") from None
-        return Commit(**data)
-
-    def has_commit(self, repo: Path, commit_id: str) -> bool:
-        return self._commit_path(repo, commit_id).is_file()
-
-    def resolve(self, repo: Path, rev: str) -> tuple[Commit, str | None]:
-        """(commit, branch name or None) for a branch, tag or commit id."""
-        refs = self.refs(repo)
-        name = _strip_ref_prefix(rev)
-        if name in refs["branches"]:
-            return self.commit(repo, refs["branches"][name]), name
-        if name in refs["tags"]:
-            return self.commit(repo, refs["tags"][name]["commit"]), None
-        if _SHA1.fullmatch(rev) and self.has_commit(repo, rev):
-            return self.commit(repo, rev), None
-        raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-
-    def _make_commit(
-        self,
-        repo: Path,
-        *,
-        parents: list[str],
-        title: str,
-        message: str,
-        author: str,
-        files: dict[str, dict[str, Any]],
-    ) -> Commit:
-        body = {"parents": parents, "title": title, "message": message, "author": author, "date": _now(), "files": files}
-        # content-addressed like git: the id is the sha1 of the canonical record (plus a nonce)
-        body["nonce"] = secrets.token_hex(8)
-        commit_id = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        del body["nonce"]
-        commit = Commit(id=commit_id, **body)
-        self._write_atomic(self._commit_path(repo, commit_id), _dumps(commit.to_dict()))
-        return commit
-
-    def apply_commit(
-        self,
-        repo: Path,
-        branch: str,
-        *,
-        parent: str | None,
-        title: str,
-        message: str,
-        author: str,
-        operations: list[tuple[str, str, dict[str, Any] | None]],
-    ) -> Commit:
-        """Apply (op, path, entry) operations on the head of ``branch`` and move it, atomically."""
-        with self.locked(repo):
-            refs = self.refs(repo)
-            if branch not in refs["branches"]:
-                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            head = refs["branches"][branch]
-            if parent is not None and parent != head:
-                raise HubError(
-                    412,
-                    f"A commit has happened since {parent[:12]} (the head of {branch} is {head[:12]}): refresh and try again",
-                )
-            files = dict(self.commit(repo, head).files)
-            for op, path, entry in operations:
-                if op == "add":
-                    entry = dict(entry)  # type: ignore[arg-type]
-                    staged = entry.pop("staged", None)
-                    if staged is not None:
-                        self.publish_staged(Path(staged), entry["sha256"])
-                    if any(other.startswith(path + "/") for other in files):
-                        raise _bad(f"{path} is a folder in this revision")
-                    if any(prefix in files for prefix in _parents(path)):
-                        raise _bad(f"a parent folder of {path} is a file in this revision")
-                    files[path] = entry  # type: ignore[assignment]
-                elif op == "delete":
-                    if path not in files:
-                        raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-                    del files[path]
-                else:  # delete a folder
-                    inside = [p for p in files if p.startswith(path.rstrip("/") + "/")]
-                    if not inside:
-                        raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
-                    for p in inside:
-                        del files[p]
-            commit = self._make_commit(repo, parents=[head], title=title, message=message, author=author, files=files)
-            refs["branches"][branch] = commit.id
-            self.write_refs(repo, refs)
-            return commit
-
-    def history(self, repo: Path, start: Commit) -> Iterator[Commit]:
-        commit: Commit | None = start
-        seen = set()
-        while commit is not None and commit.id not in seen:
-            seen.add(commit.id)
-            yield commit
-            commit = self.commit(repo, commit.parents[0]) if commit.parents else None
-
-    def read_object(self, sha256: str) -> bytes:
-        return self.object_path(sha256).read_bytes()
-
-
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _dumps(payload: object) -> bytes:
-    return json.dumps(payload, indent=1, sort_keys=True).encode() + b"\n"
-
-
-def _loads(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_bytes())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")  # noqa: TRY004 - callers catch a corrupt file as ValueError
-    return data
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
+# --- model cards -----------------------------------------------------------------------------------
 _FRONT_MATTER = re.compile(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", re.DOTALL)
 
 
@@ -762,112 +338,122 @@ def load_tokens(path: str | Path) -> frozenset[str]:
     return frozenset(tokens)
 
 
-class HubHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class HubApp:
+    """The hub as an ASGI application: one :class:`_Exchange` per request, run in a worker thread.
 
-    def __init__(self, address: tuple[str, int], config: HubConfig):
+    Any ASGI server can run it; :class:`HubServer` runs it under uvicorn."""
+
+    def __init__(self, config: HubConfig):
         self.config = config
         self.storage = HubStorage(config.root)
-        self._meta_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self._meta_lock = threading.Lock()
-        super().__init__(address, HubRequestHandler)
+        self.meta_cache: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+        self.meta_lock = threading.Lock()
+        self._threads_raised = False
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # no lifespan events to act on, no websockets
+            return
+        if not self._threads_raised:
+            # a handler holds its thread while it waits for a slow client's body (up to
+            # _BODY_IDLE_TIMEOUT_S): anyio's default of 40 would let 40 such clients stall the hub
+            anyio.to_thread.current_default_thread_limiter().total_tokens = _WORKER_THREADS
+            self._threads_raised = True
+        exchange = _Exchange(self, Request(scope, receive))
+        try:
+            response = await run_in_threadpool(exchange.run)
+        except anyio.get_cancelled_exc_class():
+            # uvicorn cancels what still runs when the server stops (say, a client stalled in the
+            # middle of its body): answer that instead of leaving uvicorn a traceback to log
+            response = _json(503, {"error": "the hub is stopping"}, {"Connection": "close"})
+        await response(scope, receive, send)
 
 
-class _BodyTooLarge(HubError):
-    pass
+def _with_headers(response: Response, headers: dict[str, str]) -> Response:
+    """``response`` sending exactly ``headers``, their names spelled as given (``Content-Length``,
+    ``X-Error-Code``, as the Hub and the stdlib server this replaced send them). Starlette lower-cases
+    the names it is given; h11, the parser :class:`HubServer` runs, writes them as they come, so a
+    client that reads raw answers and looks for the usual spelling finds it."""
+    response.raw_headers = [(name.encode("latin-1"), _header_safe(value).encode("latin-1")) for name, value in headers.items()]
+    return response
 
 
-class HubRequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "tunehub-hub/1"
-    # headers and body go out in separate writes: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms
-    disable_nagle_algorithm = True
-    # a client that stops sending mid-request frees its thread after this many idle seconds
-    timeout = 120
-    server: HubHTTPServer
+def _response(status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> Response:
+    all_headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
+    return _with_headers(Response(body, status_code=status), all_headers)
 
-    # --- plumbing ------------------------------------------------------------------------------
-    def log_message(self, format: str, *args: Any) -> None:  # the stdlib's signature
-        if self.server.config.verbose:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+def _json(status: int, payload: object, headers: dict[str, str] | None = None) -> Response:
+    return _response(status, json.dumps(payload).encode(), "application/json; charset=utf-8", headers)
 
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
+def _file_chunks(handle: IO[bytes], start: int, length: int) -> Iterator[bytes]:
+    with handle:
+        handle.seek(start)
+        remaining = length
+        while remaining:
+            chunk = handle.read(min(remaining, _CHUNK))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
 
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+class _Exchange:
+    """One request and its answer. Created on the event loop; :meth:`run` runs in a worker thread
+    (every handler and all their file IO) and pulls the body from the loop a chunk at a time."""
 
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Requests the stdlib refuses before dispatch (bad request line, huge headers) get JSON too."""
-        self.close_connection = True
-        if code == 501:  # a method the stdlib has no do_X for: the same 405 as PATCH or OPTIONS get
-            code, message = 405, f"method {self.command!r} is not supported"
-        text = _header_safe(message or self.responses.get(code, ("error",))[0])
-        data = json.dumps({"error": text}).encode()
-        self.send_response(code, text)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        if code == 405:
-            self.send_header("Allow", "GET, HEAD, POST, PUT, DELETE")
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(data)
-
-    def _dispatch(self, method: str) -> None:
+    def __init__(self, app: HubApp, request: Request):
+        self.app = app
+        self.config = app.config
+        self.storage = app.storage
+        self.request = request
+        self.method = request.method
+        self.segments: list[str] = []
+        self.query: dict[str, list[str]] = {}
+        self._stream = request.stream()
         self._body_done = False
-        self._sent = False
+        self._close = False
         self._framing_known = False  # until Content-Length and Transfer-Encoding have parsed
         self._chunked = False
         self._length: int | None = None
         self._range: tuple[int | None, int | None] | None = None
         self._authorization: tuple[str, str] | None = None
-        self.segments: list[str] = []
-        self.query: dict[str, list[str]] = {}
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def run(self) -> Response:
         try:
             self._parse_head()
-            self._route(method)
+            response = self._route(self.method)
         except InvalidRequest as exc:  # the one place a malformed request becomes its 400 (or 413)
-            self._send_error(HubError(exc.http_status, str(exc)))
+            response = self._error(HubError(exc.http_status, str(exc)))
         except HubError as exc:
-            self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+            response = self._error(exc)
         except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so without leaking details
-            if self.server.config.verbose:
+            if self.config.verbose:
                 traceback.print_exc()
             else:
-                sys.stderr.write(f"tunehub hub: internal error on {method} {self.path}: {exc!r}\n")
-            self._send_error(HubError(500, "internal server error"))
+                sys.stderr.write(f"tunehub hub: internal error on {self.method} {self._target()}: {exc!r}\n")
+            response = self._error(HubError(500, "internal server error"))
+        if self._close or (self._has_body() and not self._body_done):
+            # an anonymous client must not make us read its body, a refused one may be huge: close,
+            # and say so (a client that reuses a connection we close silently races our close)
+            response.raw_headers.append((b"Connection", b"close"))
+        return response
+
+    def _target(self) -> str:
+        """The request target as the client sent it (uvicorn keeps the undecoded path)."""
+        scope = self.request.scope
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string", b"")
+        return (raw_path + (b"?" + query if query else b"")).decode("latin-1")
 
     def _parse_head(self) -> None:
         """Parse the request target and every header this server interprets, before routing and
         authentication: a malformed request is a 400 whoever sends it."""
-        self.segments, self.query = parse_target(self.path)
+        self.segments, self.query = parse_target(self._target())
         values = {name: self._header(name) for name in _INTERPRETED_HEADERS}
         self._chunked = parse_transfer_encoding(values["Transfer-Encoding"])
-        self._length = parse_content_length(self.headers.get_all("Content-Length") or [])
+        self._length = parse_content_length(self.request.headers.getlist("Content-Length"))
         if self._chunked and self._length is not None:
             # which one frames the body? a proxy may disagree with us (request smuggling): refuse
             raise InvalidRequest("a request cannot have both Content-Length and Transfer-Encoding")
@@ -879,137 +465,100 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _header(self, name: str) -> str | None:
         """A header's value: ASCII without control characters, and one value even if sent twice."""
-        values = self.headers.get_all(name) or []
+        values = self.request.headers.getlist(name)
         for value in values:
-            if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            if not _HEADER_VALUE.fullmatch(value):
                 raise InvalidRequest(f"the {name} header holds bytes that are not printable ASCII")
         if name != "Content-Length" and len(set(values)) > 1:  # Content-Length: parse_content_length
             raise InvalidRequest(f"conflicting {name} headers")
         return values[0] if values else None
 
-    def _send_error(self, exc: HubError) -> None:
-        if self._sent:
-            self.close_connection = True
-            return
+    def _error(self, exc: HubError) -> Response:
         headers = dict(exc.headers)
         if exc.code:
             headers["X-Error-Code"] = exc.code
         headers["X-Error-Message"] = exc.message[:500]
-        self._send_json(exc.status, {**exc.extra, "error": exc.message}, headers)
-
-    def _send_json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self._send_bytes(status, data, "application/json; charset=utf-8", headers)
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, _header_safe(value))
-        if not self._body_done and self._has_body():
-            # an unread request body would be taken for the next request: close instead
-            self.close_connection = True
-        if self.close_connection:
-            # say so: a client that reuses a connection we close silently races our close
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self._sent = True
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        return _json(exc.status, {**exc.extra, "error": exc.message}, headers)
 
     def _has_body(self) -> bool:
-        if not self._framing_known:  # unparsable framing: where the body ends is unknown
+        if not self._framing_known:  # unparsable framing: what the body holds is unknown
             return True
         return self._chunked or bool(self._length)
 
+    # --- the body ------------------------------------------------------------------------------
+    async def _receive_chunk(self) -> bytes | None:
+        """On the event loop: the next non-empty piece of the body, None at its end; b"" when the
+        server stops meanwhile (this task is then cancelled: a value, unlike an exception, leaves
+        asyncio nothing to report as it shuts down)."""
+        try:
+            with anyio.fail_after(_BODY_IDLE_TIMEOUT_S):
+                async for chunk in self._stream:
+                    if chunk:
+                        return chunk
+        except anyio.get_cancelled_exc_class():
+            return b""
+        return None
+
+    def _next_chunk(self) -> bytes | None:
+        """The next piece of the body (None at its end), from the worker thread."""
+        try:
+            chunk = anyio.from_thread.run(self._receive_chunk)
+        except ClientDisconnect:
+            self._close = True
+            raise _bad("request body ended early") from None
+        except TimeoutError:
+            self._close = True
+            raise HubError(408, f"the request body stalled: nothing came for {_BODY_IDLE_TIMEOUT_S} seconds") from None
+        except (concurrent.futures.CancelledError, RuntimeError):  # the event loop is gone (anyio's RunFinishedError)
+            chunk = b""
+        if chunk == b"":
+            self._close = True
+            raise HubError(503, "the hub is stopping")
+        return chunk
+
     def _iter_body(self, limit: int) -> Iterator[bytes]:
-        """The request body in chunks (Content-Length or chunked), refusing more than ``limit``."""
-        if self._chunked:
-            total = 0
-            while True:
-                line = self.rfile.readline(1026)
-                try:
-                    size = parse_chunk_size(line)
-                except InvalidRequest:
-                    self.close_connection = True
-                    raise
-                if size == 0:
-                    while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                total += size
-                if total > limit:
-                    self._drain_chunks(size, limit + 64 * _CHUNK - total)
-                    self.close_connection = True
-                    raise _BodyTooLarge(413, f"request body is larger than the limit of {limit} bytes")
-                remaining = size
-                while remaining:
-                    chunk = self.rfile.read(min(remaining, _CHUNK))
-                    if not chunk:
-                        self.close_connection = True
-                        raise _bad("request body ended early")
-                    remaining -= len(chunk)
-                    yield chunk
-                self.rfile.readline(3)
-            self._body_done = True
-            return
-        length = self._length or 0
-        if length > limit:
-            self._refuse_oversized(length, limit)
-        remaining = length
-        while remaining:
-            chunk = self.rfile.read(min(remaining, _CHUNK))
-            if not chunk:
-                self.close_connection = True
-                raise _bad("request body ended early")
-            remaining -= len(chunk)
+        """The request body in chunks as they arrive, refusing more than ``limit`` bytes: a larger
+        declared length before reading any, a chunked body as soon as it passes the limit."""
+        if self._length is not None and self._length > limit:
+            self._refuse_oversized(limit, declared=self._length)
+        total = 0
+        while (chunk := self._next_chunk()) is not None:
+            total += len(chunk)
+            if total > limit:
+                self._refuse_oversized(limit, received=total)
             yield chunk
         self._body_done = True
 
-    def _drain_chunks(self, pending: int, budget: int) -> None:
-        """Read and drop the rest of a chunked body (up to ``budget`` bytes) so the client reads our 413."""
-        while budget > 0:
-            while pending and budget > 0:
-                chunk = self.rfile.read(min(pending, _CHUNK))
-                if not chunk:
-                    return
-                pending -= len(chunk)
-                budget -= len(chunk)
-            self.rfile.readline(3)
-            line = self.rfile.readline(1026)
+    def _refuse_oversized(self, limit: int, *, declared: int | None = None, received: int = 0) -> None:
+        """Raise the 413, after reading and dropping a modest excess (so that the client reads our
+        answer instead of a reset); the connection is closed after it."""
+        self._close = True
+        budget = limit + _DRAIN_EXCESS
+        if declared is None or declared <= budget:
             try:
-                pending = parse_chunk_size(line)
-            except InvalidRequest:
-                return
-            if pending == 0:
-                self._body_done = True
-                return
-
-    def _refuse_oversized(self, length: int, limit: int) -> None:
-        # drain a modest excess so the client reads our answer instead of a reset; close after it
-        if length <= limit + 64 * _CHUNK:
-            remaining = length
-            while remaining:
-                chunk = self.rfile.read(min(remaining, _CHUNK))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-            self._body_done = True
-        self.close_connection = True
-        raise _BodyTooLarge(413, f"request body of {length} bytes is larger than the limit of {limit} bytes")
+                while (chunk := self._next_chunk()) is not None:
+                    received += len(chunk)
+                    if received > budget:
+                        break
+                else:
+                    self._body_done = True
+            except HubError:  # the client went away or stalled: the 413 stands
+                pass
+        if declared is not None:
+            raise HubError(413, f"request body of {declared} bytes is larger than the limit of {limit} bytes")
+        raise HubError(413, f"request body is larger than the limit of {limit} bytes")
 
     def _read_body(self, limit: int | None = None) -> bytes:
-        limit = self.server.config.max_body_bytes if limit is None else min(limit, self.server.config.max_body_bytes)
+        limit = self.config.max_body_bytes if limit is None else min(limit, self.config.max_body_bytes)
         return b"".join(self._iter_body(limit))
 
     def _spool_body(self) -> IO[bytes]:
         """The body in a temporary file (in memory while small), for NDJSON commits."""
         spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - returned open; the caller closes it
-            max_size=8 * _CHUNK, dir=self.server.storage.root / "tmp"
+            max_size=8 * _CHUNK, dir=str(self.storage.root / "tmp")
         )
         try:
-            for chunk in self._iter_body(self.server.config.max_body_bytes):
+            for chunk in self._iter_body(self.config.max_body_bytes):
                 spool.write(chunk)
         except BaseException:
             spool.close()
@@ -1027,14 +576,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         return payload
 
     def _base_url(self) -> str:
-        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
-        if not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", host):
-            host = "{}:{}".format(*self.server.server_address[:2])
+        host = self.request.headers.get("Host")
+        if not host or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", host):
+            server_host, port = self.request.scope.get("server") or ("127.0.0.1", 80)
+            host = f"[{server_host}]:{port}" if ":" in server_host else f"{server_host}:{port}"
         return f"http://{host}"
 
     def _flag(self, name: str) -> bool:
         values = self.query.get(name)
-        return bool(values) and parse_flag(values[-1], name)
+        return parse_flag(values[-1], name) if values else False
 
     def _uint_param(self, name: str) -> int | None:
         values = self.query.get(name)
@@ -1046,7 +596,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if self._authorization is None:
             return None
         scheme, token = self._authorization  # well-formed: _parse_head checked it
-        tokens = self.server.config.tokens
+        tokens = self.config.tokens
         if scheme != "bearer":
             raise HubError(401, "Invalid credentials in Authorization header")
         if not tokens:
@@ -1057,16 +607,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _require_writer(self) -> str:
         user = self._user()
-        if self.server.config.tokens and user is None:
+        if self.config.tokens and user is None:
             raise HubError(401, "this hub accepts writes only with a token: send Authorization: Bearer <token>")
         return user or "anonymous"
 
     def _sign(self, *parts: str) -> str:
         message = "|".join(parts).encode()
-        return hmac.new(self.server.config.secret, message, hashlib.sha256).hexdigest()
+        return hmac.new(self.config.secret, message, hashlib.sha256).hexdigest()
 
     # --- routing -------------------------------------------------------------------------------
-    def _route(self, method: str) -> None:
+    def _route(self, method: str) -> Response:
         if method not in ("GET", "HEAD", "POST", "PUT", "DELETE"):
             raise HubError(405, f"method {method} is not supported", headers={"Allow": "GET, HEAD, POST, PUT, DELETE"})
         s = self.segments
@@ -1087,7 +637,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._resolve_file(s[0], s[1], s[3], "/".join(s[4:]))
         raise HubError(404, f"no such endpoint: {method} /{'/'.join(s)}")
 
-    def _route_api(self, method: str, s: list[str]) -> None:
+    def _route_api(self, method: str, s: list[str]) -> Response:
         if s == ["repos", "create"] and method == "POST":
             return self._create_repo()
         if s == ["repos", "delete"] and method == "DELETE":
@@ -1098,7 +648,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._whoami()
         if s == ["agent-harnesses"] and method == "GET":
             # huggingface_hub asks its endpoint for this list once a day; there is none here
-            return self._send_json(200, {"standardEnvVars": [], "harnesses": {}})
+            return _json(200, {"standardEnvVars": [], "harnesses": {}})
         if s == ["models"] and method == "GET":
             return self._list_models()
         if s and s[0] in ("datasets", "spaces", "kernels"):
@@ -1149,31 +699,31 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise _bad("repositories need a namespace: create 'namespace/name'")
         return check_repo_part(organization, "namespace"), check_repo_part(name, "name")  # type: ignore[arg-type]
 
-    def _create_repo(self) -> None:
+    def _create_repo(self) -> Response:
         user = self._require_writer()
         body = self._json_body()
         namespace, name = self._repo_id_from_body(body)
         url = f"{self._base_url()}/{namespace}/{name}"
         try:
-            self.server.storage.create_repo(namespace, name, user)
+            self.storage.create_repo(namespace, name, user)
         except HubError as exc:
             exc.extra["url"] = url  # the client reads it even from a 409 (exist_ok=True)
             raise
-        self._send_json(200, {"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
+        return _json(200, {"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
 
-    def _delete_repo(self) -> None:
+    def _delete_repo(self) -> Response:
         self._require_writer()
         namespace, name = self._repo_id_from_body(self._json_body())
-        self.server.storage.delete_repo(namespace, name)
-        self._send_json(200, {})
+        self.storage.delete_repo(namespace, name)
+        return _json(200, {})
 
-    def _whoami(self) -> None:
+    def _whoami(self) -> Response:
         user = self._user()
         if user is None:
             raise HubError(401, "Invalid credentials in Authorization header")
-        self._send_json(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"type": "access_token"}})
+        return _json(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"type": "access_token"}})
 
-    def _validate_yaml(self) -> None:
+    def _validate_yaml(self) -> Response:
         body = self._json_body()
         content = body.get("content", "")
         if not isinstance(content, str):
@@ -1181,9 +731,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         _, problem = front_matter(content)
         errors = [{"message": problem}] if problem else []
         if errors:
-            self._send_json(400, {"errors": errors, "warnings": [], "error": errors[0]["message"]})
-        else:
-            self._send_json(200, {"errors": [], "warnings": []})
+            return _json(400, {"errors": errors, "warnings": [], "error": errors[0]["message"]})
+        return _json(200, {"errors": [], "warnings": []})
 
     # --- metadata ------------------------------------------------------------------------------
     def _card_of(self, repo: Path, commit: Commit) -> dict[str, Any] | None:
@@ -1191,25 +740,25 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if entry is None or entry["size"] > 1 << 20:
             return None
         key = (str(repo), commit.id, "card")
-        with self.server._meta_lock:
-            if key in self.server._meta_cache:
-                return self.server._meta_cache[key]
+        with self.app.meta_lock:
+            if key in self.app.meta_cache:
+                return self.app.meta_cache[key]
         try:
-            text = self.server.storage.read_object(entry["sha256"]).decode("utf-8", "replace")
+            text = self.storage.read_object(entry["sha256"]).decode("utf-8", "replace")
         except OSError:
             return None
         data = card_data(text)
-        with self.server._meta_lock:
-            if len(self.server._meta_cache) > 4096:
-                self.server._meta_cache.clear()
-            self.server._meta_cache[key] = data  # type: ignore[assignment]
+        with self.app.meta_lock:
+            if len(self.app.meta_cache) > 4096:
+                self.app.meta_cache.clear()
+            self.app.meta_cache[key] = data
         return data
 
     def _model_summary(
         self, namespace: str, name: str, commit: Commit, *, card: bool, siblings: bool, blobs: bool
     ) -> dict[str, Any]:
-        repo = self.server.storage.repo_dir(namespace, name)
-        meta = self.server.storage.repo_meta(repo)
+        repo = self.storage.repo_dir(namespace, name)
+        meta = self.storage.repo_meta(repo)
         data = self._card_of(repo, commit) or {}
         raw_tags = data.get("tags")
         raw_tags = [raw_tags] if isinstance(raw_tags, str) else raw_tags if isinstance(raw_tags, list) else []
@@ -1255,17 +804,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 sibling["lfs"] = {"sha256": entry["sha256"], "size": entry["size"], "pointerSize": len(pointer)}
         return sibling
 
-    def _model_info(self, namespace: str, name: str, rev: str) -> None:
-        storage = self.server.storage
-        repo = storage.require_repo(namespace, name)
-        commit, _ = storage.resolve(repo, rev)
+    def _model_info(self, namespace: str, name: str, rev: str) -> Response:
+        repo = self.storage.require_repo(namespace, name)
+        commit, _ = self.storage.resolve(repo, rev)
         info = self._model_summary(namespace, name, commit, card=True, siblings=True, blobs=self._flag("blobs"))
-        self._send_json(200, info)
+        return _json(200, info)
 
-    def _list_models(self) -> None:
-        storage = self.server.storage
+    def _list_models(self) -> Response:
+        storage = self.storage
         search = (self.query.get("search") or [""])[-1].lower()
-        author = (self.query.get("author") or [None])[-1]
+        author = (self.query.get("author") or [""])[-1]
         wanted = set(self.query.get("filter", []))
         full = self._flag("full")
         with_card = full or self._flag("cardData")
@@ -1293,12 +841,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if cursor + limit < len(found) and limit_param is None:
             query = "&".join(f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values)
             headers["Link"] = f'<{self._base_url()}/api/models?{query}&cursor={cursor + limit}>; rel="next"'
-        self._send_json(200, page, headers)
+        return _json(200, page, headers)
 
-    def _list_refs(self, namespace: str, name: str) -> None:
-        storage = self.server.storage
-        refs = storage.refs(storage.require_repo(namespace, name))
-        self._send_json(
+    def _list_refs(self, namespace: str, name: str) -> Response:
+        refs = self.storage.refs(self.storage.require_repo(namespace, name))
+        return _json(
             200,
             {
                 "branches": [
@@ -1324,10 +871,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             item["lastCommit"] = {"id": commit.id, "title": commit.title, "date": commit.date}
         return item
 
-    def _tree(self, namespace: str, name: str, rev: str, path: str) -> None:
-        storage = self.server.storage
-        repo = storage.require_repo(namespace, name)
-        commit, _ = storage.resolve(repo, rev)
+    def _tree(self, namespace: str, name: str, rev: str, path: str) -> Response:
+        repo = self.storage.require_repo(namespace, name)
+        commit, _ = self.storage.resolve(repo, rev)
         path = check_file_path(path) if path else ""
         recursive = self._flag("recursive")
         expand = self._flag("expand")
@@ -1350,9 +896,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     items.append({"type": "directory", "oid": oid, "size": 0, "path": folder})
             if recursive or len(parts) == 1:
                 items.append(self._tree_entry(file_path, inside[file_path], commit, expand))
-        self._send_paginated(items)
+        return self._paginated(items)
 
-    def _send_paginated(self, items: list[dict[str, Any]]) -> None:
+    def _paginated(self, items: list[dict[str, Any]]) -> Response:
         cursor = self._uint_param("cursor") or 0
         page = items[cursor : cursor + PAGE_SIZE]
         headers = {}
@@ -1360,12 +906,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             query = "&".join(f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values)
             path = "/".join(quote(s, safe="") for s in self.segments)
             headers["Link"] = f'<{self._base_url()}/{path}?{query}&cursor={cursor + PAGE_SIZE}>; rel="next"'
-        self._send_json(200, page, headers)
+        return _json(200, page, headers)
 
-    def _commits(self, namespace: str, name: str, rev: str) -> None:
-        storage = self.server.storage
-        repo = storage.require_repo(namespace, name)
-        commit, _ = storage.resolve(repo, rev)
+    def _commits(self, namespace: str, name: str, rev: str) -> Response:
+        repo = self.storage.require_repo(namespace, name)
+        commit, _ = self.storage.resolve(repo, rev)
         items = [
             {
                 "id": c.id,
@@ -1374,16 +919,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 "authors": [{"user": c.author, "avatar": None}],
                 "date": c.date,
             }
-            for c in storage.history(repo, commit)
+            for c in self.storage.history(repo, commit)
         ]
-        self._send_paginated(items)
+        return self._paginated(items)
 
-    def _paths_info(self, namespace: str, name: str, rev: str) -> None:
-        storage = self.server.storage
-        repo = storage.require_repo(namespace, name)
-        commit, _ = storage.resolve(repo, rev)
+    def _paths_info(self, namespace: str, name: str, rev: str) -> Response:
+        repo = self.storage.require_repo(namespace, name)
+        commit, _ = self.storage.resolve(repo, rev)
         raw = self._read_body(16 * _CHUNK)
-        content_type = self.headers.get("Content-Type", "")
+        content_type = self.request.headers.get("Content-Type", "")
         if "json" in content_type:
             body = parse_json(raw or b"{}")
             paths = body.get("paths", []) if isinstance(body, dict) else None
@@ -1406,27 +950,26 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             elif any(p.startswith(path + "/") for p in commit.files):
                 oid = hashlib.sha1(f"{commit.id}:{path}".encode()).hexdigest()
                 items.append({"type": "directory", "oid": oid, "size": 0, "path": path})
-        self._send_json(200, items)
+        return _json(200, items)
 
     # --- uploads -------------------------------------------------------------------------------
     def _writable_branch(self, repo: Path, rev: str) -> str:
         if self._flag("create_pr"):
             raise _bad("pull requests are not supported by this hub")
-        refs = self.server.storage.refs(repo)
-        branch = _strip_ref_prefix(rev)
+        refs = self.storage.refs(repo)
+        branch = strip_ref_prefix(rev)
         if branch in refs["branches"]:
             return branch
-        if branch in refs["tags"] or _SHA1.fullmatch(rev):
+        if branch in refs["tags"] or SHA1_HEX.fullmatch(rev):
             raise _bad(f"Invalid rev id: {rev} is not a branch; commits go to a branch")
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
-    def _preupload(self, namespace: str, name: str, rev: str) -> None:
+    def _preupload(self, namespace: str, name: str, rev: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
-        repo = storage.require_repo(namespace, name)
+        repo = self.storage.require_repo(namespace, name)
         body = self._json_body()
         branch = self._writable_branch(repo, rev)
-        head, _ = storage.resolve(repo, branch)
+        head, _ = self.storage.resolve(repo, branch)
         files = body.get("files")
         if not isinstance(files, list):
             raise _bad("files must be a list")
@@ -1450,11 +993,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if existing is not None:
                 answer["oid"] = existing["sha256"] if lfs else existing["oid"]
             answers.append(answer)
-        self._send_json(200, {"files": answers, "commitOid": head.id})
+        return _json(200, {"files": answers, "commitOid": head.id})
 
-    def _lfs_batch(self, namespace: str, name: str) -> None:
+    def _lfs_batch(self, namespace: str, name: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         check_repo_part(namespace, "namespace")
         check_repo_part(name, "name")
         storage.require_repo(namespace, name)
@@ -1471,16 +1014,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if not isinstance(item, dict):
                 raise _bad("each object must be an object")
             oid, size = item.get("oid"), item.get("size")
-            if not isinstance(oid, str) or not _SHA256.fullmatch(oid):
+            if not isinstance(oid, str) or not SHA256_HEX.fullmatch(oid):
                 raise _bad(f"invalid LFS oid {oid!r}")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"invalid LFS size {size!r}")
-            if size > self.server.config.max_body_bytes:
+            if size > self.config.max_body_bytes:
                 answers.append(
                     {
                         "oid": oid,
                         "size": size,
-                        "error": {"code": 413, "message": f"object larger than {self.server.config.max_body_bytes} bytes"},
+                        "error": {"code": 413, "message": f"object larger than {self.config.max_body_bytes} bytes"},
                     }
                 )
                 continue
@@ -1499,7 +1042,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     "actions": {"upload": {"href": href, "expires_in": _SIGNED_URL_TTL_S}, "verify": {"href": verify}},
                 }
             )
-        self._send_bytes(200, json.dumps({"transfer": "basic", "objects": answers}).encode(), "application/vnd.git-lfs+json")
+        return _response(200, json.dumps({"transfer": "basic", "objects": answers}).encode(), "application/vnd.git-lfs+json")
 
     def _check_signed(self, namespace: str, name: str, oid: str) -> int:
         size_raw = (self.query.get("size") or [""])[-1]
@@ -1516,39 +1059,39 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(403, "upload URL has expired: ask the LFS batch endpoint again")
         return size
 
-    def _lfs_put(self, namespace: str, name: str, oid: str) -> None:
+    def _lfs_put(self, namespace: str, name: str, oid: str) -> Response:
         check_repo_part(namespace, "namespace")
         check_repo_part(name, "name")
-        if not _SHA256.fullmatch(oid):
+        if not SHA256_HEX.fullmatch(oid):
             raise _bad(f"invalid LFS oid {oid!r}")
         size = self._check_signed(namespace, name, oid)
-        self.server.storage.require_repo(namespace, name)
+        self.storage.require_repo(namespace, name)
         length = self._length
         if length is not None and length != size:
             if length > size:
-                self._refuse_oversized(length, size)
+                self._refuse_oversized(size, declared=length)
             raise _bad(f"Content-Length {length} differs from the announced size {size}")
-        limit = min(size, self.server.config.max_body_bytes)
-        self.server.storage.put_object_stream(self._iter_body(limit), oid, size)
-        self._send_json(200, {})
+        limit = min(size, self.config.max_body_bytes)
+        self.storage.put_object_stream(self._iter_body(limit), oid, size)  # to disk as it arrives
+        return _json(200, {})
 
-    def _lfs_verify(self, namespace: str, name: str) -> None:
+    def _lfs_verify(self, namespace: str, name: str) -> Response:
         check_repo_part(namespace, "namespace")
         check_repo_part(name, "name")
         oid = (self.query.get("oid") or [""])[-1]
-        if not _SHA256.fullmatch(oid):
+        if not SHA256_HEX.fullmatch(oid):
             raise _bad(f"invalid LFS oid {oid!r}")
         size = self._check_signed(namespace, name, oid)
         body = self._json_body()
         if body.get("oid") not in (None, oid) or body.get("size") not in (None, size):
             raise _bad("verify body does not match the upload")
-        if self.server.storage.object_size(oid) != size:
+        if self.storage.object_size(oid) != size:
             raise HubError(404, f"LFS object {oid} was not uploaded", "EntryNotFound")
-        self._send_json(200, {"message": "ok"})
+        return _json(200, {"message": "ok"})
 
-    def _commit(self, namespace: str, name: str, rev: str) -> None:
+    def _commit(self, namespace: str, name: str, rev: str) -> Response:
         user = self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         repo = storage.require_repo(namespace, name)
         branch = self._writable_branch(repo, rev)
         operations: list[tuple[str, str, dict[str, Any] | None]] = []
@@ -1563,7 +1106,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise _bad("the commit header needs a summary")
             if not isinstance(description, str):
                 raise _bad("the commit description must be a string")
-            if parent is not None and (not isinstance(parent, str) or not _SHA1.fullmatch(parent)):
+            if parent is not None and (not isinstance(parent, str) or not SHA1_HEX.fullmatch(parent)):
                 raise _bad("parentCommit must be a 40-hex commit id")
             commit = storage.apply_commit(
                 repo,
@@ -1579,7 +1122,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if entry and entry.get("staged"):
                     Path(entry["staged"]).unlink(missing_ok=True)
         base = self._base_url()
-        self._send_json(
+        return _json(
             200,
             {
                 "success": True,
@@ -1640,14 +1183,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise _bad(f"{path}: content is not valid base64") from None
         if len(data) > LFS_THRESHOLD_BYTES:
             raise _bad(f"{path}: regular files are limited to {LFS_THRESHOLD_BYTES} bytes; upload it with LFS")
-        staged, digest = self.server.storage.stage_bytes(data)
+        staged, digest = self.storage.stage_bytes(data)
         return {"sha256": digest, "size": len(data), "oid": git_blob_oid(data), "lfs": False, "staged": str(staged)}
 
     def _lfs_entry(self, value: dict[str, Any], path: str) -> dict[str, Any]:
         oid = value.get("oid")
-        if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not _SHA256.fullmatch(oid):
+        if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not SHA256_HEX.fullmatch(oid):
             raise _bad(f"{path}: lfsFile needs algo sha256 and a 64-hex oid")
-        size = self.server.storage.object_size(oid)
+        size = self.storage.object_size(oid)
         if size is None:
             raise _bad(f"{path}: LFS object {oid[:12]}... was never uploaded (use the LFS batch endpoint first)")
         if value.get("size") is not None and value.get("size") != size:
@@ -1656,9 +1199,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         return {"sha256": oid, "size": size, "oid": git_blob_oid(pointer), "lfs": True}
 
     # --- refs ----------------------------------------------------------------------------------
-    def _create_tag(self, namespace: str, name: str, rev: str) -> None:
+    def _create_tag(self, namespace: str, name: str, rev: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         repo = storage.require_repo(namespace, name)
         body = self._json_body()
         tag = check_ref_name(body.get("tag"), "tag")
@@ -1674,24 +1217,24 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise HubError(409, f"{tag} is already a branch name")
             refs["tags"][tag] = {"commit": commit.id, "message": message}
             storage.write_refs(repo, refs)
-        self._send_json(200, {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": commit.id})
+        return _json(200, {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": commit.id})
 
-    def _delete_tag(self, namespace: str, name: str, tag: str) -> None:
+    def _delete_tag(self, namespace: str, name: str, tag: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         repo = storage.require_repo(namespace, name)
-        tag = _strip_ref_prefix(tag)
+        tag = strip_ref_prefix(tag)
         with storage.locked(repo):
             refs = storage.refs(repo)
             if tag not in refs["tags"]:
                 raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
             del refs["tags"][tag]
             storage.write_refs(repo, refs)
-        self._send_json(200, {})
+        return _json(200, {})
 
-    def _create_branch(self, namespace: str, name: str, branch: str) -> None:
+    def _create_branch(self, namespace: str, name: str, branch: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         repo = storage.require_repo(namespace, name)
         branch = check_ref_name(branch, "branch")
         body = self._json_body()
@@ -1707,13 +1250,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise HubError(409, f"{branch} is already a tag name")
             refs["branches"][branch] = commit.id
             storage.write_refs(repo, refs)
-        self._send_json(200, {"name": branch, "ref": f"refs/heads/{branch}", "targetCommit": commit.id})
+        return _json(200, {"name": branch, "ref": f"refs/heads/{branch}", "targetCommit": commit.id})
 
-    def _delete_branch(self, namespace: str, name: str, branch: str) -> None:
+    def _delete_branch(self, namespace: str, name: str, branch: str) -> Response:
         self._require_writer()
-        storage = self.server.storage
+        storage = self.storage
         repo = storage.require_repo(namespace, name)
-        branch = _strip_ref_prefix(branch)
+        branch = strip_ref_prefix(branch)
         if branch == "main":
             raise HubError(403, "the main branch cannot be deleted")
         with storage.locked(repo):
@@ -1722,11 +1265,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             del refs["branches"][branch]
             storage.write_refs(repo, refs)
-        self._send_json(200, {})
+        return _json(200, {})
 
     # --- downloads -----------------------------------------------------------------------------
-    def _resolve_file(self, namespace: str, name: str, rev: str, path: str) -> None:
-        storage = self.server.storage
+    def _resolve_file(self, namespace: str, name: str, rev: str, path: str) -> Response:
+        storage = self.storage
         check_repo_part(namespace, "namespace")
         check_repo_part(name, "name")
         path = check_file_path(path)
@@ -1756,35 +1299,126 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 start = first
                 end = min(last, size - 1) if last is not None else size - 1
             if start > end or start >= size:
-                range_text = self.headers.get("Range", "")
+                range_text = self.request.headers.get("Range", "")
                 raise HubError(416, f"range {range_text!r} is outside the file", headers={"Content-Range": f"bytes */{size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         try:
-            handle = open(blob, "rb")  # noqa: SIM115 - entered with `with` below, once it exists
+            handle = open(blob, "rb")  # noqa: SIM115 - closed by _file_chunks, or below
         except FileNotFoundError:
             raise HubError(
                 404, f"the content of {path} is missing from this hub", "EntryNotFound", {"X-Repo-Commit": commit.id}
             ) from None
-        with handle:
-            length = max(0, end - start + 1)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(length))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self._sent = True
-            if self.command == "HEAD":
-                return
-            handle.seek(start)
-            remaining = length
-            while remaining:
-                chunk = handle.read(min(remaining, _CHUNK))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                remaining -= len(chunk)
+        length = max(0, end - start + 1)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length), **headers}
+        if self.method == "HEAD" or os.fstat(handle.fileno()).st_size < start + length:
+            handle.close()
+            if self.method != "HEAD":  # a damaged store: the bytes promised are not there
+                raise HubError(500, f"the content of {path} is damaged on this hub", headers={"X-Repo-Commit": commit.id})
+            return _with_headers(Response(b"", status_code=status), headers)
+        # read in the thread pool a chunk at a time as the client takes them (Starlette's StreamingResponse)
+        return _with_headers(StreamingResponse(_file_chunks(handle, start, length), status_code=status), headers)
+
+
+# --- serving ---------------------------------------------------------------------------------------
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class HubServer:
+    """A hub listening on a TCP port, served by uvicorn in a background thread.
+
+    The socket is bound when the object is made (``port=0`` picks a free port), so :attr:`url` is
+    known before :meth:`start`; :meth:`stop` ends it, giving requests in flight a few seconds.
+    It is also a context manager (``with make_server(root, port=0) as server: ...``)."""
+
+    def __init__(self, config: HubConfig, host: str = "127.0.0.1", port: int = 8787):
+        self.config = config
+        self.app = HubApp(config)
+        self._socket = _bind(host, port)
+        #: (host, port) it listens on
+        self.server_address: tuple[str, int] = self._socket.getsockname()[:2]
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                http="h11",  # uvicorn's own dependency: the same parser (and the same 400s) everywhere
+                ws="none",
+                lifespan="off",
+                interface="asgi3",
+                log_config=None,  # leave the process's logging alone; serve() sets up its own lines
+                access_log=config.verbose,
+                proxy_headers=False,  # the client address and scheme are the socket's, never X-Forwarded-*
+                server_header=False,
+                headers=[("Server", "tunehub-hub/1")],
+                timeout_keep_alive=_KEEP_ALIVE_S,
+                timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+                h11_max_incomplete_event_size=_MAX_HEAD_BYTES,
+            )
+        )
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def storage(self) -> HubStorage:
+        return self.app.storage
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> HubServer:
+        """Start serving; returns once the server accepts requests."""
+        if self._thread is not None:
+            raise RuntimeError("this hub server was already started")
+        self._thread = threading.Thread(target=self._run, name="tunehub-hub", daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            if self._stopped.wait(0.01):
+                raise RuntimeError("the hub server failed to start")
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._stopped.set()
+
+    def wait(self) -> None:
+        """Block until the server stops; a signal handler may interrupt the wait by raising."""
+        # an Event, not Thread.join: a KeyboardInterrupt raised inside join() can leave the
+        # thread marked as finished while it still runs (Python 3.11)
+        while self._thread is not None and not self._stopped.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (safe to call twice, or before :meth:`start`)."""
+        if self._thread is not None:
+            self._server.should_exit = True
+            if not self._stopped.wait(_GRACEFUL_SHUTDOWN_S + 5):
+                self.stop_now()
+                self._stopped.wait(5)
+        self._socket.close()
+
+    def stop_now(self) -> None:
+        """Ask a :meth:`stop` under way not to wait for requests still running (safe in a signal handler)."""
+        self._server.force_exit = True
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def make_server(
@@ -1795,13 +1429,14 @@ def make_server(
     token_file: str | Path | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     verbose: bool = False,
-) -> HubHTTPServer:
-    """A ready (bound, not yet serving) hub server; ``port=0`` picks a free port."""
+) -> HubServer:
+    """A ready (bound, not yet serving) hub server; ``port=0`` picks a free port. Start it with
+    :meth:`HubServer.start` or ``with``."""
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
     tokens = load_tokens(token_file) if token_file else frozenset()
     config = HubConfig(root=Path(root), tokens=tokens, max_body_bytes=max_body_bytes, verbose=verbose)
-    return HubHTTPServer((host, port), config)
+    return HubServer(config, host, port)
 
 
 def serve(
@@ -1820,19 +1455,57 @@ def serve(
     import signal
 
     server = make_server(root, host=host, port=port, token_file=token_file, max_body_bytes=max_body_bytes, verbose=verbose)
+    # uvicorn's own lines (with --verbose, one per request) go to stderr; stdout keeps the announcement
+    uvicorn_log = logging.getLogger("uvicorn")
+    saved = uvicorn_log.level, uvicorn_log.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tunehub hub: %(message)s"))
+    uvicorn_log.addHandler(handler)
+    uvicorn_log.setLevel(logging.INFO if verbose else logging.ERROR)  # without --verbose: its errors only
+    uvicorn_log.propagate = False
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
+    def _stop_now(signum: int, frame: object) -> None:  # a second signal while stopping
+        server.stop_now()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in signals} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _stop)  # SIGINT raises KeyboardInterrupt already
     auth = f"writes need one of {len(server.config.tokens)} token(s)" if server.config.tokens else "no token needed"
-    (announce or logging.getLogger("tunehub.hub").info)(f"tunehub hub serving {server.storage.root} on {server.url} ({auth})")
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.start()
+        (announce or logging.getLogger("tunehub.hub").info)(f"tunehub hub serving {server.storage.root} on {server.url} ({auth})")
+        server.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        for sig in previous:
+            signal.signal(sig, _stop_now)
+        server.stop()
+        for sig, old in previous.items():
+            if old is not None:
+                signal.signal(sig, old)
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.setLevel(saved[0])
+        uvicorn_log.propagate = saved[1]
 
 
-__all__ = ["HubError", "HubHTTPServer", "HubStorage", "git_blob_oid", "load_tokens", "make_server", "serve"]
+__all__ = [
+    "HubApp",
+    "HubConfig",
+    "HubError",
+    "HubServer",
+    "HubStorage",
+    "card_data",
+    "check_file_path",
+    "check_ref_name",
+    "check_repo_part",
+    "git_blob_oid",
+    "load_tokens",
+    "make_server",
+    "serve",
+]

@@ -621,5 +621,6 @@ def test_malformed_requests_get_400_without_a_token_and_no_internal_error(hub):
     ):
         status, _, body = _raw(hub, request)
         assert status == 400, (request[:60], body[:200])
-        assert isinstance(json.loads(body)["error"], str)
+        if b"Content-Length: \xb2" not in request:  # refused by uvicorn while framing it: its plain-text 400
+            assert isinstance(json.loads(body)["error"], str)
     assert api.list_repo_refs("acme/strict").branches[0].name == "main"  # and the real client still works
