@@ -69,8 +69,7 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
         1,
     )
     (tmp_path / "readme.sh").write_text(
-        "set -euo pipefail\n"
-        "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script  # servers the README leaves running
+        "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script  # servers the README leaves running
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEHUB_", "HF_"))}
     env["TUNEHUB_HOME"] = str(tmp_path / "home")
