@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from tunehub.errors import ConfigError
 from tunehub.registry.refs import ModuleRef
-from tunehub.trainer.methods import MethodConfig, get_method, method_config_classes, method_names
+from tunehub.trainer.methods import MethodConfig, get_method, method_config_classes, method_names, not_trainable_message
 
 
 class _Section(BaseModel):
@@ -156,7 +156,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
             message = "unknown key"
         elif err["type"] == "union_tag_invalid":
             where = "method.name"
-            message = f"{err['input'].get('name')!r} is not a method; choose one of {', '.join(tags)}"
+            name = err["input"].get("name")
+            refusal = not_trainable_message(name) if isinstance(name, str) else None
+            message = refusal or f"{name!r} is not a method; choose one of {', '.join(tags)}"
         elif err["type"] == "union_tag_not_found":
             where = "method.name"
             message = f"missing; choose one of {', '.join(tags)}"

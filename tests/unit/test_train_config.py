@@ -190,3 +190,19 @@ def test_run_config_method_is_the_typed_union_of_registered_methods(fake_base, m
     assert toy.resolved()["method"] == {"name": "toy", "width": 5}
     with pytest.raises(ConfigError, match=r"^method.width: Input should be a valid integer"):
         validate_run_config(_raw(fake_base, method={"name": "toy", "width": "wide"}))
+
+
+def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_instead(fake_base):
+    from tunehub.trainer.methods import NOT_TRAINABLE
+
+    trained = {get_method(name).kind for name in method_names()}
+    assert trained.isdisjoint(NOT_TRAINABLE), "a kind a method trains must leave NOT_TRAINABLE"
+    for kind in ModuleKind:
+        if kind in trained:
+            continue
+        assert kind in NOT_TRAINABLE, f"{kind.value}: neither trained nor refused"
+        with pytest.raises(ConfigError) as refusal:
+            validate_run_config(_raw(fake_base, method={"name": kind.value}))
+        assert str(refusal.value) == f"method.name: {kind.value} modules cannot be trained by tunehub yet; {NOT_TRAINABLE[kind]}"
+    assert trained == {ModuleKind.LORA, ModuleKind.DORA, ModuleKind.ADALORA}
+    assert "save_peft_module" in NOT_TRAINABLE[ModuleKind.IA3] and "kind='prefix'" in NOT_TRAINABLE[ModuleKind.PREFIX]

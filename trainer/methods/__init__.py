@@ -50,6 +50,37 @@ class Method:
     description: str = ""
 
 
+#: what to do instead, for each module kind no method trains yet (a method that trains one
+#: takes it off this list: tests/unit/test_train_config.py walks ModuleKind)
+_PEFT_INSTEAD = (
+    "train it with PEFT, save it with tunehub.trainer.export.save_peft_module(peft_model, DIR,"
+    " base_path=BASE, kind={kind!r}) and `tunehub push DIR NAME`: the registry and the server take it"
+)
+NOT_TRAINABLE: dict[ModuleKind, str] = {
+    ModuleKind.IA3: _PEFT_INSTEAD.format(kind="ia3"),
+    ModuleKind.PROMPT: _PEFT_INSTEAD.format(kind="prompt"),
+    ModuleKind.PREFIX: _PEFT_INSTEAD.format(kind="prefix"),
+    ModuleKind.PTUNING: _PEFT_INSTEAD.format(kind="ptuning"),
+    ModuleKind.MULTITASK_PROMPT: _PEFT_INSTEAD.format(kind="multitask_prompt"),
+    ModuleKind.BOTTLENECK: "train a lora module instead (method.name: lora)",
+    ModuleKind.SELECTIVE: "train a lora module instead, or fine-tune with transformers' Trainer and serve the result"
+    " as a base (tunehub serve --base DIR)",
+    ModuleKind.FULL: "fine-tune with transformers' Trainer and serve the result as a base (tunehub serve --base DIR)",
+    ModuleKind.TOKENIZER: "build a base with the tokenizer you need (tunehub base init)",
+    ModuleKind.TEMPLATE: "put the template in the prompts, or train an sft run with objective.template",
+}
+
+
+def not_trainable_message(name: str) -> str | None:
+    """Why ``name`` (a module kind no method trains yet) is refused, and what to do instead."""
+    try:
+        kind = ModuleKind(name)
+    except ValueError:
+        return None
+    instead = NOT_TRAINABLE.get(kind)
+    return f"{name} modules cannot be trained by tunehub yet; {instead}" if instead else None
+
+
 _METHODS: dict[str, Method] = {}
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
