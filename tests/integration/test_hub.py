@@ -97,6 +97,11 @@ def _start_hub(tmp: Path) -> Hub:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory):
     server = _start_hub(tmp_path_factory.mktemp("hub"))
+    # what a program using the SDK against a private hub does once (the CLI does it for its users):
+    # huggingface_hub may have been imported by an earlier test, before the variable was set
+    from tunehub.registry.hf import prepare_environment
+
+    prepare_environment(server.url)
     try:
         yield server
     finally:
