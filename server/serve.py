@@ -366,6 +366,7 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, 
     from tunehub.server.litserve_bridge import set_graceful_timeout
     from tunehub.server.spec import (
         HttpSettings,
+        MetadataAuth,
         StopWorkersAfterDrain,
         TunehubSpec,
         install_error_handlers,
@@ -401,6 +402,7 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, 
         model_metadata={"server": "tunehub", "version": __version__},
         disable_openapi_url=True,
         callbacks=[StopWorkersAfterDrain(WORKER_EXIT_S)],
+        middlewares=[(MetadataAuth, {"spec": spec})],
     )
     set_graceful_timeout(server, config.drain_s + UVICORN_EXTRA_S)
     install_error_handlers(server.app)  # 404, 405... answer the OpenAI error body too

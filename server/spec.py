@@ -233,6 +233,27 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(f"invalid request: {_short(details) or 'malformed'}"))
 
 
+class MetadataAuth:
+    """ASGI middleware (LitServer's ``middlewares``): LitServe's own metadata routes, ``/`` and
+    ``/info``, need a tenant's key or the admin key when tenants are configured, as tunehub's
+    routes do. ``/health`` stays open for probes; it says only "ok"."""
+
+    GUARDED_PATHS = frozenset({"/", "/info"})
+
+    def __init__(self, app: Any, spec: TunehubSpec):
+        self.app = app
+        self.spec = spec
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in self.GUARDED_PATHS:
+            try:
+                self.spec.check_metadata_access(Request(scope))
+            except TunehubError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 _STATUS_NAMES = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge", 429: "RateLimited"}
 
 
@@ -558,6 +579,8 @@ class TunehubSpec(LitSpec):
         try:
             if self.settings.admin_key_hash:
                 self._check_admin(request)
+            else:  # tenant labels are server metadata too
+                self.check_metadata_access(request)
             try:
                 self.metrics.pool.snapshot = await self._worker_result({"op": "admin", "action": "status"})
             except TunehubError:
@@ -610,6 +633,17 @@ class TunehubSpec(LitSpec):
         if tenant is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'" if not key else "unknown API key")
         return tenant
+
+    def check_metadata_access(self, request: Request) -> None:
+        """Server metadata with tenants configured: a tenant's key or the admin key (Unauthorized
+        otherwise); anyone in open mode."""
+        if self.tenants.open_mode:
+            return
+        key = _bearer(request)
+        expected = self.settings.admin_key_hash
+        if key and expected and hmac.compare_digest(hashlib.sha256(key.encode("utf-8")).hexdigest(), expected):
+            return
+        self._tenant(request)
 
     def _check_admin(self, request: Request) -> None:
         expected = self.settings.admin_key_hash

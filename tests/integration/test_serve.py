@@ -475,6 +475,19 @@ def test_max_tokens_limit(server):
         _sdk(server).complete("acme/qa", "x", max_tokens=1000)
 
 
+def test_server_metadata_needs_a_key_when_tenants_are_configured(server):
+    for path in ("/", "/info"):
+        refused = httpx.get(server.url + path)
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["message"] == "missing API key: send 'Authorization: Bearer <key>'"
+        assert httpx.get(server.url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {KEYS['acme']}"}).status_code == 200
+        assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    info = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {KEYS['acme']}"}).json()
+    assert info["model"]["server"] == "tunehub"
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
 def test_admin_endpoints_need_the_admin_key(server):
     assert _post(server, "/admin/reload", {}, key=None).status_code == 401
     assert _post(server, "/admin/reload", {}, key=KEYS["acme"]).status_code == 403
@@ -831,6 +844,7 @@ def test_nf4_open_server_and_sigterm_leaves_no_process(world):
         srv.wait_ready()
         from tunehub.sdk import Client
 
+        assert httpx.get(srv.url + "/info").status_code == 200  # open mode: metadata needs no key either
         with Client(srv.url) as client:  # open mode: no key needed
             answer = client.complete("acme/sum@2", "the river", max_tokens=4, temperature=0, ignore_eos=True)
             assert answer.model == "acme/sum@2" and answer.completion_tokens == 4
