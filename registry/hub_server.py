@@ -17,8 +17,17 @@ Guarantees:
 - Writes are atomic and nothing outside the root is ever read or written (see
   :mod:`~tunehub.registry.hub_storage`): repo names, revisions and file paths are validated
   before they reach the storage.
-- With a token file, every write needs ``Authorization: Bearer <token>`` (LFS upload targets carry
-  a signed URL instead, as the client sends no header there); reads stay anonymous.
+- Access is decided in one place, :func:`authorize` (caller, namespace, level needed), called
+  for every route before the storage is touched. Without a token file anyone may do anything.
+  The line format (one token per line) gives every token write and admin everywhere and
+  anonymous read. The YAML format (:func:`parse_access_yaml`) gives each token a name, a level
+  per namespace (none < read < write) and admin or not; anonymous gets its own levels. Reads
+  need read, writes need write (401 without a token, 403 with one), deleting a repo needs an
+  admin token, and a repo the caller may not read is the 404 of a missing repo; ``/api/models``
+  lists only what the caller may read. LFS upload targets carry a signed URL instead of a token
+  (the client sends no header there): the write check happens at the batch request.
+- Every accepted write appends one JSON line to ``<root>/audit.log`` (who, action, repo,
+  revision/commit), after it succeeded; a refused write leaves no line.
 - Bad input gets a clear 4xx with a JSON ``{"error": ...}`` body and, where the Hub has one, an
   ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``).
 - Malformed requests get a 400, never a 5xx: every parse of client bytes that reach the
@@ -72,7 +81,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tunehub.errors import InvalidRequest
+from tunehub.errors import ConfigError, InvalidRequest
 from tunehub.registry.hub_storage import (
     LFS_SUFFIXES,
     LFS_THRESHOLD_BYTES,
@@ -90,6 +99,8 @@ from tunehub.registry.hub_storage import (
 )
 
 DEFAULT_MAX_BODY_BYTES = 1 << 30
+#: the actions under /api/models/{namespace}/{name}/ that write (every other one reads)
+_WRITE_ACTIONS = frozenset({"preupload", "commit", "tag", "branch"})
 PAGE_SIZE = 1000
 _CHUNK = 1 << 20
 _SIGNED_URL_TTL_S = 3600
@@ -316,26 +327,344 @@ def card_data(text: str) -> dict[str, Any] | None:
     return front_matter(text)[0]
 
 
-# --- HTTP ------------------------------------------------------------------------------------------
-@dataclass
-class HubConfig:
-    root: Path
-    tokens: frozenset[str] = frozenset()
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    verbose: bool = False
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+# --- access: tokens, scopes, private namespaces ----------------------------------------------------
+#: access levels, in order: a level grants every level below it
+LEVELS: dict[str, int] = {"none": 0, "read": 1, "write": 2}
+NONE, READ, WRITE = 0, 1, 2
+_LEVEL_NAMES = {value: key for key, value in LEVELS.items()}
+#: token names: what whoami returns and the audit log records (URL-safe: LFS upload URLs carry it)
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+#: the first significant line of a scoped (YAML) token file; anything else is the line format
+_YAML_START = re.compile(r"(?:---|(?:anonymous|tokens)[ \t]*:)(?:[ \t#].*)?")
+_FILE_KEYS = ("anonymous", "tokens")
+_TOKEN_KEYS = ("name", "sha256", "access", "admin")
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one identity may do: a level per namespace (``"*"`` for every other one) and whether it
+    may delete repositories."""
+
+    name: str
+    access: dict[str, int]
+    admin: bool = False
+
+    def level(self, namespace: str) -> int:
+        """The most specific pattern wins: the namespace's own, else ``*``, else none."""
+        return self.access.get(namespace, self.access.get("*", NONE))
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """A token of a token file, stored as the sha256 of its text (never in clear)."""
+
+    name: str
+    sha256: str
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """A parsed token file: who may read, write and delete what.
+
+    ``tokens`` maps the sha256 of each accepted token to its entry; ``anonymous`` is what requests
+    without a token get. A token never has less than anonymous on a namespace (it could be left
+    out of the request)."""
+
+    anonymous: Grant
+    tokens: dict[str, TokenEntry]
+    source: str = ""
+
+    def identify(self, token: str) -> TokenEntry | None:
+        digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        # compare every digest in constant time; which one matched does not show in the timing
+        found = None
+        for known, entry in self.tokens.items():
+            if hmac.compare_digest(known, digest):
+                found = entry
+        return found
+
+    def describe(self) -> str:
+        return f"{len(self.tokens)} token(s) from {self.source}" if self.source else f"{len(self.tokens)} token(s)"
+
+
+#: without a token file: anyone may do anything (as before tokens existed)
+OPEN_POLICY = AccessPolicy(anonymous=Grant(ANONYMOUS, {"*": WRITE}, admin=True), tokens={})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: a token's name (or ``anonymous``), with what it may do."""
+
+    name: str
+    grant: Grant
+    has_token: bool
+
+    def level(self, namespace: str) -> int:
+        return self.grant.level(namespace)
+
+
+def repo_not_found(namespace: str, name: str) -> HubError:
+    """The answer for a repo that does not exist, and for one the caller may not read: the same
+    status, body and ``X-Error-Code``, so a private namespace's repos cannot be told from missing ones."""
+    return HubError(404, f"Repository {namespace}/{name} not found", "RepoNotFound")
+
+
+def authorize(caller: Caller, namespace: str, name: str | None, needed: int, *, admin: bool = False) -> None:
+    """The one access check of the hub: does ``caller`` have ``needed`` (READ or WRITE) on
+    ``namespace`` (and, with ``admin``, an admin token)? Raises the refusal otherwise:
+
+    - no read access: the 404 of a missing repo (:func:`repo_not_found`) when a repo is named,
+      so nothing tells a private repo from a missing one; creating a repo there is a 401/403;
+    - read but not the write (or admin) asked for: 401 without a token (send one), 403 with one,
+      naming the namespace.
+
+    Nothing here looks at the storage: the answer does not depend on whether the repo exists."""
+    level = caller.level(namespace)
+    if level < READ and name is not None:
+        raise repo_not_found(namespace, name)
+    if level >= needed and (not admin or caller.grant.admin):
+        return
+    if not caller.has_token:
+        raise HubError(401, "this hub accepts writes only with a token: send Authorization: Bearer <token>")
+    if level < needed:
+        raise HubError(403, f"token {caller.name!r} may not {_VERBS[needed]} the namespace {namespace!r}")
+    raise HubError(403, f"token {caller.name!r} may not delete repositories: that needs an admin token")
+
+
+_VERBS = {READ: "read", WRITE: "write to"}
+
+
+def _legacy_name(token: str) -> str:
+    return "user-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def legacy_policy(tokens: frozenset[str] | set[str], source: str = "") -> AccessPolicy:
+    """The one-token-per-line format: every token writes everywhere and may delete (admin);
+    anonymous reads everywhere. whoami names a token ``user-<first 8 hex of its sha256>``."""
+    entries = {}
+    for token in sorted(tokens):
+        digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        name = _legacy_name(token)
+        entries[digest] = TokenEntry(name, digest, Grant(name, {"*": WRITE}, admin=True))
+    return AccessPolicy(anonymous=Grant(ANONYMOUS, {"*": READ}), tokens=entries, source=source)
 
 
 def load_tokens(path: str | Path) -> frozenset[str]:
-    """One accepted token per line; blank lines and ``#`` comments are skipped."""
+    """One accepted token per line (the line format); blank lines and ``#`` comments are skipped."""
     tokens = set()
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             tokens.add(line)
     if not tokens:
-        raise ValueError(f"{path} holds no token")
+        raise ConfigError(f"{path} holds no token")
     return frozenset(tokens)
+
+
+def is_scoped_token_file(text: str) -> bool:
+    """Whether a token file is the YAML format: its first line that is not blank or a ``#``
+    comment is ``---``, ``anonymous:`` or ``tokens:`` (a line-format token has no spaces and
+    would have to be exactly ``tokens:`` to be taken for one)."""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            return bool(_YAML_START.fullmatch(line.rstrip()))
+    return False
+
+
+def load_access(path: str | Path) -> AccessPolicy:
+    """The access policy of a token file, in either format (see :func:`parse_access_yaml`); a
+    :class:`~tunehub.errors.ConfigError` that names the file, line and entry for anything wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc}") from None
+    if is_scoped_token_file(text):
+        return parse_access_yaml(text, str(path))
+    return legacy_policy(load_tokens(path), str(path))
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source} line {node.start_mark.line + 1}"
+
+
+def _scalar(node: yaml.Node) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
+def _mapping(node: yaml.Node, what: str, source: str, problems: list[str]) -> list[tuple[str, yaml.Node, yaml.Node]]:
+    """(key, key node, value node) of a mapping node; a problem for a non-mapping, a non-string
+    key or a key given twice (plain YAML loading would keep the last one silently)."""
+    if not isinstance(node, yaml.MappingNode):
+        problems.append(f"{_where(source, node)}: {what} must be a mapping")
+        return []
+    items, seen = [], set()
+    for key_node, value_node in node.value:
+        key = _scalar(key_node)
+        if key is None or key_node.tag != "tag:yaml.org,2002:str":
+            problems.append(f"{_where(source, key_node)}: {what}: keys must be strings")
+            continue
+        if key in seen:
+            problems.append(f"{_where(source, key_node)}: {what}: {key!r} is given twice")
+            continue
+        seen.add(key)
+        items.append((key, key_node, value_node))
+    return items
+
+
+def _access_map(node: yaml.Node, what: str, source: str, problems: list[str]) -> dict[str, int]:
+    """``{pattern: level}``: patterns ``*``, ``ns`` or ``ns/*``; levels none, read, write."""
+    access: dict[str, int] = {}
+    for pattern, key_node, value_node in _mapping(node, what, source, problems):
+        namespace = pattern[:-2] if pattern.endswith("/*") else pattern
+        if namespace != "*" and not (_NAMESPACE.fullmatch(namespace) and ".." not in namespace):
+            problems.append(
+                f"{_where(source, key_node)}: {what}: invalid pattern {pattern!r}: use '*', 'namespace' or 'namespace/*'"
+            )
+            continue
+        level = _scalar(value_node)
+        if level not in LEVELS or value_node.tag != "tag:yaml.org,2002:str":
+            problems.append(
+                f"{_where(source, value_node)}: {what}: level of {pattern!r} must be one of none, read, write,"
+                f" not {level if level is not None else 'a ' + type(value_node).__name__!r}"
+            )
+            continue
+        if namespace in access:
+            problems.append(f"{_where(source, key_node)}: {what}: {pattern!r} names the same namespace as another pattern")
+            continue
+        access[namespace] = LEVELS[level]
+    return access
+
+
+def parse_access_yaml(text: str, source: str = "token file") -> AccessPolicy:
+    """Parse and strictly validate the YAML token file::
+
+        anonymous:                 # requests without a token; default {"*": read}
+          "*": read
+          secret: none
+        tokens:
+          - name: ci-acme          # whoami and the audit log name it so
+            sha256: <64 hex>       # sha256 of the token (`printf %s "$TOKEN" | sha256sum`)
+            access: {"acme/*": write, "*": read}
+          - name: ops
+            sha256: <64 hex>
+            access: {"*": write}
+            admin: true            # may delete repositories
+
+    Every problem found (unknown keys, bad levels or patterns, bad hex, duplicate names, hashes or
+    keys) is reported at once in one :class:`~tunehub.errors.ConfigError`, each with its line."""
+    problems: list[str] = []
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if root is None:
+        raise ConfigError(f"{source}: empty token file")
+    anonymous = Grant(ANONYMOUS, {"*": READ})
+    entries: dict[str, TokenEntry] = {}
+    tokens_node = None
+    for key, key_node, value_node in _mapping(root, "the token file", source, problems):
+        if key == "anonymous":
+            anonymous = Grant(ANONYMOUS, _access_map(value_node, "anonymous", source, problems))
+        elif key == "tokens":
+            tokens_node = value_node
+        else:
+            problems.append(f"{_where(source, key_node)}: unknown key {key!r} (allowed: {', '.join(_FILE_KEYS)})")
+    if tokens_node is None:
+        if isinstance(root, yaml.MappingNode):
+            problems.append(f"{source}: no 'tokens' list")
+    elif not isinstance(tokens_node, yaml.SequenceNode):
+        problems.append(f"{_where(source, tokens_node)}: 'tokens' must be a list")
+    else:
+        names: set[str] = set()
+        for index, entry_node in enumerate(tokens_node.value):
+            entry = _parse_token_entry(entry_node, index, source, problems, anonymous)
+            if entry is None:
+                continue
+            what = f"{_where(source, entry_node)}: tokens[{index}] ({entry.name})"
+            if entry.name in names:
+                problems.append(f"{what}: the name {entry.name!r} is used by another token")
+            elif entry.sha256 in entries:
+                problems.append(f"{what}: the same sha256 as token {entries[entry.sha256].name!r}")
+            else:
+                names.add(entry.name)
+                entries[entry.sha256] = entry
+    if problems:
+        raise ConfigError(problems)
+    return AccessPolicy(anonymous=anonymous, tokens=entries, source=source)
+
+
+def _parse_token_entry(node: yaml.Node, index: int, source: str, problems: list[str], anonymous: Grant) -> TokenEntry | None:
+    what = f"tokens[{index}]"
+    items = {key: (key_node, value_node) for key, key_node, value_node in _mapping(node, what, source, problems)}
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    name_node = items.get("name", (None, None))[1]
+    name = _scalar(name_node) if name_node is not None else None
+    if name is not None:
+        what = f"tokens[{index}] ({name})"
+    before = len(problems)
+    for key, (key_node, _) in items.items():
+        if key not in _TOKEN_KEYS:
+            problems.append(f"{_where(source, key_node)}: {what}: unknown key {key!r} (allowed: {', '.join(_TOKEN_KEYS)})")
+    for key in ("name", "sha256", "access"):
+        if key not in items:
+            problems.append(f"{_where(source, node)}: {what}: missing {key!r}")
+    if name_node is not None and (
+        name is None or name_node.tag != "tag:yaml.org,2002:str" or not _TOKEN_NAME.fullmatch(name) or name == ANONYMOUS
+    ):
+        problems.append(
+            f"{_where(source, name_node)}: {what}: invalid name {name!r}: letters, digits, '.', '_', '-', '@',"
+            " at most 64, not 'anonymous'"
+        )
+    digest = None
+    if "sha256" in items:
+        hex_node = items["sha256"][1]
+        raw = _scalar(hex_node)
+        digest = raw.lower().removeprefix("sha256:") if raw is not None else None
+        if digest is None or not SHA256_HEX.fullmatch(digest):
+            problems.append(
+                f"{_where(source, hex_node)}: {what}: sha256 must be 64 hex digits (the sha256 of the token, never the"
+                " token itself)"
+            )
+    access: dict[str, int] = {}
+    if "access" in items:
+        access = _access_map(items["access"][1], f"{what} access", source, problems)
+    admin = False
+    if "admin" in items:
+        admin_node = items["admin"][1]
+        value = _scalar(admin_node)
+        if admin_node.tag != "tag:yaml.org,2002:bool" or value is None:
+            problems.append(f"{_where(source, admin_node)}: {what}: admin must be true or false")
+        else:
+            admin = value.lower() in ("true", "yes", "on", "y")
+    if len(problems) > before or name is None or digest is None:
+        return None
+    # a token never has less than anonymous (the client could leave it out)
+    own = Grant(name, access, admin=admin)
+    merged = {pattern: max(own.level(pattern), anonymous.level(pattern)) for pattern in {"*", *access, *anonymous.access}}
+    return TokenEntry(name, digest, Grant(name, merged, admin=admin))
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+@dataclass
+class HubConfig:
+    root: Path
+    #: who may read, write and delete what (without a token file: anyone, anything)
+    access: AccessPolicy = OPEN_POLICY
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    verbose: bool = False
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether a token file is in force (then anonymous requests have only its anonymous rights)."""
+        return self.access is not OPEN_POLICY
 
 
 class HubApp:
@@ -418,6 +747,7 @@ class _Exchange:
         self._length: int | None = None
         self._range: tuple[int | None, int | None] | None = None
         self._authorization: tuple[str, str] | None = None
+        self._caller_known: Caller | None = None
 
     # --- plumbing ------------------------------------------------------------------------------
     def run(self) -> Response:
@@ -591,25 +921,45 @@ class _Exchange:
         return parse_uint(values[-1], name) if values else None
 
     # --- auth ----------------------------------------------------------------------------------
-    def _user(self) -> str | None:
-        """The caller's identity when a valid token was sent; raises 401 for an invalid one."""
+    def _caller(self) -> Caller:
+        """Who sent the request; a 401 for a token the hub does not know (or another scheme)."""
+        if self._caller_known is not None:
+            return self._caller_known
+        access = self.config.access
         if self._authorization is None:
-            return None
-        scheme, token = self._authorization  # well-formed: _parse_head checked it
-        tokens = self.config.tokens
-        if scheme != "bearer":
-            raise HubError(401, "Invalid credentials in Authorization header")
-        if not tokens:
-            return "anonymous"
-        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
-            raise HubError(401, "Invalid credentials in Authorization header")
-        return "user-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+            caller = Caller(ANONYMOUS, access.anonymous, has_token=False)
+        else:
+            scheme, token = self._authorization  # well-formed: _parse_head checked it
+            if scheme != "bearer":
+                raise HubError(401, "Invalid credentials in Authorization header")
+            if not self.config.tokens_required:  # no token file: any token, full access (as always)
+                caller = Caller(ANONYMOUS, access.anonymous, has_token=True)
+            else:
+                entry = access.identify(token)
+                if entry is None:
+                    raise HubError(401, "Invalid credentials in Authorization header")
+                caller = Caller(entry.name, entry.grant, has_token=True)
+        self._caller_known = caller
+        return caller
 
-    def _require_writer(self) -> str:
-        user = self._user()
-        if self.config.tokens and user is None:
-            raise HubError(401, "this hub accepts writes only with a token: send Authorization: Bearer <token>")
-        return user or "anonymous"
+    def _authorize(self, namespace: str, name: str | None, needed: int, *, admin: bool = False) -> Caller:
+        """:func:`authorize` for this request's caller; returns the caller (for the audit log)."""
+        caller = self._caller()
+        authorize(caller, namespace, name, needed, admin=admin)
+        return caller
+
+    def _require_some_write(self, *, admin: bool = False) -> Caller:
+        """Before reading a body that names the repo (create, delete): refuse a caller who may
+        write nowhere (or, with ``admin``, is no admin), so that an anonymous client cannot make
+        the hub read its body; the namespace is checked once the body is read."""
+        caller = self._caller()
+        if not any(level >= WRITE for level in caller.grant.access.values()) or (admin and not caller.grant.admin):
+            if not caller.has_token:
+                raise HubError(401, "this hub accepts writes only with a token: send Authorization: Bearer <token>")
+            if admin and not caller.grant.admin:
+                raise HubError(403, f"token {caller.name!r} may not delete repositories: that needs an admin token")
+            raise HubError(403, f"token {caller.name!r} may not write to any namespace")
+        return caller
 
     def _sign(self, *parts: str) -> str:
         message = "|".join(parts).encode()
@@ -628,12 +978,18 @@ class _Exchange:
             namespace, name = s[0], s[1][: -len(".git")]
             rest = s[5:]
             if rest == ["batch"] and method == "POST":
+                check_repo_part(namespace, "namespace")
+                check_repo_part(name, "name")
+                self._authorize(namespace, name, WRITE)  # the upload URLs it hands out carry no token
                 return self._lfs_batch(namespace, name)
             if len(rest) == 1 and method == "PUT":
                 return self._lfs_put(namespace, name, rest[0])
             if rest == ["verify"] and method == "POST":
                 return self._lfs_verify(namespace, name)
         if len(s) >= 4 and s[2] == "resolve" and method in ("GET", "HEAD"):
+            check_repo_part(s[0], "namespace")
+            check_repo_part(s[1], "name")
+            self._authorize(s[0], s[1], READ)
             return self._resolve_file(s[0], s[1], s[3], "/".join(s[4:]))
         raise HubError(404, f"no such endpoint: {method} /{'/'.join(s)}")
 
@@ -660,6 +1016,8 @@ class _Exchange:
         check_repo_part(name, "name")
         action = rest[0] if rest else None
         arg = rest[1] if len(rest) > 1 else None
+        # every route under /api/models/{namespace}/{name}: reads need read, these need write
+        self._authorize(namespace, name, WRITE if action in _WRITE_ACTIONS else READ)
         if action is None and method == "GET":
             return self._model_info(namespace, name, "main")
         if action == "revision" and len(rest) == 2 and method == "GET":
@@ -700,27 +1058,32 @@ class _Exchange:
         return check_repo_part(organization, "namespace"), check_repo_part(name, "name")  # type: ignore[arg-type]
 
     def _create_repo(self) -> Response:
-        user = self._require_writer()
+        self._require_some_write()
         body = self._json_body()
         namespace, name = self._repo_id_from_body(body)
+        caller = self._authorize(namespace, None, WRITE)
         url = f"{self._base_url()}/{namespace}/{name}"
         try:
-            self.storage.create_repo(namespace, name, user)
+            self.storage.create_repo(namespace, name, caller.name)
         except HubError as exc:
             exc.extra["url"] = url  # the client reads it even from a 409 (exist_ok=True)
             raise
+        self.storage.audit(caller.name, "create_repo", f"{namespace}/{name}")
         return _json(200, {"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
 
     def _delete_repo(self) -> Response:
-        self._require_writer()
+        self._require_some_write(admin=True)
         namespace, name = self._repo_id_from_body(self._json_body())
+        caller = self._authorize(namespace, name, WRITE, admin=True)
         self.storage.delete_repo(namespace, name)
+        self.storage.audit(caller.name, "delete_repo", f"{namespace}/{name}")
         return _json(200, {})
 
     def _whoami(self) -> Response:
-        user = self._user()
-        if user is None:
+        caller = self._caller()
+        if not caller.has_token:
             raise HubError(401, "Invalid credentials in Authorization header")
+        user = caller.name
         return _json(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"type": "access_token"}})
 
     def _validate_yaml(self) -> Response:
@@ -820,8 +1183,11 @@ class _Exchange:
         limit_param = self._uint_param("limit")
         limit = min(limit_param, PAGE_SIZE) if limit_param is not None else PAGE_SIZE
         cursor = self._uint_param("cursor") or 0
+        caller = self._caller()
         found = []
         for namespace, name in storage.iter_repos():
+            if caller.level(namespace) < READ:  # what the caller may not read is not listed
+                continue
             repo_id = f"{namespace}/{name}"
             if author and namespace != author:
                 continue
@@ -965,7 +1331,6 @@ class _Exchange:
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
     def _preupload(self, namespace: str, name: str, rev: str) -> Response:
-        self._require_writer()
         repo = self.storage.require_repo(namespace, name)
         body = self._json_body()
         branch = self._writable_branch(repo, rev)
@@ -996,10 +1361,8 @@ class _Exchange:
         return _json(200, {"files": answers, "commitOid": head.id})
 
     def _lfs_batch(self, namespace: str, name: str) -> Response:
-        self._require_writer()
         storage = self.storage
-        check_repo_part(namespace, "namespace")
-        check_repo_part(name, "name")
+        who = self._caller().name  # authorized by _route; the upload URLs carry it for the audit log
         storage.require_repo(namespace, name)
         body = self._json_body()
         if body.get("operation") != "upload":
@@ -1030,8 +1393,8 @@ class _Exchange:
             if storage.object_size(oid) == size:
                 answers.append({"oid": oid, "size": size})  # already here: nothing to upload
                 continue
-            signature = self._sign(namespace, name, oid, str(size), expires)
-            query = f"size={size}&expires={expires}&sig={signature}"
+            signature = self._sign(namespace, name, oid, str(size), expires, who)
+            query = f"size={size}&expires={expires}&by={quote(who, safe='')}&sig={signature}"
             href = f"{base}/{namespace}/{name}.git/info/lfs/objects/{oid}?{query}"
             verify = f"{base}/{namespace}/{name}.git/info/lfs/objects/verify?{query}&oid={oid}"
             answers.append(
@@ -1044,27 +1407,29 @@ class _Exchange:
             )
         return _response(200, json.dumps({"transfer": "basic", "objects": answers}).encode(), "application/vnd.git-lfs+json")
 
-    def _check_signed(self, namespace: str, name: str, oid: str) -> int:
+    def _check_signed(self, namespace: str, name: str, oid: str) -> tuple[int, str]:
+        """(announced size, who asked the batch endpoint for the URL) of a signed LFS URL."""
         size_raw = (self.query.get("size") or [""])[-1]
         expires_raw = (self.query.get("expires") or [""])[-1]
+        who = (self.query.get("by") or [""])[-1]
         signature = (self.query.get("sig") or [""])[-1]
         if not size_raw or not expires_raw or not signature:
             raise HubError(403, "upload URL is not signed")
         size = parse_uint(size_raw, "size")
         expires = parse_uint(expires_raw, "expires")
-        expected = self._sign(namespace, name, oid, size_raw, expires_raw)
+        expected = self._sign(namespace, name, oid, size_raw, expires_raw, who)
         if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise HubError(403, "upload URL signature is invalid")
         if expires < time.time():
             raise HubError(403, "upload URL has expired: ask the LFS batch endpoint again")
-        return size
+        return size, who
 
     def _lfs_put(self, namespace: str, name: str, oid: str) -> Response:
         check_repo_part(namespace, "namespace")
         check_repo_part(name, "name")
         if not SHA256_HEX.fullmatch(oid):
             raise _bad(f"invalid LFS oid {oid!r}")
-        size = self._check_signed(namespace, name, oid)
+        size, who = self._check_signed(namespace, name, oid)
         self.storage.require_repo(namespace, name)
         length = self._length
         if length is not None and length != size:
@@ -1073,6 +1438,7 @@ class _Exchange:
             raise _bad(f"Content-Length {length} differs from the announced size {size}")
         limit = min(size, self.config.max_body_bytes)
         self.storage.put_object_stream(self._iter_body(limit), oid, size)  # to disk as it arrives
+        self.storage.audit(who, "lfs_upload", f"{namespace}/{name}", oid=oid, size=size)
         return _json(200, {})
 
     def _lfs_verify(self, namespace: str, name: str) -> Response:
@@ -1081,7 +1447,7 @@ class _Exchange:
         oid = (self.query.get("oid") or [""])[-1]
         if not SHA256_HEX.fullmatch(oid):
             raise _bad(f"invalid LFS oid {oid!r}")
-        size = self._check_signed(namespace, name, oid)
+        size, _ = self._check_signed(namespace, name, oid)
         body = self._json_body()
         if body.get("oid") not in (None, oid) or body.get("size") not in (None, size):
             raise _bad("verify body does not match the upload")
@@ -1090,7 +1456,7 @@ class _Exchange:
         return _json(200, {"message": "ok"})
 
     def _commit(self, namespace: str, name: str, rev: str) -> Response:
-        user = self._require_writer()
+        user = self._caller().name  # authorized by _route_api
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         branch = self._writable_branch(repo, rev)
@@ -1121,6 +1487,7 @@ class _Exchange:
             for _, _, entry in operations:  # content of a refused commit never becomes an object
                 if entry and entry.get("staged"):
                     Path(entry["staged"]).unlink(missing_ok=True)
+        storage.audit(user, "commit", f"{namespace}/{name}", revision=branch, commit=commit.id)
         base = self._base_url()
         return _json(
             200,
@@ -1200,7 +1567,6 @@ class _Exchange:
 
     # --- refs ----------------------------------------------------------------------------------
     def _create_tag(self, namespace: str, name: str, rev: str) -> Response:
-        self._require_writer()
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         body = self._json_body()
@@ -1217,10 +1583,10 @@ class _Exchange:
                 raise HubError(409, f"{tag} is already a branch name")
             refs["tags"][tag] = {"commit": commit.id, "message": message}
             storage.write_refs(repo, refs)
+        storage.audit(self._caller().name, "create_tag", f"{namespace}/{name}", revision=tag, commit=commit.id)
         return _json(200, {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": commit.id})
 
     def _delete_tag(self, namespace: str, name: str, tag: str) -> Response:
-        self._require_writer()
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         tag = strip_ref_prefix(tag)
@@ -1228,12 +1594,12 @@ class _Exchange:
             refs = storage.refs(repo)
             if tag not in refs["tags"]:
                 raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
-            del refs["tags"][tag]
+            target = refs["tags"].pop(tag)
             storage.write_refs(repo, refs)
+        storage.audit(self._caller().name, "delete_tag", f"{namespace}/{name}", revision=tag, commit=target.get("commit"))
         return _json(200, {})
 
     def _create_branch(self, namespace: str, name: str, branch: str) -> Response:
-        self._require_writer()
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         branch = check_ref_name(branch, "branch")
@@ -1250,10 +1616,10 @@ class _Exchange:
                 raise HubError(409, f"{branch} is already a tag name")
             refs["branches"][branch] = commit.id
             storage.write_refs(repo, refs)
+        storage.audit(self._caller().name, "create_branch", f"{namespace}/{name}", revision=branch, commit=commit.id)
         return _json(200, {"name": branch, "ref": f"refs/heads/{branch}", "targetCommit": commit.id})
 
     def _delete_branch(self, namespace: str, name: str, branch: str) -> Response:
-        self._require_writer()
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         branch = strip_ref_prefix(branch)
@@ -1263,8 +1629,9 @@ class _Exchange:
             refs = storage.refs(repo)
             if branch not in refs["branches"]:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            del refs["branches"][branch]
+            target_id = refs["branches"].pop(branch)
             storage.write_refs(repo, refs)
+        storage.audit(self._caller().name, "delete_branch", f"{namespace}/{name}", revision=branch, commit=target_id)
         return _json(200, {})
 
     # --- downloads -----------------------------------------------------------------------------
@@ -1434,8 +1801,8 @@ def make_server(
     :meth:`HubServer.start` or ``with``."""
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
-    tokens = load_tokens(token_file) if token_file else frozenset()
-    config = HubConfig(root=Path(root), tokens=tokens, max_body_bytes=max_body_bytes, verbose=verbose)
+    access = load_access(token_file) if token_file else OPEN_POLICY
+    config = HubConfig(root=Path(root), access=access, max_body_bytes=max_body_bytes, verbose=verbose)
     return HubServer(config, host, port)
 
 
@@ -1475,7 +1842,7 @@ def serve(
     previous = {sig: signal.getsignal(sig) for sig in signals} if in_main_thread else {}
     if in_main_thread:
         signal.signal(signal.SIGTERM, _stop)  # SIGINT raises KeyboardInterrupt already
-    auth = f"writes need one of {len(server.config.tokens)} token(s)" if server.config.tokens else "no token needed"
+    auth = f"access by {server.config.access.describe()}" if server.config.tokens_required else "no token needed"
     try:
         server.start()
         (announce or logging.getLogger("tunehub.hub").info)(f"tunehub hub serving {server.storage.root} on {server.url} ({auth})")
@@ -1495,6 +1862,9 @@ def serve(
 
 
 __all__ = [
+    "AccessPolicy",
+    "Caller",
+    "Grant",
     "HubApp",
     "HubConfig",
     "HubError",
@@ -1504,8 +1874,11 @@ __all__ = [
     "check_file_path",
     "check_ref_name",
     "check_repo_part",
+    "authorize",
     "git_blob_oid",
+    "load_access",
     "load_tokens",
     "make_server",
+    "parse_access_yaml",
     "serve",
 ]

@@ -11,6 +11,7 @@ Layout under the root::
                                             date and the whole file table {path: {sha256, size, oid, lfs}}
         .lock                               flock'ed while refs.json changes (one lock per repo)
     tmp/                                    uploads and records being written; never read as content
+    audit.log                               one JSON line per accepted write (:meth:`HubStorage.audit`)
 
 Guarantees:
 - Writes are atomic: content, commit objects and refs are written aside in ``tmp/``, fsynced and
@@ -19,6 +20,9 @@ Guarantees:
 - Nothing outside the root is ever read or written: repo names, revisions and file paths are
   validated (no ``..``, absolute paths, backslashes or NUL); revisions live in ``refs.json`` and
   never become file names; commit ids and object names are checked hex digests.
+- ``audit.log`` is append-only: each accepted write adds one line with one ``write`` on a file
+  opened with ``O_APPEND`` (under a lock, so lines from concurrent requests never interleave); it
+  is never rewritten or truncated here.
 
 Refusals are :class:`HubError`: the HTTP status and the Hub's ``X-Error-Code`` the server
 (:mod:`tunehub.registry.hub_server`) answers with.
@@ -33,6 +37,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +92,8 @@ SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 #: a content object id (sha256, 64 lower-case hex digits)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH_LENGTH = 1024
+#: the audit log's name under the root
+AUDIT_LOG = "audit.log"
 
 
 class HubError(Exception):
@@ -204,6 +211,27 @@ class HubStorage:
         self.root = Path(root).expanduser().resolve()
         for sub in ("objects/sha256", "repos/models", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._audit_lock = threading.Lock()
+
+    @property
+    def audit_path(self) -> Path:
+        return self.root / AUDIT_LOG
+
+    def audit(self, who: str, action: str, repo: str, **details: Any) -> None:
+        """Append one line to ``audit.log`` for a write that was accepted: UTC time, who, action,
+        repo and ``details`` (revision, commit, oid...; None values are left out). One ``write``
+        on an ``O_APPEND`` descriptor under a lock: concurrent requests never interleave lines."""
+        record = {"time": _now(), "who": who, "action": action, "repo": repo}
+        record.update({key: value for key, value in details.items() if value is not None})
+        line = json.dumps(record, sort_keys=False).encode() + b"\n"
+        with self._audit_lock:
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                written = os.write(fd, line)
+                while written < len(line):  # a short write (disk full, signal): finish the line
+                    written += os.write(fd, line[written:])
+            finally:
+                os.close(fd)
 
     # paths (every argument was validated before it gets here)
     def repo_dir(self, namespace: str, name: str) -> Path:
@@ -493,6 +521,7 @@ def _loads(path: Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "AUDIT_LOG",
     "GITATTRIBUTES",
     "LFS_SUFFIXES",
     "LFS_THRESHOLD_BYTES",

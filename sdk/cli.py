@@ -328,7 +328,9 @@ def hub_serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8787, "--port", help="port to listen on (0 picks a free one)"),
     token_file: Optional[Path] = typer.Option(
-        None, "--token-file", help="accepted tokens, one per line; without it anyone may write"
+        None,
+        "--token-file",
+        help="accepted tokens, one per line, or YAML with scopes per namespace (see README); without it anyone may write",
     ),
     max_body_bytes: int = typer.Option(1 << 30, "--max-body-bytes", help="largest request body accepted (413 beyond)"),
     verbose: bool = typer.Option(False, "--verbose", help="log every request to stderr"),

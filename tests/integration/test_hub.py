@@ -48,10 +48,10 @@ class Hub:
     proc: subprocess.Popen
 
 
-def _start_hub(tmp: Path) -> Hub:
+def _start_hub(tmp: Path, tokens: str = f"# accepted tokens\n{TOKEN}\nanother-token\n") -> Hub:
     root, log = tmp / "hub-root", tmp / "hub.log"
     token_file = tmp / "tokens.txt"
-    token_file.write_text(f"# accepted tokens\n{TOKEN}\nanother-token\n")
+    token_file.write_text(tokens)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
             [
@@ -629,3 +629,159 @@ def test_malformed_requests_get_400_without_a_token_and_no_internal_error(hub):
         if b"Content-Length: \xb2" not in request:  # refused by uvicorn while framing it: its plain-text 400
             assert isinstance(json.loads(body)["error"], str)
     assert api.list_repo_refs("acme/strict").branches[0].name == "main"  # and the real client still works
+
+
+# --- scoped tokens (YAML token file), private namespaces, the audit log ---------------------------
+SCOPED_TOKENS = {"ci-acme": "hub-ci-acme-token", "ops": "hub-ops-token", "viewer": "hub-viewer-token"}
+
+
+def _scoped_yaml() -> str:
+    def sha(name: str) -> str:
+        return hashlib.sha256(SCOPED_TOKENS[name].encode()).hexdigest()
+
+    return textwrap.dedent(
+        f"""\
+        anonymous:
+          "*": read
+          secret: none
+        tokens:
+          - name: ci-acme
+            sha256: {sha("ci-acme")}
+            access: {{"acme/*": write, "*": read}}
+          - name: ops
+            sha256: {sha("ops")}
+            access: {{"*": write}}
+            admin: true
+          - name: viewer
+            sha256: {sha("viewer")}
+            access: {{"*": read}}
+        """
+    )
+
+
+@pytest.fixture(scope="module")
+def scoped_hub(tmp_path_factory: pytest.TempPathFactory):
+    server = _start_hub(tmp_path_factory.mktemp("scoped-hub"), tokens=_scoped_yaml())
+    try:
+        yield server
+    finally:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    log = server.log.read_text()
+    assert "internal error" not in log and "Traceback" not in log, log
+
+
+def _scoped_api(hub: Hub, name: str | None):
+    return _api(hub, token=SCOPED_TOKENS[name] if name else None)
+
+
+def _audit_lines(hub: Hub) -> list[dict]:
+    path = hub.root / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_scoped_tokens_with_the_real_client(scoped_hub, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    hub = scoped_hub
+    ci, ops, viewer, anonymous = (_scoped_api(hub, n) for n in ("ci-acme", "ops", "viewer", None))
+    assert ci.whoami()["name"] == "ci-acme"
+    before = len(_audit_lines(hub))
+
+    # its own namespace: create, upload (a regular file and an LFS one), tag
+    ci.create_repo("acme/scoped")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    first = ci.upload_file(path_or_fileobj=b"hello", path_in_repo="notes.txt", repo_id="acme/scoped")
+    second = ci.upload_file(path_or_fileobj=str(weights), path_in_repo="w.safetensors", repo_id="acme/scoped")
+    ci.create_tag("acme/scoped", tag="v1")
+
+    # another namespace: 403 for every write, nothing changes there
+    ops.create_repo("other/shared")
+    for write in (
+        lambda: ci.create_repo("other/new"),
+        lambda: ci.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="other/shared"),
+        lambda: ci.create_tag("other/shared", tag="sneaky"),
+        lambda: ci.delete_repo("acme/scoped"),  # its own namespace, but deleting needs admin
+    ):
+        with pytest.raises(HfHubHTTPError) as refused:
+            write()
+        assert refused.value.response.status_code == 403, refused.value
+    assert {f.rfilename for f in viewer.model_info("other/shared").siblings} == {".gitattributes"}
+    with pytest.raises(HfHubHTTPError) as refused:
+        viewer.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="acme/scoped")
+    assert refused.value.response.status_code == 403 and "'acme'" in str(refused.value)
+
+    # a private namespace: anonymous clients cannot tell its repos from missing ones
+    ops.create_repo("secret/plans")
+    ops.upload_file(path_or_fileobj=b"top secret", path_in_repo="plan.txt", repo_id="secret/plans")
+    for call in (
+        lambda: anonymous.model_info("secret/plans"),
+        lambda: anonymous.list_repo_refs("secret/plans"),
+        lambda: anonymous.list_repo_files("secret/plans"),
+    ):
+        with pytest.raises(RepositoryNotFoundError):
+            call()
+    hidden = httpx.get(f"{hub.url}/api/models/secret/plans")
+    missing = httpx.get(f"{hub.url}/api/models/secret/nothing")
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.headers["X-Error-Code"] == missing.headers["X-Error-Code"] == "RepoNotFound"
+    assert "secret/plans" not in {m.id for m in anonymous.list_models()}
+    assert "secret/plans" in {m.id for m in viewer.list_models()}
+    assert viewer.model_info("secret/plans").sha is not None
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download("secret/plans", "plan.txt", endpoint=hub.url, token=SCOPED_TOKENS["viewer"], cache_dir=tmp_path / "c")
+    assert Path(path).read_bytes() == b"top secret"
+
+    # an admin deletes
+    ops.delete_repo("other/shared")
+    with pytest.raises(RepositoryNotFoundError):
+        viewer.model_info("other/shared")
+
+    lines = _audit_lines(hub)[before:]
+    assert [(r["who"], r["action"], r["repo"]) for r in lines] == [
+        ("ci-acme", "create_repo", "acme/scoped"),
+        ("ci-acme", "commit", "acme/scoped"),
+        ("ci-acme", "lfs_upload", "acme/scoped"),
+        ("ci-acme", "commit", "acme/scoped"),
+        ("ci-acme", "create_tag", "acme/scoped"),
+        ("ops", "create_repo", "other/shared"),
+        ("ops", "create_repo", "secret/plans"),
+        ("ops", "commit", "secret/plans"),
+        ("ops", "delete_repo", "other/shared"),
+    ]
+    assert lines[1]["commit"] == first.oid and lines[3]["commit"] == second.oid
+    assert lines[2]["oid"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_a_malformed_token_file_stops_the_cli_at_startup(tmp_path):
+    bad = tmp_path / "tokens.yaml"
+    bad.write_text("tokens:\n  - name: ci\n    sha256: abc\n    access: {acme: owner}\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunehub.sdk.cli",
+            "hub",
+            "serve",
+            "--root",
+            str(tmp_path / "root"),
+            "--port",
+            "0",
+            "--token-file",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokens.yaml line 3: tokens[0] (ci): sha256 must be 64 hex digits" in proc.stderr
+    assert "tokens.yaml line 4: tokens[0] (ci) access: level of 'acme' must be one of none, read, write" in proc.stderr

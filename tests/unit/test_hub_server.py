@@ -5,20 +5,28 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tunehub.errors import ConfigError
 from tunehub.registry.hub_server import (
+    Caller,
     HubError,
+    authorize,
     card_data,
     check_file_path,
     check_ref_name,
     check_repo_part,
     git_blob_oid,
+    is_scoped_token_file,
+    load_access,
     load_tokens,
     make_server,
+    parse_access_yaml,
 )
 
 TOKEN = "unit-token"
@@ -521,3 +529,297 @@ def test_every_name_check_repo_part_accepts_is_a_valid_hub_repo_name():
         except HFValidationError as exc:
             pytest.fail(f"the hub server accepts {name!r} but huggingface_hub refuses it: {exc}")
     assert accepted > 100
+
+
+# --- scoped tokens, private namespaces, the audit log ----------------------------------------------
+SCOPED = {"ci-acme": "tok-ci-acme", "ops": "tok-ops", "auditor": "tok-auditor"}
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {SCOPED[name]}"}
+
+
+SCOPED_YAML = f"""\
+# who may do what on this hub
+anonymous:
+  "*": read
+  secret: none
+tokens:
+  - name: ci-acme
+    sha256: {_sha(SCOPED["ci-acme"])}
+    access: {{"acme/*": write, "*": read}}
+  - name: ops
+    sha256: {_sha(SCOPED["ops"])}
+    access: {{"*": write}}
+    admin: true
+  - name: auditor
+    sha256: "sha256:{_sha(SCOPED["auditor"]).upper()}"
+    access: {{"secret": read}}
+"""
+
+
+@pytest.fixture
+def scoped(tmp_path: Path):
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(SCOPED_YAML)
+    with make_server(tmp_path / "root", port=0, token_file=tokens, max_body_bytes=256 * 1024) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for repo in ("acme/demo", "other/thing", "secret/plans"):
+                namespace, name = repo.split("/")
+                made = client.post("/api/repos/create", json={"name": name, "organization": namespace}, headers=_bearer("ops"))
+                assert made.status_code == 200, made.text
+            yield client, server
+
+
+def _scoped_commit(client: httpx.Client, repo: str, who: str | None, path: str = "a.txt") -> httpx.Response:
+    header = {"key": "header", "value": {"summary": "scoped"}}
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in (header, _file(path, b"data")))
+    return client.post(f"/api/models/{repo}/commit/main", content=body, headers=_bearer(who) if who else {})
+
+
+def _audit(server) -> list[dict]:
+    path = server.storage.root / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_scoped_token_writes_only_in_its_namespaces(scoped):
+    client, _ = scoped
+    assert _scoped_commit(client, "acme/demo", "ci-acme").status_code == 200
+    refused = [
+        _scoped_commit(client, "other/thing", "ci-acme"),
+        client.post("/api/repos/create", json={"name": "new", "organization": "other"}, headers=_bearer("ci-acme")),
+        client.post("/api/models/other/thing/tag/main", json={"tag": "v1"}, headers=_bearer("ci-acme")),
+        client.post("/api/models/other/thing/branch/dev", json={}, headers=_bearer("ci-acme")),
+        client.delete("/api/models/other/thing/branch/dev", headers=_bearer("ci-acme")),
+        client.post("/api/models/other/thing/preupload/main", json={"files": []}, headers=_bearer("ci-acme")),
+        client.post(
+            "/other/thing.git/info/lfs/objects/batch", json={"operation": "upload", "objects": []}, headers=_bearer("ci-acme")
+        ),
+    ]
+    for answer in refused:
+        assert answer.status_code == 403, answer.text
+        assert "'other'" in answer.json()["error"] and "ci-acme" in answer.json()["error"]
+    # a namespace it may not even read: a write there is a 404 like a missing repo, or a 403 to create
+    hidden = _scoped_commit(client, "secret/plans", None)
+    assert hidden.status_code == 404 and hidden.headers["X-Error-Code"] == "RepoNotFound"
+    assert _scoped_commit(client, "secret/plans", "ci-acme").status_code == 403  # "*": read covers secret
+    assert _scoped_commit(client, "secret/plans", "auditor").status_code == 403  # read only
+    # anonymous writes need a token (401, as with the line format), unknown tokens are a 401
+    assert _scoped_commit(client, "acme/demo", None).status_code == 401
+    assert (
+        client.post("/api/models/acme/demo/tag/main", json={"tag": "x"}, headers={"Authorization": "Bearer nope"}).status_code
+        == 401
+    )
+    assert client.get("/api/models/acme/demo", headers={"Authorization": "Bearer nope"}).status_code == 401
+    # deleting needs an admin token, even in the token's own namespace
+    delete = {"name": "demo", "organization": "acme"}
+    assert client.request("DELETE", "/api/repos/delete", json=delete, headers=_bearer("ci-acme")).status_code == 403
+    assert client.request("DELETE", "/api/repos/delete", json=delete).status_code == 401
+    assert client.get("/api/models/acme/demo").status_code == 200  # still there
+    assert client.request("DELETE", "/api/repos/delete", json=delete, headers=_bearer("ops")).status_code == 200
+    assert client.get("/api/models/acme/demo").headers["X-Error-Code"] == "RepoNotFound"
+    assert [client.get("/api/whoami-v2", headers=_bearer(n)).json()["name"] for n in SCOPED] == list(SCOPED)
+
+
+def test_a_private_namespace_is_a_404_exactly_like_a_missing_repo(scoped):
+    client, _ = scoped
+    assert _scoped_commit(client, "secret/plans", "ops").status_code == 200
+    routes = [
+        ("GET", "/api/models/{}"),
+        ("GET", "/api/models/{}/revision/main"),
+        ("GET", "/api/models/{}/refs"),
+        ("GET", "/api/models/{}/tree/main"),
+        ("GET", "/api/models/{}/commits/main"),
+        ("POST", "/api/models/{}/paths-info/main"),
+        ("GET", "/{}/resolve/main/a.txt"),
+        ("HEAD", "/{}/resolve/main/a.txt"),
+    ]
+    for method, route in routes:
+        hidden = client.request(method, route.format("secret/plans"))
+        missing = client.request(method, route.format("secret/nothing"))
+        assert hidden.status_code == missing.status_code == 404, (route, hidden.text)
+        assert hidden.headers["X-Error-Code"] == missing.headers["X-Error-Code"] == "RepoNotFound"
+        assert hidden.content == missing.content.replace(b"secret/nothing", b"secret/plans")
+        assert hidden.headers["X-Error-Message"] == missing.headers["X-Error-Message"].replace("nothing", "plans")
+        for who in ("auditor", "ci-acme", "ops"):  # tokens with read access see it
+            assert client.request(method, route.format("secret/plans"), headers=_bearer(who)).status_code == 200, (route, who)
+    assert client.get("/secret/plans/resolve/main/a.txt", headers=_bearer("auditor")).content == b"data"
+    listed = {
+        who: {m["id"] for m in client.get("/api/models", headers=_bearer(who) if who else {}).json()} for who in (None, *SCOPED)
+    }
+    assert listed[None] == {"acme/demo", "other/thing"}
+    assert listed["ci-acme"] == listed["ops"] == listed["auditor"] == {"acme/demo", "other/thing", "secret/plans"}
+    assert client.get("/api/models", params={"author": "secret"}).json() == []
+
+
+def test_the_audit_log_holds_one_line_per_accepted_write(scoped):
+    client, server = scoped
+    data = bytes(range(256)) * 4
+    oid = hashlib.sha256(data).hexdigest()
+    batch = client.post(
+        "/acme/demo.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+        headers=_bearer("ci-acme"),
+    )
+    upload = batch.json()["objects"][0]["actions"]["upload"]["href"]
+    assert client.put(upload, content=data).status_code == 200  # signed URL, no Authorization
+    lfs = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": oid, "size": len(data)}}
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in ({"key": "header", "value": {"summary": "w"}}, lfs))
+    head = client.post("/api/models/acme/demo/commit/main", content=body, headers=_bearer("ci-acme")).json()["commitOid"]
+    assert client.post("/api/models/acme/demo/tag/main", json={"tag": "v1"}, headers=_bearer("ci-acme")).status_code == 200
+    assert client.post("/api/models/acme/demo/branch/prod", json={}, headers=_bearer("ci-acme")).status_code == 200
+    assert client.delete("/api/models/acme/demo/branch/prod", headers=_bearer("ci-acme")).status_code == 200
+    assert client.delete("/api/models/acme/demo/tag/v1", headers=_bearer("ops")).status_code == 200
+    # refused writes leave no line: wrong namespace, no admin, no token, a stale parent, a taken tag
+    assert _scoped_commit(client, "other/thing", "ci-acme").status_code == 403
+    assert (
+        client.request(
+            "DELETE", "/api/repos/delete", json={"name": "thing", "organization": "other"}, headers=_bearer("ci-acme")
+        ).status_code
+        == 403
+    )
+    assert _scoped_commit(client, "acme/demo", None).status_code == 401
+    stale = {"key": "header", "value": {"summary": "s", "parentCommit": "0" * 40}}
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in (stale, _file("s.txt", b"s")))
+    assert client.post("/api/models/acme/demo/commit/main", content=body, headers=_bearer("ci-acme")).status_code == 412
+    assert (
+        client.post("/api/repos/create", json={"name": "demo", "organization": "acme"}, headers=_bearer("ops")).status_code == 409
+    )
+    assert (
+        client.request(
+            "DELETE", "/api/repos/delete", json={"name": "thing", "organization": "other"}, headers=_bearer("ops")
+        ).status_code
+        == 200
+    )
+
+    lines = _audit(server)
+    assert [(r["who"], r["action"], r["repo"]) for r in lines] == [
+        ("ops", "create_repo", "acme/demo"),
+        ("ops", "create_repo", "other/thing"),
+        ("ops", "create_repo", "secret/plans"),
+        ("ci-acme", "lfs_upload", "acme/demo"),
+        ("ci-acme", "commit", "acme/demo"),
+        ("ci-acme", "create_tag", "acme/demo"),
+        ("ci-acme", "create_branch", "acme/demo"),
+        ("ci-acme", "delete_branch", "acme/demo"),
+        ("ops", "delete_tag", "acme/demo"),
+        ("ops", "delete_repo", "other/thing"),
+    ]
+    assert lines[3]["oid"] == oid and lines[3]["size"] == len(data)
+    assert lines[4]["commit"] == head and lines[4]["revision"] == "main"
+    assert lines[5]["revision"] == "v1" and lines[5]["commit"] == head
+    assert all(r["time"].endswith("Z") and "T" in r["time"] for r in lines)
+
+
+def test_the_audit_log_is_whole_under_concurrent_writes(scoped):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, server = scoped
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda i: client.post("/api/models/acme/demo/tag/main", json={"tag": f"t{i}"}, headers=_bearer("ci-acme")),
+                range(40),
+            )
+        )
+    assert all(a.status_code == 200 for a in answers)
+    tags = [r["revision"] for r in _audit(server) if r["action"] == "create_tag"]  # every line parses
+    assert sorted(tags) == sorted(f"t{i}" for i in range(40))
+
+
+def test_the_line_format_still_gives_every_token_write_and_admin(tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# a comment\nfirst-token\nsecond-token\n")
+    policy = load_access(tokens)
+    assert policy.anonymous.level("any") == 1 and all(e.grant.level("x") == 2 and e.grant.admin for e in policy.tokens.values())
+    assert policy.identify("second-token").name == "user-" + _sha("second-token")[:8]
+    assert policy.identify("third") is None
+
+
+def _problems(text: str) -> str:
+    with pytest.raises(ConfigError) as refused:
+        parse_access_yaml(text, "t.yaml")
+    return str(refused.value)
+
+
+def test_a_malformed_token_file_is_refused_with_its_line(tmp_path):
+    good = _sha("x")
+    assert "t.yaml line 4: tokens[0] (a): unknown key 'adimn'" in _problems(
+        f"tokens:\n  - name: a\n    sha256: {good}\n    adimn: true\n    access: {{}}\n"
+    )
+    assert "line 1: unknown key 'token'" in _problems("token: []\n")
+    assert "line 2: anonymous: level of 'x' must be one of none, read, write" in _problems("anonymous:\n  x: admin\ntokens: []\n")
+    assert "line 3: tokens[0] (a): sha256 must be 64 hex digits" in _problems(
+        "tokens:\n  - name: a\n    sha256: not-hex\n    access: {}\n"
+    )
+    assert "line 3: tokens[0] (a): sha256 must be 64 hex digits" in _problems(
+        "tokens:\n  - name: a\n    sha256: my-token\n    access: {}\n"
+    )
+    duplicate_name = (
+        f"tokens:\n  - {{name: a, sha256: {good}, access: {{}}}}\n  - {{name: a, sha256: {_sha('y')}, access: {{}}}}\n"
+    )
+    assert "line 3: tokens[1] (a): the name 'a' is used by another token" in _problems(duplicate_name)
+    duplicate_hash = (
+        f"tokens:\n  - {{name: a, sha256: {good}, access: {{}}}}\n  - {{name: b, sha256: {good.upper()}, access: {{}}}}\n"
+    )
+    assert "line 3: tokens[1] (b): the same sha256 as token 'a'" in _problems(duplicate_hash)
+    assert "invalid pattern 'a/b'" in _problems(f"tokens:\n  - {{name: a, sha256: {good}, access: {{a/b: read}}}}\n")
+    assert "names the same namespace" in _problems(f"tokens:\n  - {{name: a, sha256: {good}, access: {{a: read, a/*: write}}}}\n")
+    assert "missing 'access'" in _problems(f"tokens:\n  - {{name: a, sha256: {good}}}\n")
+    assert "admin must be true or false" in _problems(f"tokens:\n  - {{name: a, sha256: {good}, access: {{}}, admin: 'yes'}}\n")
+    assert "'anonymous' is given twice" in _problems("anonymous: {}\nanonymous: {}\ntokens: []\n")
+    assert "invalid name" in _problems(f"tokens:\n  - {{name: anonymous, sha256: {good}, access: {{}}}}\n")
+    assert "invalid YAML" in _problems("tokens: [\n")
+    assert "2 problems" in _problems("anonymous: {x: all}\nfoo: 1\ntokens: []\n")  # every problem at once
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokens:\n  - name: a\n    sha256: nothex\n    access: {}\n")
+    with pytest.raises(ConfigError, match="bad.yaml line 3"):
+        make_server(tmp_path / "root", port=0, token_file=bad)
+    # the CLI exits at startup with that message on one line
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunehub.sdk.cli",
+            "hub",
+            "serve",
+            "--root",
+            str(tmp_path / "root"),
+            "--port",
+            "0",
+            "--token-file",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.yaml line 3: tokens[0] (a): sha256" in proc.stderr
+    ), proc.stderr
+
+
+def test_scopes_resolve_the_most_specific_pattern_and_never_below_anonymous():
+    policy = parse_access_yaml(SCOPED_YAML)
+    ci = policy.identify(SCOPED["ci-acme"])
+    assert ci is not None and (ci.grant.level("acme"), ci.grant.level("other"), ci.grant.level("secret")) == (2, 1, 1)
+    auditor = policy.identify(SCOPED["auditor"])  # its hash was written upper-case with a sha256: prefix
+    assert auditor is not None and (auditor.grant.level("secret"), auditor.grant.level("acme")) == (1, 1)
+    assert (policy.anonymous.level("secret"), policy.anonymous.level("acme")) == (0, 1)
+    assert not is_scoped_token_file("# tokens\nplain-token\n") and is_scoped_token_file("# x\ntokens:\n  - {}\n")
+    caller = Caller("ci-acme", ci.grant, has_token=True)
+    authorize(caller, "acme", "demo", 2)
+    with pytest.raises(HubError) as refused:
+        authorize(caller, "other", "demo", 2)
+    assert refused.value.status == 403
+    with pytest.raises(HubError) as hidden:
+        authorize(Caller("anonymous", policy.anonymous, has_token=False), "secret", "plans", 1)
+    assert (hidden.value.status, hidden.value.code, hidden.value.message) == (
+        404,
+        "RepoNotFound",
+        "Repository secret/plans not found",
+    )
