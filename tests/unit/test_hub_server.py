@@ -801,6 +801,19 @@ def test_a_malformed_token_file_is_refused_with_its_line(tmp_path):
     assert (
         proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.yaml line 3: tokens[0] (a): sha256" in proc.stderr
     ), proc.stderr
+    # every problem of the file on that line, each with its line
+    two = tmp_path / "tokens.yaml"
+    two.write_text("tokens:\n  - name: ci\n    sha256: abc\n    access: {acme: owner}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunehub.sdk.cli", "hub", "serve", "--root", str(tmp_path / "root"), "--port", "0"]
+        + ["--token-file", str(two)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokens.yaml line 3: tokens[0] (ci): sha256 must be 64 hex digits" in proc.stderr
+    assert "tokens.yaml line 4: tokens[0] (ci) access: level of 'acme' must be one of none, read, write" in proc.stderr
 
 
 def test_scopes_resolve_the_most_specific_pattern_and_never_below_anonymous():
