@@ -86,6 +86,7 @@ from tunehub.registry.refs import (
     validate_name,
     version_of_tag,
 )
+from tunehub.registry.signing import SignatureEntry
 from tunehub.registry.state import (
     HUB_STATE_SCHEMA,
     AliasMove,
@@ -669,6 +670,7 @@ class HubStore(ModuleStore):
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref, repo_id, snap, info = self._resolved(ref)
+        self.check_trust(info)
         state = self._require_module(ref, snap)
         files = state.record(info.version).file_digests
         owned = dest is None  # the modules folder is the store's own; a --dest folder is the user's
@@ -820,6 +822,19 @@ class HubStore(ModuleStore):
         def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, None, str]:
             new_state, _ = registry_state.yank(state, version, self._public_repo(ref), reason, by=current_actor(), at=_now())
             return new_state, None, f"tunehub: yank v{version}"
+
+        _, snap = self._update_state(ref, repo_id, change)
+        return self._info(ref, version, snap)
+
+    def sign(self, ref: str | ModuleRef, signature: SignatureEntry) -> VersionInfo:
+        ref, repo_id = self._repo(ref)
+        version = ref.version
+        if version is None:
+            raise Conflict(f"sign takes an exact version (name@N), got {ref}")
+
+        def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, None, str]:
+            new_state = registry_state.add_signature(state, version, signature, self._public_repo(ref))
+            return new_state, None, f"tunehub: sign v{version} ({signature.key_id[:16]})"
 
         _, snap = self._update_state(ref, repo_id, change)
         return self._info(ref, version, snap)

@@ -68,6 +68,7 @@ from tunehub.registry.module import (
     read_verified,
 )
 from tunehub.registry.refs import ModuleRef, parse_ref, parse_version, validate_alias
+from tunehub.registry.signing import SignatureEntry
 from tunehub.registry.state import (
     AliasMove,
     RegistryState,
@@ -325,6 +326,7 @@ class LocalStore(ModuleStore):
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         ref = parse_ref(ref)
         info, record = self._resolve_record(ref)
+        self.check_trust(info)
         files = record.file_digests  # paths and digests checked by _record
         owned = dest is None  # the cache folder is the store's own; a --dest folder is the user's
         if dest is None:
@@ -351,6 +353,7 @@ class LocalStore(ModuleStore):
     ) -> ModuleContent:
         """Read straight from the blobs: one read per file, hashed while it is read."""
         info, record = self._resolve_record(parse_ref(ref))
+        self.check_trust(info)  # the signed digests are the record's, which every read below checks
         digests = record.file_digests
         wanted = [rel for rel in digests if rel != MANIFEST_FILE] if files is None else [rel for rel in files if rel in digests]
         where = f"{info.ref} in {self.uri}"
@@ -456,6 +459,15 @@ class LocalStore(ModuleStore):
         self._change_state(
             ref, lambda state: registry_state.yank(state, version, ref.repo, reason, by=current_actor(), at=_now())
         )
+        module_dir, state = self._require_module(ref)
+        return version_info(state, self._record(module_dir, version), ref.repo)
+
+    def sign(self, ref: str | ModuleRef, signature: SignatureEntry) -> VersionInfo:
+        ref = parse_ref(ref)
+        version = ref.version
+        if version is None:
+            raise Conflict(f"sign takes an exact version (name@N), got {ref}")
+        self._change_state(ref, lambda state: (registry_state.add_signature(state, version, signature, ref.repo), None))
         module_dir, state = self._require_module(ref)
         return version_info(state, self._record(module_dir, version), ref.repo)
 

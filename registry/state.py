@@ -35,10 +35,12 @@ from tunehub.registry.refs import (
     validate_alias,
     version_of_tag,
 )
+from tunehub.registry.signing import SignatureEntry, parse_signature_entry
 
 HUB_STATE_SCHEMA = 1
 _RECORD_TEXT_FIELDS = ("manifest_sha256", "kind", "created_at", "base_fingerprint", "base_model_id")
 _MOVE_ACTIONS = ("promote", "rollback")
+MAX_SIGNATURES = 16  # per version: bounds the state a hostile writer can make readers parse
 
 
 # --- values --------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class VersionEntry:
     deleted: bool = False
     yank: Yank | None = None
     record: VersionRecord | None = None
+    signatures: tuple[SignatureEntry, ...] = ()  # by key id; a deleted version has none
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,10 @@ class RegistryState:
     def records(self) -> list[VersionRecord]:
         return [e.record for e in self.versions if e.record is not None and not e.deleted]
 
+    def signatures_of(self, version: int) -> tuple[SignatureEntry, ...]:
+        entry = self.entry(version)
+        return () if entry is None or entry.deleted else entry.signatures
+
     def aliases_of(self, version: int) -> tuple[str, ...]:
         return tuple(sorted(a for a, v in self.aliases if v == version))
 
@@ -175,12 +182,13 @@ def state_of(
     yanked: Mapping[int, Yank] | None = None,
     history: Iterable[AliasMove] = (),
     records: Mapping[int, VersionRecord] | None = None,
+    signatures: Mapping[int, tuple[SignatureEntry, ...]] | None = None,
 ) -> RegistryState:
     """Build a state from its parts (a version both live and deleted counts as deleted)."""
     gone = set(deleted)
-    yanks, held = dict(yanked or {}), dict(records or {})
+    yanks, held, signed = dict(yanked or {}), dict(records or {}), dict(signatures or {})
     entries = [VersionEntry(n, deleted=True) for n in gone]
-    entries += [VersionEntry(n, yank=yanks.get(n), record=held.get(n)) for n in set(live) - gone]
+    entries += [VersionEntry(n, yank=yanks.get(n), record=held.get(n), signatures=signed.get(n, ())) for n in set(live) - gone]
     return RegistryState(history=tuple(history))._with_versions(entries)._with_aliases(dict(aliases or {}))
 
 
@@ -341,6 +349,20 @@ def delete(state: RegistryState, version: int | None, repo: str, *, force: bool 
     return state._with_versions(entries)._with_aliases(aliases), targets
 
 
+def add_signature(state: RegistryState, version: int, signature: SignatureEntry, repo: str) -> RegistryState:
+    """The state with ``signature`` beside live ``version`` (yanked included). A new signature by
+    the same key replaces the old one; ``VersionNotFound`` for a version that is not live,
+    ``Conflict`` past :data:`MAX_SIGNATURES` keys."""
+    entry = state.entry(version)
+    if entry is None or entry.deleted:
+        raise VersionNotFound(f"{repo} has no version {version}")
+    others = tuple(s for s in entry.signatures if s.key_id != signature.key_id)
+    if len(others) >= MAX_SIGNATURES:
+        raise Conflict(f"{repo}@{version} already carries {MAX_SIGNATURES} signatures by other keys")
+    signed = replace(entry, signatures=(*others, signature))
+    return state._with_versions([signed if e.number == version else e for e in state.versions])
+
+
 def next_version(state: RegistryState, taken: Iterable[int] = ()) -> int:
     """The number the next push gets: one above every number ever used (live, deleted, ``taken``)."""
     return max({e.number for e in state.versions} | set(taken), default=0) + 1
@@ -470,6 +492,27 @@ def _parse_yanked(raw: object) -> dict[int, Yank]:
     return yanks
 
 
+def _parse_signatures(raw: object, where: str) -> dict[int, tuple[SignatureEntry, ...]]:
+    if not isinstance(raw, dict):
+        raise _Malformed("signatures must be an object")
+    signed: dict[int, tuple[SignatureEntry, ...]] = {}
+    for key, entries in raw.items():
+        try:
+            number = parse_version(key)
+        except InvalidReference:
+            raise _Malformed(f"signatures of {key!r} name no version") from None
+        if not isinstance(entries, list) or len(entries) > MAX_SIGNATURES:
+            raise _Malformed(f"signatures of version {key} must be a list of at most {MAX_SIGNATURES}")
+        try:
+            parsed = tuple(parse_signature_entry(e, f"{where}, signatures of version {key}") for e in entries)
+        except IntegrityError as exc:
+            raise _Malformed(str(exc)) from None
+        if len({e.key_id for e in parsed}) != len(parsed):
+            raise _Malformed(f"signatures of version {key} name one key twice")
+        signed[number] = parsed
+    return signed
+
+
 def parse_local_state(raw: object, live: Iterable[int], deleted: Iterable[int], where: str) -> RegistryState:
     """The state of a ``file://`` module: version numbers from its ``versions/`` folder, the rest
     from its ``state.json`` (``raw``: the parsed JSON, None when the file does not exist yet).
@@ -483,18 +526,25 @@ def parse_local_state(raw: object, live: Iterable[int], deleted: Iterable[int], 
         aliases = _parse_aliases(raw.get("aliases", {}))
         history = _parse_history(raw.get("history", []))
         yanked = _parse_yanked(raw.get("yanked", {}))
+        signatures = _parse_signatures(raw.get("signatures", {}), where)
     except _Malformed as exc:
-        raise IntegrityError(f"{where} is corrupt: malformed aliases, history or yanks ({exc})") from None
-    return state_of(live, deleted, aliases=aliases, yanked=yanked, history=history)
+        raise IntegrityError(f"{where} is corrupt: malformed aliases, history, yanks or signatures ({exc})") from None
+    return state_of(live, deleted, aliases=aliases, yanked=yanked, history=history, signatures=signatures)
 
 
 def local_state_json(state: RegistryState) -> dict[str, Any]:
-    """What ``state.json`` of a ``file://`` module holds (the version numbers live in files)."""
-    return {
+    """What ``state.json`` of a ``file://`` module holds (the version numbers live in files).
+    ``signatures`` is written only when a version has one, so unsigned registries keep the
+    format older tunehubs wrote."""
+    data: dict[str, Any] = {
         "aliases": state.alias_map,
         "history": [move.to_dict() for move in state.history],
         "yanked": {str(n): mark.to_dict() for n, mark in sorted(state.yanked.items())},
     }
+    signed = {str(e.number): [s.to_dict() for s in e.signatures] for e in state.versions if e.signatures and not e.deleted}
+    if signed:
+        data["signatures"] = signed
+    return data
 
 
 def parse_hub_state(raw: object, repo_id: str) -> RegistryState:
@@ -531,9 +581,10 @@ def parse_hub_state(raw: object, repo_id: str) -> RegistryState:
         aliases = _parse_aliases(raw.get("aliases", {}))
         history = _parse_history(raw.get("history", []))
         yanked = _parse_yanked(raw.get("yanked", {}))
+        signatures = _parse_signatures(raw.get("signatures", {}), f"the tunehub state of {repo_id}")
     except _Malformed as exc:
         raise corrupt(str(exc)) from None
-    return state_of(records, deleted, aliases=aliases, yanked=yanked, history=history, records=records)
+    return state_of(records, deleted, aliases=aliases, yanked=yanked, history=history, records=records, signatures=signatures)
 
 
 def hub_state_json(state: RegistryState, repo_id: str, last: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -554,6 +605,7 @@ __all__ = [
     "VersionEntry",
     "VersionRecord",
     "Yank",
+    "add_signature",
     "add_version",
     "check_movable_alias",
     "delete",

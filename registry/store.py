@@ -20,6 +20,7 @@ from tunehub.registry.module import (
     read_verified,
 )
 from tunehub.registry.refs import ModuleRef
+from tunehub.registry.signing import Provenance, SignatureEntry, Signer, TrustPolicy
 
 # AliasMove and the rollback helpers live with the state machine; they stay importable from here
 from tunehub.registry.state import AliasMove as AliasMove
@@ -48,6 +49,9 @@ class VersionInfo:
     yank_reason: str | None = None
     aliases: tuple[str, ...] = ()
     commit: str | None = None  # the Hub commit sha, for hf:// stores
+    #: every file of the version with its sha256, manifest.json included: what a signature covers
+    files: tuple[tuple[str, str], ...] = ()
+    signatures: tuple[SignatureEntry, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -57,7 +61,17 @@ class VersionInfo:
         data = asdict(self)
         data["aliases"] = list(self.aliases)
         data["ref"] = self.ref
+        del data["files"]  # the manifest lists them (``tunehub show``)
+        # who signed and when; the bundles themselves stay in the store (``tunehub verify --export``)
+        data["signatures"] = [{"key_id": s.key_id, "by": s.by, "at": s.at} for s in self.signatures]
         return data
+
+    def provenance(self, policy: TrustPolicy | None = None) -> Provenance:
+        """Who signed this version, each signature checked against ``policy``'s keys (unchecked
+        without a policy). Raises what :meth:`TrustPolicy.check` raises."""
+        if policy is None:
+            return Provenance(tuple(Signer(s.key_id, s.by, s.at, "not checked") for s in self.signatures))
+        return policy.check(self.ref, dict(self.files), self.signatures)
 
 
 @dataclass(frozen=True)
@@ -101,9 +115,22 @@ def default_registry_uri() -> str:
 
 
 class ModuleStore(ABC):
-    """What every registry store does. References may be strings or :class:`ModuleRef`."""
+    """What every registry store does. References may be strings or :class:`ModuleRef`.
+
+    ``trust`` (``open_store(..., trust=TrustPolicy)``) is checked by every pull and read before
+    any file is fetched: a version the policy refuses is never materialised."""
 
     uri: str
+    trust: TrustPolicy | None = None
+
+    def check_trust(self, info: VersionInfo) -> Provenance:
+        """``info``'s provenance under this store's trust policy (raises if it refuses it)."""
+        return info.provenance(self.trust)
+
+    @abstractmethod
+    def sign(self, ref: str | ModuleRef, signature: SignatureEntry) -> VersionInfo:
+        """Store ``signature`` beside the exact version ``ref`` names (``name@N``); a signature by
+        the same key replaces the earlier one. The version itself does not change."""
 
     @abstractmethod
     def push(self, folder: str | Path, ref: str | ModuleRef) -> VersionInfo:
@@ -136,7 +163,7 @@ class ModuleStore(ABC):
         is returned only if they matched. This default pulls into the local cache and reads from
         there; a store that can read its objects directly overrides it."""
         if check is not None:
-            check(self.manifest(ref))
+            check(self.manifest(ref))  # the pull below checks the trust policy before any weights
         local = self.pull(ref)
         wanted = list(local.manifest.files) if files is None else [rel for rel in files if rel in local.manifest.files]
         where = str(local.ref or local.path)
@@ -228,7 +255,36 @@ def version_info(state: RegistryState, record: VersionRecord, repo: str, commit:
         yank_reason=mark.reason if mark is not None else None,
         aliases=state.aliases_of(record.version),
         commit=commit,
+        files=tuple(sorted(record.files)),
+        signatures=state.signatures_of(record.version),
     )
+
+
+def push_signed(store: ModuleStore, folder: str | Path, ref: str | ModuleRef, key: str | Path) -> VersionInfo:
+    """Push ``folder`` as the next version of ``ref`` signed with the elliptic private key
+    ``key``: the files are signed before anything is sent, and the signature is stored beside
+    the version once it is recorded. If storing it fails, the version stays unsigned and the
+    error says how to sign it."""
+    from datetime import datetime, timezone
+
+    from tunehub.errors import TunehubError
+    from tunehub.registry.files import sha256_bytes
+    from tunehub.registry.module import check_module_for_push
+    from tunehub.registry.signing import sign_digests, version_digests
+
+    module = check_module_for_push(folder)
+    digests = version_digests(sha256_bytes((module.path / MANIFEST_FILE).read_bytes()), module.manifest.files)
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    signature = sign_digests(digests, key, name=str(ref), by=current_actor(), at=at)
+    info = store.push(folder, ref)
+    if dict(info.files) != digests:
+        raise IntegrityError(f"{folder} changed while it was pushed; {info.ref} was stored unsigned: push it again")
+    try:
+        return store.sign(info.ref, signature)
+    except TunehubError as exc:
+        raise type(exc)(
+            f"{info.ref} was pushed but its signature could not be stored ({exc}); sign it: tunehub sign {info.ref} --key KEY"
+        ) from exc
 
 
 # --- stores by URI scheme ------------------------------------------------------------------------
@@ -270,17 +326,22 @@ register_store("file", _open_local)
 register_store("hf", _open_hub)
 
 
-def open_store(uri: str | None = None, **options: Any) -> ModuleStore:
+def open_store(uri: str | None = None, *, trust: TrustPolicy | None = None, **options: Any) -> ModuleStore:
     """A store for ``uri``: ``SCHEME://REST`` through the factory registered for the scheme
     (``file://PATH``, ``hf://NAMESPACE``), a plain path (local). ``options`` go to the factory.
+
+    ``trust`` becomes the store's trust policy: pulls and reads refuse what it refuses.
 
     Raises ``ConfigError`` for a scheme no store registered."""
     uri = uri or default_registry_uri()
     scheme, sep, rest = uri.partition("://")
     if not sep:
-        return _open_local(uri, **options)
-    factory = _STORE_FACTORIES.get(scheme)
-    if factory is None:
-        known = " or ".join(f"{s}://" for s in registered_schemes())
-        raise ConfigError(f"unknown registry scheme in {uri!r}: use file://PATH or hf://NAMESPACE (known: {known})")
-    return factory(rest, **options)
+        store = _open_local(uri, **options)
+    else:
+        factory = _STORE_FACTORIES.get(scheme)
+        if factory is None:
+            known = " or ".join(f"{s}://" for s in registered_schemes())
+            raise ConfigError(f"unknown registry scheme in {uri!r}: use file://PATH or hf://NAMESPACE (known: {known})")
+        store = factory(rest, **options)
+    store.trust = trust
+    return store

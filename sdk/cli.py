@@ -37,6 +37,8 @@ RegistryOption = typer.Option(
     envvar="TUNEHUB_REGISTRY",
 )
 JsonOption = typer.Option(False, "--json", help="print JSON instead of a table")
+TrustOption = typer.Option([], "--trust", help="a trusted public key (PEM file, or a folder of *.pem/*.pub); repeat for more")
+RequireSignedOption = typer.Option(False, "--require-signed", help="refuse versions without a valid signature by a --trust key")
 
 
 @app.callback()
@@ -62,10 +64,16 @@ def _root(
     prepare_environment(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
 
 
-def _registry(uri: str | None):
+def _registry(uri: str | None, trust: list[Path] | None = None, require_signed: bool = False):
     from tunehub.sdk.registry import Registry
 
-    return Registry(uri)
+    return Registry(uri, trust=trust or None, require_signed=require_signed)
+
+
+def _signers(info: VersionInfo) -> str:
+    from tunehub.registry.signing import short_key_id
+
+    return ", ".join(short_key_id(s.key_id) for s in info.signatures)
 
 
 def _echo_json(payload: object) -> None:
@@ -118,11 +126,13 @@ def _version_table(infos: list[VersionInfo], title: str) -> None:
 def push(
     path: Path = typer.Argument(..., help="module folder (holds manifest.json)"),
     name: str = typer.Argument(..., help="[namespace/]name; the registry assigns the version"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="sign the version with this EC private key (PEM)"),
     registry: Optional[str] = RegistryOption,
 ) -> None:
     """Verify a module folder and store it as the next version of NAME."""
-    info = _registry(registry).push(path, name)
-    typer.echo(f"pushed {info.ref} ({info.kind}, {info.size_bytes / 1024:.1f} KiB, manifest {info.manifest_sha256[:12]})")
+    info = _registry(registry).push(path, name, sign=sign)
+    signed = f", signed by {_signers(info)}" if info.signatures else ""
+    typer.echo(f"pushed {info.ref} ({info.kind}, {info.size_bytes / 1024:.1f} KiB, manifest {info.manifest_sha256[:12]}{signed})")
 
 
 @app.command()
@@ -134,12 +144,15 @@ def pull(
     force: bool = typer.Option(
         False, "--force", help="write the module's files into a --dest folder that holds other files (those are left alone)"
     ),
+    trust: list[Path] = TrustOption,
+    require_signed: bool = RequireSignedOption,
     registry: Optional[str] = RegistryOption,
 ) -> None:
     """Fetch a module into a local folder; every file is checked against its sha256.
 
-    Nothing the pull did not write is ever deleted or overwritten without --force."""
-    module = _registry(registry).pull(ref, dest, force=force)
+    Nothing the pull did not write is ever deleted or overwritten without --force. With --trust,
+    signatures by those keys are verified before anything is fetched."""
+    module = _registry(registry, trust, require_signed).pull(ref, dest, force=force)
     typer.echo(f"pulled {module.ref} to {module.path}")
 
 
@@ -254,15 +267,59 @@ def gc(
 @app.command()
 def show(
     ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    trust: list[Path] = TrustOption,
     registry: Optional[str] = RegistryOption,
 ) -> None:
-    """Print a module's manifest (JSON) after checking it against its hash."""
+    """Print a module's manifest (JSON) after checking it against its hash, with who signed it
+    and its lineage (the parent chain); with --trust the signatures are verified."""
     reg = _registry(registry)
     info = reg.resolve(ref)
     manifest = reg.manifest(info.ref)
     payload = json.loads(manifest.to_json())
     payload["_registry"] = {"ref": info.ref, "aliases": list(info.aliases), "yanked": info.yanked, "uri": reg.uri}
+    payload["_provenance"] = reg.provenance(info.ref, trust or None)
     _echo_json(payload)
+
+
+@app.command()
+def sign(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    key: Path = typer.Option(..., "--key", help="EC private key (PEM); tunehub keygen makes one"),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Sign an existing version (its files, manifest included) and store the signature beside it."""
+    info = _registry(registry).sign(ref, key)
+    typer.echo(f"signed {info.ref} (signatures: {_signers(info)})")
+
+
+@app.command()
+def verify(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    trust: list[Path] = typer.Option(..., "--trust", help="a trusted public key (PEM file or folder); repeat for more"),
+    export: Optional[Path] = typer.Option(
+        None, "--export", help="also write the verified signature as a model_signing .sig file (new file only)"
+    ),
+    registry: Optional[str] = RegistryOption,
+) -> None:
+    """Check that a version is signed by a trusted key and that its files still match the signature."""
+    from tunehub.registry.signing import short_key_id
+
+    reg = _registry(registry)
+    info = reg.resolve(ref)
+    provenance = reg.verify(info.ref, trust, export=export)
+    signers = ", ".join(short_key_id(k) for k in provenance.verified)
+    typer.echo(f"verified {info.ref}: signed by {signers}; every file matches the signature")
+
+
+@app.command()
+def keygen(
+    key: Path = typer.Argument(..., help="where to write the private key (PEM, mode 0600); the public key goes to KEY.pub"),
+) -> None:
+    """Make a signing key pair (elliptic curve P-256) for push --sign, sign and --trust."""
+    from tunehub.registry.signing import generate_key_pair, short_key_id
+
+    key_id = generate_key_pair(key)
+    typer.echo(f"wrote {key} (private: keep it secret) and {key}.pub (share it; --trust takes it); key {short_key_id(key_id)}")
 
 
 @app.command()
@@ -271,19 +328,24 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="override a key: --set training.max_steps=50"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output.dir"),
     push_to: Optional[str] = typer.Option(None, "--push", help="push the module to this name when done"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="sign the pushed version with this EC private key (PEM)"),
+    trust: list[Path] = TrustOption,
+    require_signed: bool = RequireSignedOption,
     registry: Optional[str] = RegistryOption,
     check: bool = typer.Option(False, "--check", help="validate the config and stop"),
 ) -> None:
-    """Train a task module as the run YAML says."""
+    """Train a task module as the run YAML says. With --trust, output.parent must pass the policy."""
+    from tunehub.sdk.registry import trust_policy
     from tunehub.trainer.config import load_run_config
 
+    policy = trust_policy(trust or None, require_signed)
     run_config = load_run_config(config, overrides)
     if check:
         typer.echo(f"{config}: valid ({run_config.method.name} / {run_config.objective.name})")
         return
     from tunehub.trainer.run import train as run_training
 
-    result = run_training(run_config, resume=resume, push=push_to, registry=registry)
+    result = run_training(run_config, resume=resume, push=push_to, registry=registry, trust=policy, sign=sign)
     if result.manifest is None:
         return  # not the main process of a distributed run
     m = result.metrics

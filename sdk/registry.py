@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from tunehub.errors import IntegrityError, TunehubError
 from tunehub.registry.manifest import Manifest, ModuleKind
 from tunehub.registry.module import LocalModule
 from tunehub.registry.refs import ModuleRef
-from tunehub.registry.store import AliasMove, ModuleStore, VersionInfo, open_store
+from tunehub.registry.signing import Provenance, SignatureEntry, TrustPolicy, export_bundle, sign_digests, version_digests
+from tunehub.registry.store import AliasMove, ModuleStore, VersionInfo, current_actor, open_store, push_signed
+
+_LINEAGE_DEPTH = 32  # a parent chain longer than this is cut (and a cycle cannot loop)
+
+
+def trust_policy(trust: TrustPolicy | Iterable[str | Path] | None, require_signed: bool = False) -> TrustPolicy | None:
+    """A :class:`TrustPolicy` from public key files or folders (None: no policy).
+
+    Raises:
+        ConfigError: a key file that is missing, private or not an EC public key, or
+            ``require_signed`` without keys.
+    """
+    if trust is None or isinstance(trust, TrustPolicy):
+        if require_signed and (trust is None or not trust.require_signed):
+            return TrustPolicy(keys=trust.keys if trust is not None else (), require_signed=True)
+        return trust
+    keys = list(trust)
+    if not keys and not require_signed:
+        return None
+    return TrustPolicy.from_paths(keys, require_signed)
 
 
 class Registry:
@@ -23,21 +47,33 @@ class Registry:
         module = reg.pull("acme/summarize@prod")             # verified local folder
     """
 
-    def __init__(self, uri: str | None = None, **options: object):
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        trust: TrustPolicy | Iterable[str | Path] | None = None,
+        require_signed: bool = False,
+        **options: object,
+    ):
         """Open the store at ``uri``.
 
         Args:
             uri: ``file://PATH``, ``hf://NAMESPACE``, or a plain path (a ``file://`` store).
                 None: ``$TUNEHUB_REGISTRY``, else ``file://$TUNEHUB_HOME/registry``.
+            trust: public keys (PEM files or folders of them, or a :class:`TrustPolicy`):
+                every signature by one of them is verified when a version is pulled or read,
+                and one that does not match refuses the version.
+            require_signed: refuse versions without a valid signature by a ``trust`` key.
             **options: passed to the store: ``cache_dir`` for ``file://``; ``endpoint``,
                 ``token``, ``cache_dir``, ``modules_dir`` for ``hf://``.
 
         Raises:
-            ConfigError: a scheme no store is registered for, or ``hf://`` in a build without
-                huggingface_hub.
+            ConfigError: a scheme no store is registered for, ``hf://`` in a build without
+                huggingface_hub, a trust key that cannot be read, or ``require_signed``
+                without ``trust``.
             InvalidReference: an ``hf://`` namespace or hub endpoint that is not valid.
         """
-        self.store: ModuleStore = open_store(uri, **options)
+        self.store: ModuleStore = open_store(uri, trust=trust_policy(trust, require_signed), **options)
 
     @property
     def uri(self) -> str:
@@ -47,8 +83,13 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
 
-    def push(self, folder: str | Path, name: str | ModuleRef) -> VersionInfo:
+    def push(self, folder: str | Path, name: str | ModuleRef, *, sign: str | Path | None = None) -> VersionInfo:
         """Verify the module folder and store it as the next version of ``name``.
+
+        With ``sign`` (an elliptic private key, PEM), the folder's files are signed before
+        anything is sent and the signature is stored beside the new version once its files
+        are recorded; the version is returned signed. (If storing the signature fails, the
+        version stays unsigned and the error says so: sign it with :meth:`sign`.)
 
         Every entry must be a regular file with a name every store accepts, every file must
         match the manifest's sha256, and every ``*.safetensors`` file must be readable with
@@ -72,8 +113,11 @@ class Registry:
                 or holds NaN/Inf, or a file changed while it was pushed.
             StoreError: the store could not be written (I/O; ``hf://``: offline, the hub
                 unreachable or refusing access).
+            ConfigError: ``sign`` is not a readable elliptic private key.
         """
-        return self.store.push(folder, name)
+        if sign is None:
+            return self.store.push(folder, name)
+        return push_signed(self.store, folder, name, sign)
 
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
         """A verified local copy of ``ref`` (a cached copy is reused when it still verifies).
@@ -274,6 +318,86 @@ class Registry:
         """
         return self.store.yank(ref, reason)
 
+    def sign(self, ref: str | ModuleRef, key: str | Path) -> VersionInfo:
+        """Sign the version ``ref`` resolves to with the elliptic private key ``key`` (PEM) and
+        store the signature beside it (a signature by the same key is replaced).
+
+        What is signed is the version as the registry records it: every file's sha256, the
+        manifest's included (so its base fingerprint, quantization and parent). The manifest is
+        read and checked against the record first; to sign what you built, sign at push.
+
+        Raises:
+            ConfigError: ``key`` is not a readable elliptic private key.
+            IntegrityError: the stored manifest disagrees with the version's record.
+            ModuleNotFound, VersionNotFound, AliasNotFound: as :meth:`resolve`.
+        """
+        info = self.store.resolve(ref)
+        manifest = self.store.manifest(info.ref)
+        digests = dict(info.files)
+        if version_digests(info.manifest_sha256, manifest.files) != digests:
+            raise IntegrityError(f"{info.ref}: the manifest's file list disagrees with the registry's record; refusing to sign")
+        signature = sign_digests(digests, key, name=info.repo, by=current_actor(), at=_now())
+        return self.store.sign(info.ref, signature)
+
+    def verify(
+        self, ref: str | ModuleRef, trust: TrustPolicy | Iterable[str | Path], *, export: str | Path | None = None
+    ) -> Provenance:
+        """Check that the version ``ref`` resolves to carries a valid signature by a ``trust``
+        key and that every stored file still matches it (each file is read and hashed).
+
+        Args:
+            ref: ``[namespace/]name[@version|@alias]``.
+            trust: public keys (PEM files, folders of them) or a :class:`TrustPolicy`.
+            export: write the verified signature there, as the ``.sig`` file
+                ``model_signing verify`` takes beside a pulled folder (never overwrites).
+
+        Returns:
+            Who signed the version, each signature with what checking it found.
+
+        Raises:
+            UnsignedModule: the version carries no signature.
+            UntrustedSigner: signed only by keys not in ``trust``.
+            SignatureMismatch: the files changed after signing, or the signature is invalid.
+            IntegrityError: a stored file does not match the registry's record.
+            ConfigError: a trust key cannot be read.
+        """
+        policy = trust_policy(trust, require_signed=True)
+        assert policy is not None
+        info = self.store.resolve(ref)
+        provenance = policy.check(info.ref, dict(info.files), info.signatures)
+        self.store.read(info.ref)  # every byte against the (signed) record
+        if export is not None:
+            verified = set(provenance.verified)
+            export_bundle(next(s for s in info.signatures if s.key_id in verified), export)
+        return provenance
+
+    def provenance(self, ref: str | ModuleRef, trust: TrustPolicy | Iterable[str | Path] | None = None) -> dict[str, Any]:
+        """Who signed the version ``ref`` resolves to, and its lineage: the parent chain
+        (``manifest.parent``), each ancestor with its signers. Signatures are checked against
+        ``trust`` (or the registry's own policy); without keys they are listed as not checked.
+        An ancestor that cannot be resolved is listed with the reason.
+
+        Raises:
+            UntrustedModule: a signature by a trusted key does not match (of ``ref`` itself).
+        """
+        policy = trust_policy(trust) if trust is not None else self.store.trust
+        if policy is not None and policy.require_signed:
+            policy = TrustPolicy(keys=policy.keys)  # report, do not refuse, what is unsigned
+        info = self.store.resolve(ref)
+        lineage: list[dict[str, Any]] = []
+        parent = self.store.manifest(info.ref).parent
+        seen = {info.ref}
+        while parent and len(lineage) < _LINEAGE_DEPTH:
+            try:
+                ancestor = self.store.resolve(parent)
+                step: dict[str, Any] = {"ref": parent, "resolved": ancestor.ref, **ancestor.provenance(policy).to_dict()}
+                parent = self.store.manifest(ancestor.ref).parent if ancestor.ref not in seen else None
+                seen.add(ancestor.ref)
+            except TunehubError as exc:  # a missing, damaged or refused ancestor is shown, not raised
+                step, parent = {"ref": parent, "error": str(exc)}, None
+            lineage.append(step)
+        return {**info.provenance(policy).to_dict(), "lineage": lineage}
+
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
         """Delete one version (``name@N``) or every version of a module (``name``); the numbers
         are never handed out again.
@@ -307,3 +431,10 @@ class Registry:
             ManifestError: ``file://``: a version record is not valid JSON (nothing is removed).
         """
         return self.store.gc()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+__all__ = ["Registry", "SignatureEntry", "trust_policy"]

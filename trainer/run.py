@@ -27,6 +27,7 @@ from tunehub.devices import device_type, load_quantized, use_lean_cpu_allocator
 from tunehub.errors import ConfigError
 from tunehub.quantization import bnb_config
 from tunehub.registry.manifest import Manifest
+from tunehub.registry.signing import TrustPolicy
 from tunehub.registry.store import VersionInfo
 from tunehub.trainer.config import RunConfig
 
@@ -295,8 +296,18 @@ def train(
     push: str | None = None,
     registry: str | None = None,
     extra_callbacks: list[Any] | None = None,
+    trust: TrustPolicy | None = None,
+    sign: str | Path | None = None,
 ) -> TrainResult:
-    """Train one module as ``config`` says; returns where it was written and what was measured."""
+    """Train one module as ``config`` says; returns where it was written and what was measured.
+
+    ``trust``: ``output.parent`` must pass this policy (checked in the registry before anything
+    is loaded). ``sign``: sign the pushed version with this elliptic private key."""
+    if trust is not None and config.output.parent:
+        from tunehub.registry.store import open_store
+
+        parent_store = open_store(registry or config.output.registry, trust=trust)
+        parent_store.check_trust(parent_store.resolve(config.output.parent))
     import torch
     from transformers import (
         AutoTokenizer,
@@ -418,9 +429,10 @@ def train(
         push = push or config.output.push
         if push:
             # the store directly, not tunehub.sdk: imports flow sdk -> trainer -> registry
-            from tunehub.registry.store import open_store
+            from tunehub.registry.store import open_store, push_signed
 
-            pushed = open_store(registry or config.output.registry).push(module_dir, push)
+            store = open_store(registry or config.output.registry)
+            pushed = store.push(module_dir, push) if sign is None else push_signed(store, module_dir, push, sign)
     return TrainResult(
         module_dir=module_dir, manifest=manifest, metrics=metrics, pushed=pushed, log_history=history, model=peft_model
     )

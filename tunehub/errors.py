@@ -100,6 +100,25 @@ class StoreError(TunehubError):
     http_status = 503
 
 
+class UntrustedModule(TunehubError, PermissionError):
+    """A version the trust policy (``--trust KEYS``, ``--require-signed``) refuses to load."""
+
+    http_status = 403
+
+
+class UnsignedModule(UntrustedModule):
+    """Signatures are required and the version carries none."""
+
+
+class UntrustedSigner(UntrustedModule):
+    """The version is signed, but by no key of the trust set."""
+
+
+class SignatureMismatch(UntrustedModule):
+    """A signature whose statement does not match the version's files (changed after signing),
+    or that does not verify with the key it names."""
+
+
 # --- errors a tunehub server answers with (the SDK raises them from HTTP statuses) -------------
 
 
@@ -209,6 +228,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "StoreError",
+    "UntrustedModule",
+    "UnsignedModule",
+    "UntrustedSigner",
+    "SignatureMismatch",
     "InvalidRequest",
     "PayloadTooLarge",
     "Unauthorized",

@@ -456,6 +456,47 @@ def test_tampered_blob_on_the_hub_is_detected_on_pull(hub, tmp_path, monkeypatch
     assert (pulled.path / "adapter_model.safetensors").read_bytes() == original
 
 
+def test_signed_versions_on_the_hub_verify_and_each_refusal_has_its_own_message(hub, tmp_path, monkeypatch):
+    from tunehub.errors import SignatureMismatch, UnsignedModule, UntrustedSigner
+    from tunehub.registry.signing import generate_key_pair
+
+    monkeypatch.setenv("TUNEHUB_HOME", str(tmp_path / "home"))
+    generate_key_pair(tmp_path / "team")
+    generate_key_pair(tmp_path / "stranger")
+    writer = _registry(hub, tmp_path / "push-cache")
+    writer.push(make_fake_module(tmp_path / "a"), "acme/signed", sign=tmp_path / "team")  # 1
+    writer.push(make_fake_module(tmp_path / "b"), "acme/signed")  # 2: unsigned
+    writer.push(make_fake_module(tmp_path / "c"), "acme/signed", sign=tmp_path / "stranger")  # 3
+    writer.push(make_fake_module(tmp_path / "d"), "acme/signed", sign=tmp_path / "team")  # 4: re-written below
+    trusted = [tmp_path / "team.pub"]
+    strict = Registry("hf://acme", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c1", trust=trusted, require_signed=True)
+    assert strict.pull("acme/signed@1", tmp_path / "one").ref == "acme/signed@1"
+    assert writer.verify("acme/signed@1", trusted).verified
+    # someone with write access points v4's record at v2's files (matching hashes) and keeps the signature
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+
+    state_path = hf_hub_download("acme/signed", ".tunehub/state.json", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c2")
+    state = json.loads(Path(state_path).read_text())
+    state["versions"]["4"] = {**state["versions"]["2"], "version": 4}
+    _api(hub).create_commit(
+        "acme/signed",
+        [CommitOperationAdd(".tunehub/state.json", json.dumps(state).encode())],
+        commit_message="re-written",
+    )
+    fresh = Registry("hf://acme", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c3", trust=trusted, require_signed=True)
+    for ref, error, message in [
+        ("acme/signed@2", UnsignedModule, "not signed"),
+        ("acme/signed@3", UntrustedSigner, "not trusted"),
+        ("acme/signed@4", SignatureMismatch, "changed after signing"),
+    ]:
+        with pytest.raises(error, match=message):
+            fresh.pull(ref, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    # signing an existing version on the hub is a state change like a yank
+    assert writer.sign("acme/signed@2", tmp_path / "team").signatures
+    assert fresh.pull("acme/signed@2", tmp_path / "two").ref == "acme/signed@2"
+
+
 def test_pull_dest_never_touches_the_users_files(hub, tmp_path, monkeypatch):
     # the same rule as the file:// store (tests/unit/test_store_safety.py), through the hub
     monkeypatch.setenv("TUNEHUB_HOME", str(tmp_path / "home"))

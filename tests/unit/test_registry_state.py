@@ -222,7 +222,7 @@ class _MemoryStore(ModuleStore):
         raise NotImplementedError
 
     push = pull = resolve = manifest = list = versions = aliases = alias_history = _unused  # type: ignore[assignment]
-    promote = rollback = yank = delete = _unused  # type: ignore[assignment]
+    promote = rollback = yank = delete = sign = _unused  # type: ignore[assignment]
 
 
 def test_open_store_finds_a_registered_scheme_and_refuses_unknown_ones(tmp_path):

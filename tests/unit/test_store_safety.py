@@ -216,7 +216,7 @@ def test_state_with_malformed_aliases_is_refused(store, tmp_path):
     state = json.loads(state_path.read_text())
     state["aliases"]["prod"] = "1"  # a string where a version number belongs
     state_path.write_text(json.dumps(state))
-    with pytest.raises(IntegrityError, match="malformed aliases, history or yanks"):
+    with pytest.raises(IntegrityError, match="malformed aliases, history, yanks or signatures"):
         store.resolve("acme/demo@prod")
 
 
