@@ -28,11 +28,16 @@ decision is the cryptographic verification.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
+import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,26 +280,50 @@ class Provenance:
         }
 
 
+_SCRATCH: list[Path] = []  # one private folder per process for the files model_signing reads
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _scratch() -> Path:
+    with _SCRATCH_LOCK:
+        if not _SCRATCH:
+            folder = Path(tempfile.mkdtemp(prefix="tunehub-trust-"))
+            atexit.register(shutil.rmtree, folder, True)
+            _SCRATCH.append(folder)
+        return _SCRATCH[0]
+
+
 def _verify_with(entry: SignatureEntry, key: TrustedKey, digests: Mapping[str, str]) -> str | None:
-    """None if ``entry`` verifies with ``key`` over ``digests``, else why not."""
+    """None if ``entry`` verifies with ``key`` over ``digests``, else why not. The answer depends
+    on nothing else, so it is remembered: a module loaded again costs no second verification."""
+    return _verify_cached(entry.bundle, key, tuple(sorted(digests.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_cached(bundle: str, key: TrustedKey, digests: tuple[tuple[str, str], ...]) -> str | None:
     from model_signing import verifying
 
-    with tempfile.TemporaryDirectory(prefix="tunehub-verify-") as tmp:
-        key_path = Path(tmp) / "key.pub"
-        key_path.write_bytes(key.pem)
-        signature_path = Path(tmp) / "model.sig"
-        signature_path.write_text(entry.bundle)
+    folder = _scratch()
+    key_path = folder / f"{key.key_id}.pub"  # named by the sha256 of its content: never two contents
+    if not key_path.exists():
+        staged = folder / f"{key.key_id}.{uuid.uuid4().hex}.tmp"
+        staged.write_bytes(key.pem)
+        os.replace(staged, key_path)
+    signature_path = folder / f"{uuid.uuid4().hex}.sig"
+    signature_path.write_text(bundle)
+    try:
         config = verifying.Config().use_elliptic_key_verifier(public_key=key_path)
-        config.set_hashing_config(known_digests_hashing_config(digests))
-        try:
-            config.verify(Path(tmp) / "module", signature_path)
-        except ValueError as exc:
-            text = str(exc)
-            if text.startswith("Signature mismatch"):
-                return _mismatch(entry.bundle, digests)
-            return f"the signature does not verify with key {short_key_id(key.key_id)} ({text.splitlines()[0][:200]})"
-        except Exception as exc:  # a malformed bundle fails in the parsers (protobuf, JSON, base64)
-            return f"the signature is malformed ({type(exc).__name__})"
+        config.set_hashing_config(known_digests_hashing_config(dict(digests)))
+        config.verify(folder / "module", signature_path)
+    except ValueError as exc:
+        text = str(exc)
+        if text.startswith("Signature mismatch"):
+            return _mismatch(bundle, dict(digests))
+        return f"the signature does not verify with key {short_key_id(key.key_id)} ({text.splitlines()[0][:200]})"
+    except Exception as exc:  # a malformed bundle fails in the parsers (protobuf, JSON, base64)
+        return f"the signature is malformed ({type(exc).__name__})"
+    finally:
+        signature_path.unlink(missing_ok=True)
     return None
 
 

@@ -39,6 +39,9 @@ def test_readme_blocks_are_found():
         "push",
         "pull",
         "show",
+        "keygen",
+        "sign",
+        "verify",
         "ls",
         "versions",
         "promote",
@@ -82,6 +85,12 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert "pushed acme/demo@1" in out and "pushed acme/demo@2" in out
     assert re.search(r"prod: 2 -> 1", out)  # tunehub rollback acme/demo prod
     assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "from-hub" / "manifest.json").is_file()
+    # signed versions: verified, pulled under --require-signed, and an unsigned one refused
+    key_id = re.search(r"pushed acme/signed@1 \(.*, signed by ([0-9a-f]{16})\)", out).group(1)
+    assert f"verified acme/signed@1: signed by {key_id}" in out
+    assert (tmp_path / "trusted" / "manifest.json").is_file()
+    assert "error: acme/demo@2: refused, the version is not signed and signatures are required" in err
+    assert "refused, as it should be" in out
     # tunehub generate: the text on stdout, the module version that answered on stderr
     assert re.search(
         r"^\[quickstart/colour@\d+, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$", err, flags=re.M
