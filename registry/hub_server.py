@@ -17,8 +17,9 @@ Guarantees:
 - Writes are atomic and nothing outside the root is ever read or written (see
   :mod:`~tunehub.registry.hub_storage`): repo names, revisions and file paths are validated
   before they reach the storage.
-- Access is decided in one place, :func:`authorize` (caller, namespace, level needed), called
-  for every route before the storage is touched. Without a token file anyone may do anything.
+- Access is decided in one place, :func:`authorize` (caller, namespace, level needed, whether the
+  repo is private), called for every route before the storage is touched beyond finding the repo
+  (its name as stored, its private flag). Without a token file anyone may do anything.
   The line format (one token per line) gives every token write and admin everywhere and
   anonymous read. The YAML format (:func:`parse_access_yaml`) gives each token a name, a level
   per namespace (none < read < write) and admin or not; anonymous gets its own levels. Reads
@@ -26,6 +27,27 @@ Guarantees:
   admin token, and a repo the caller may not read is the 404 of a missing repo; ``/api/models``
   lists only what the caller may read. LFS upload targets carry a signed URL instead of a token
   (the client sends no header there): the write check happens at the batch request.
+- Private repos (``create_repo(..., private=True)``, or ``visibility: private``) are private:
+  readable, and listed, only for callers with a token and read access on the namespace; anonymous
+  callers never see one, whatever the anonymous levels; for anyone else a private repo is the 404
+  of a missing repo. ``repo_info`` reports ``private``.
+- Repo ids are case-insensitive, as on the Hub: a request finds an existing repo (and namespace)
+  whatever the case it is spelled in, access is checked on the namespace as stored (token-file
+  patterns match in any case), and creating a repo whose name differs only in case from an
+  existing one is the 409 of an existing repo. ``create_repo("x")`` and ``delete_repo("x")``
+  without a namespace use the caller's (its token's name), as the Hub does.
+- Revisions are a branch (first), a tag, a full commit id or a unique prefix of one (7 hex
+  digits or more); a branch may share a tag's name.
+- Every answer carries an ``X-Request-Id`` (the client quotes it in its errors); a repo that does
+  not exist or may not be seen answers ``X-Error-Code: RepoNotFound`` on every route under it
+  (also for an id without a namespace), with the Hub's texts where clients match on them
+  ("Repository not found", "Reference refs/heads/x already exists", the 412 of a stale
+  ``parentCommit``); an invalid file path in a preupload is the Hub's 422 (in a commit, a 400).
+- Preupload answers ``shouldIgnore`` from the root ``.gitignore`` (the one sent with the
+  preupload, else the branch head's); ``/api/validate-yaml`` refuses model-card metadata whose
+  known keys have the wrong shape (``model-index``, ``license``, ``tags``...) and warns about a
+  card without metadata; ``expand`` on the tree and paths-info gives each entry the last commit
+  that changed it.
 - Every accepted write appends one JSON line to ``<root>/audit.log`` (who, action, repo,
   revision/commit), after it succeeded; a refused write leaves no line.
 - Bad input gets a clear 4xx with a JSON ``{"error": ...}`` body and, where the Hub has one, an
@@ -65,6 +87,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +118,13 @@ from tunehub.registry.hub_storage import (
     check_repo_part,
     git_blob_oid,
     lfs_pointer,
+    repo_not_found,
     strip_ref_prefix,
 )
 
 DEFAULT_MAX_BODY_BYTES = 1 << 30
 #: the actions under /api/models/{namespace}/{name}/ that write (every other one reads)
-_WRITE_ACTIONS = frozenset({"preupload", "commit", "tag", "branch"})
+_WRITE_ACTIONS = frozenset({"preupload", "commit", "tag", "branch", "super-squash"})
 PAGE_SIZE = 1000
 _CHUNK = 1 << 20
 _SIGNED_URL_TTL_S = 3600
@@ -303,11 +327,13 @@ def _json_safe(value: Any, budget: list[int], depth: int = 0) -> Any:
 
 
 # --- model cards -----------------------------------------------------------------------------------
-_FRONT_MATTER = re.compile(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", re.DOTALL)
+#: the front matter may follow blank lines (as huggingface_hub's repocard reads it)
+_FRONT_MATTER = re.compile(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", re.DOTALL)
 
 
 def front_matter(text: str) -> tuple[dict[str, Any] | None, str | None]:
     """(the YAML front matter of a model card as JSON-safe data, or None; why it is unusable, or None)."""
+    text = text.lstrip()
     if not text.startswith("---"):
         return None, None
     match = _FRONT_MATTER.match(text)
@@ -327,14 +353,149 @@ def card_data(text: str) -> dict[str, Any] | None:
     return front_matter(text)[0]
 
 
+#: model-card metadata keys that hold one string, or a string or a list of strings
+_CARD_STRINGS = ("library_name", "pipeline_tag", "thumbnail", "license_name", "license_link", "model_name")
+_CARD_STRING_LISTS = ("license", "tags", "datasets", "metrics", "language", "base_model", "new_version")
+
+
+def _is_string_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _model_index_problems(value: Any) -> list[str]:
+    """What is wrong with a ``model-index`` (a list of ``{name, results: [{task: {type}, ...}]}``)."""
+    if not isinstance(value, list):
+        return ['"model-index" must be an array']
+    problems = []
+    for i, model in enumerate(value):
+        if not isinstance(model, dict):
+            problems.append(f'"model-index[{i}]" must be an object')
+            continue
+        if not isinstance(model.get("name"), str):
+            problems.append(f'"model-index[{i}].name" must be a string')
+        results = model.get("results")
+        if not isinstance(results, list):
+            problems.append(f'"model-index[{i}].results" must be an array')
+            continue
+        for j, result in enumerate(results):
+            where = f"model-index[{i}].results[{j}]"
+            if not isinstance(result, dict) or not isinstance(result.get("task"), dict):
+                problems.append(f'"{where}.task" must be an object')
+            elif not isinstance(result["task"].get("type"), str):
+                problems.append(f'"{where}.task.type" must be a string')
+            if isinstance(result, dict) and "metrics" in result and not isinstance(result["metrics"], list):
+                problems.append(f'"{where}.metrics" must be an array')
+    return problems
+
+
+def validate_card(text: str) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a model card's metadata, as the Hub's ``/api/validate-yaml`` reports
+    them: broken YAML or a known key of the wrong shape is an error; no metadata is a warning."""
+    data, problem = front_matter(text)
+    if problem:
+        return [problem], []
+    if not data:
+        return [], ["empty or missing yaml metadata in repo card"]
+    errors = []
+    for key in _CARD_STRINGS:
+        if key in data and not isinstance(data[key], str):
+            errors.append(f'"{key}" must be a string')
+    for key in _CARD_STRING_LISTS:
+        if key in data and not _is_string_list(data[key]):
+            errors.append(f'"{key}" must be a string or an array of strings')
+    if "model-index" in data:
+        errors += _model_index_problems(data["model-index"])
+    return errors, []
+
+
+# --- .gitignore -----------------------------------------------------------------------------------
+_MAX_GITIGNORE_BYTES = 1 << 20
+#: wildcards per .gitignore pattern: the regular expressions they become stay linear enough
+_MAX_WILDCARDS = 16
+
+
+def _glob_to_regex(glob: str) -> str:
+    """A .gitignore glob (``*``, ``?``, ``[...]``, ``**``, backslash escapes) as a regular expression."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("/**", i) and i + 3 == len(glob):
+            out.append("/.*")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            body = glob[i + 1 : end]
+            negate = body[:1] in ("!", "^")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + "".join("\\" + c if c in "\\^[]" else c for c in body) + "]")
+            i = end + 1
+        elif glob[i] == "\\" and i + 1 < len(glob):
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+def parse_gitignore(text: str) -> Callable[[str], bool]:
+    """Whether a repo path is ignored by a root ``.gitignore`` (git's rules: ``#`` comments, ``!``
+    negation, a trailing ``/`` for folders only, patterns with a ``/`` anchored at the root, others
+    matching at any depth; a path inside an ignored folder is ignored). Never ignores ``.gitignore``."""
+    if len(text) > _MAX_GITIGNORE_BYTES:
+        raise InvalidRequest(f".gitignore is larger than {_MAX_GITIGNORE_BYTES} bytes")
+    rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, folders only)
+    for raw in text.splitlines():
+        line = raw.rstrip("\r")
+        if not line.endswith("\\ "):
+            line = line.rstrip(" ")
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        line = line[1:] if negated else line
+        folders_only = line.endswith("/")
+        line = line.rstrip("/")
+        if not line or sum(line.count(c) for c in "*?[") > _MAX_WILDCARDS:
+            continue
+        anchored = "/" in line
+        body = _glob_to_regex(line.lstrip("/"))
+        rules.append((re.compile(body if anchored else "(?:.*/)?" + body), negated, folders_only))
+
+    def ignored_one(path: str, is_folder: bool) -> bool:
+        result = False
+        for regex, negated, folders_only in rules:
+            if (is_folder or not folders_only) and regex.fullmatch(path):
+                result = not negated
+        return result
+
+    def ignored(path: str) -> bool:
+        if path == ".gitignore" or not rules:
+            return False
+        parts = path.split("/")
+        return any(ignored_one("/".join(parts[:depth]), True) for depth in range(1, len(parts))) or ignored_one(path, False)
+
+    return ignored
+
+
 # --- access: tokens, scopes, private namespaces ----------------------------------------------------
 #: access levels, in order: a level grants every level below it
 LEVELS: dict[str, int] = {"none": 0, "read": 1, "write": 2}
 NONE, READ, WRITE = 0, 1, 2
 _LEVEL_NAMES = {value: key for key, value in LEVELS.items()}
 #: token names: what whoami returns and the audit log records (URL-safe: LFS upload URLs carry it)
-_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}")
 #: the first significant line of a scoped (YAML) token file; anything else is the line format
 _YAML_START = re.compile(r"(?:---|(?:anonymous|tokens)[ \t]*:)(?:[ \t#].*)?")
 _FILE_KEYS = ("anonymous", "tokens")
@@ -352,8 +513,15 @@ class Grant:
     admin: bool = False
 
     def level(self, namespace: str) -> int:
-        """The most specific pattern wins: the namespace's own, else ``*``, else none."""
-        return self.access.get(namespace, self.access.get("*", NONE))
+        """The most specific pattern wins: the namespace's own (in any case: namespaces are
+        case-insensitive, as on the Hub), else ``*``, else none."""
+        if namespace in self.access:
+            return self.access[namespace]
+        folded = namespace.casefold()
+        for pattern, level in self.access.items():
+            if pattern.casefold() == folded:
+                return level
+        return self.access.get("*", NONE)
 
 
 @dataclass(frozen=True)
@@ -406,25 +574,26 @@ class Caller:
         return self.grant.level(namespace)
 
 
-def repo_not_found(namespace: str, name: str) -> HubError:
-    """The answer for a repo that does not exist, and for one the caller may not read: the same
-    status, body and ``X-Error-Code``, so a private namespace's repos cannot be told from missing ones."""
-    return HubError(404, f"Repository {namespace}/{name} not found", "RepoNotFound")
-
-
-def authorize(caller: Caller, namespace: str, name: str | None, needed: int, *, admin: bool = False) -> None:
+def authorize(
+    caller: Caller, namespace: str, name: str | None, needed: int, *, admin: bool = False, private: bool = False
+) -> None:
     """The one access check of the hub: does ``caller`` have ``needed`` (READ or WRITE) on
     ``namespace`` (and, with ``admin``, an admin token)? Raises the refusal otherwise:
 
     - no read access: the 404 of a missing repo (:func:`repo_not_found`) when a repo is named,
       so nothing tells a private repo from a missing one; creating a repo there is a 401/403;
+    - a ``private`` repo: only callers with a token and read access on its namespace see it,
+      anonymous never (whatever the anonymous levels); for anyone else it is that same 404;
     - read but not the write (or admin) asked for: 401 without a token (send one), 403 with one,
       naming the namespace.
 
-    Nothing here looks at the storage: the answer does not depend on whether the repo exists."""
+    Nothing here looks at the storage: the caller passes whether the repo is private (False for a
+    missing one), so the answer for a repo the caller may not see is the answer for a missing one."""
     level = caller.level(namespace)
+    if private and not caller.has_token:
+        level = NONE
     if level < READ and name is not None:
-        raise repo_not_found(namespace, name)
+        raise repo_not_found()
     if level >= needed and (not admin or caller.grant.admin):
         return
     if not caller.has_token:
@@ -532,7 +701,7 @@ def _access_map(node: yaml.Node, what: str, source: str, problems: list[str]) ->
                 f" not {level if level is not None else 'a ' + type(value_node).__name__!r}"
             )
             continue
-        if namespace in access:
+        if namespace.casefold() in {known.casefold() for known in access}:
             problems.append(f"{_where(source, key_node)}: {what}: {pattern!r} names the same namespace as another pattern")
             continue
         access[namespace] = LEVELS[level]
@@ -651,6 +820,15 @@ def _parse_token_entry(node: yaml.Node, index: int, source: str, problems: list[
     return TokenEntry(name, digest, Grant(name, merged, admin=admin))
 
 
+def _repo_path(value: Any) -> str:
+    """A file path of a preupload: :func:`check_file_path`, refused with the Hub's 422 (the client
+    asks preupload first, so that is the answer it reads; a commit refuses one with a 400)."""
+    try:
+        return check_file_path(value)
+    except HubError as exc:
+        raise HubError(422, f"Invalid path: {exc.message}") from None
+
+
 # --- HTTP ------------------------------------------------------------------------------------------
 @dataclass
 class HubConfig:
@@ -748,6 +926,8 @@ class _Exchange:
         self._range: tuple[int | None, int | None] | None = None
         self._authorization: tuple[str, str] | None = None
         self._caller_known: Caller | None = None
+        #: sent back as X-Request-Id on every answer (the client quotes it in its errors)
+        self.request_id = uuid.uuid4().hex
 
     # --- plumbing ------------------------------------------------------------------------------
     def run(self) -> Response:
@@ -762,8 +942,11 @@ class _Exchange:
             if self.config.verbose:
                 traceback.print_exc()
             else:
-                sys.stderr.write(f"tunehub hub: internal error on {self.method} {self._target()}: {exc!r}\n")
+                sys.stderr.write(
+                    f"tunehub hub: internal error on {self.method} {self._target()} (request {self.request_id}): {exc!r}\n"
+                )
             response = self._error(HubError(500, "internal server error"))
+        response.raw_headers.append((b"X-Request-Id", self.request_id.encode()))
         if self._close or (self._has_body() and not self._body_done):
             # an anonymous client must not make us read its body, a refused one may be huge: close,
             # and say so (a client that reuses a connection we close silently races our close)
@@ -942,10 +1125,10 @@ class _Exchange:
         self._caller_known = caller
         return caller
 
-    def _authorize(self, namespace: str, name: str | None, needed: int, *, admin: bool = False) -> Caller:
+    def _authorize(self, namespace: str, name: str | None, needed: int, *, admin: bool = False, private: bool = False) -> Caller:
         """:func:`authorize` for this request's caller; returns the caller (for the audit log)."""
         caller = self._caller()
-        authorize(caller, namespace, name, needed, admin=admin)
+        authorize(caller, namespace, name, needed, admin=admin, private=private)
         return caller
 
     def _require_some_write(self, *, admin: bool = False) -> Caller:
@@ -978,20 +1161,37 @@ class _Exchange:
             namespace, name = s[0], s[1][: -len(".git")]
             rest = s[5:]
             if rest == ["batch"] and method == "POST":
-                check_repo_part(namespace, "namespace")
-                check_repo_part(name, "name")
-                self._authorize(namespace, name, WRITE)  # the upload URLs it hands out carry no token
+                # the upload URLs it hands out carry no token: the write check is here
+                namespace, name = self._repo_access(namespace, name, WRITE)
                 return self._lfs_batch(namespace, name)
             if len(rest) == 1 and method == "PUT":
                 return self._lfs_put(namespace, name, rest[0])
             if rest == ["verify"] and method == "POST":
                 return self._lfs_verify(namespace, name)
         if len(s) >= 4 and s[2] == "resolve" and method in ("GET", "HEAD"):
-            check_repo_part(s[0], "namespace")
-            check_repo_part(s[1], "name")
-            self._authorize(s[0], s[1], READ)
-            return self._resolve_file(s[0], s[1], s[3], "/".join(s[4:]))
+            namespace, name = self._repo_access(s[0], s[1], READ)
+            return self._resolve_file(namespace, name, s[3], "/".join(s[4:]))
+        if len(s) >= 3 and s[1] == "resolve" and method in ("GET", "HEAD"):
+            check_repo_part(s[0], "name")
+            raise repo_not_found()  # a repo id without a namespace: there is none here
         raise HubError(404, f"no such endpoint: {method} /{'/'.join(s)}")
+
+    def _repo_access(self, namespace: str, name: str, needed: int, *, admin: bool = False) -> tuple[str, str]:
+        """Validate a repo id from the request, find the repo whatever the case of the id, run
+        :func:`authorize` for it (with whether it is private) and refuse a missing one with the
+        same 404 as a hidden one; returns (namespace, name) as the repo's folders spell them."""
+        check_repo_part(namespace, "namespace")
+        check_repo_part(name, "name")
+        found = self.storage.find_repo(namespace, name)
+        if found is not None:
+            namespace, name = found
+        else:
+            namespace = self.storage.canonical_namespace(namespace)
+        private = found is not None and self.storage.is_private(namespace, name)
+        self._authorize(namespace, name, needed, admin=admin, private=private)
+        if found is None:
+            raise repo_not_found()
+        return namespace, name
 
     def _route_api(self, method: str, s: list[str]) -> Response:
         if s == ["repos", "create"] and method == "POST":
@@ -1009,21 +1209,25 @@ class _Exchange:
             return self._list_models()
         if s and s[0] in ("datasets", "spaces", "kernels"):
             raise HubError(404, "this hub serves model repositories only", "RepoNotFound")
+        if len(s) == 2 and s[0] == "models":
+            check_repo_part(s[1], "name")
+            raise repo_not_found()  # a repo id without a namespace: there is none here
         if len(s) < 3 or s[0] != "models":
             raise HubError(404, f"no such endpoint: {method} /api/{'/'.join(s)}")
-        namespace, name, rest = s[1], s[2], s[3:]
-        check_repo_part(namespace, "namespace")
-        check_repo_part(name, "name")
+        rest = s[3:]
         action = rest[0] if rest else None
         arg = rest[1] if len(rest) > 1 else None
-        # every route under /api/models/{namespace}/{name}: reads need read, these need write
-        self._authorize(namespace, name, WRITE if action in _WRITE_ACTIONS else READ)
+        # every route under /api/models/{namespace}/{name}: reads need read, these need write; a
+        # repo the caller may not see, or a missing one, is a 404 whatever the route
+        namespace, name = self._repo_access(s[1], s[2], WRITE if action in _WRITE_ACTIONS else READ)
         if action is None and method == "GET":
             return self._model_info(namespace, name, "main")
         if action == "revision" and len(rest) == 2 and method == "GET":
             return self._model_info(namespace, name, arg)  # type: ignore[arg-type]
         if action == "refs" and len(rest) == 1 and method == "GET":
             return self._list_refs(namespace, name)
+        if action == "auth-check" and len(rest) == 1 and method == "GET":
+            return _json(200, {})  # the caller may read the repo: _repo_access said so
         if action == "tree" and len(rest) >= 2 and method == "GET":
             return self._tree(namespace, name, arg, "/".join(rest[2:]))  # type: ignore[arg-type]
         if action == "commits" and len(rest) == 2 and method == "GET":
@@ -1034,6 +1238,8 @@ class _Exchange:
             return self._preupload(namespace, name, arg)  # type: ignore[arg-type]
         if action == "commit" and len(rest) == 2 and method == "POST":
             return self._commit(namespace, name, arg)  # type: ignore[arg-type]
+        if action == "super-squash" and len(rest) == 2 and method == "POST":
+            return self._squash(namespace, name, arg)  # type: ignore[arg-type]
         if action == "tag" and len(rest) == 2 and method in ("POST", "DELETE"):
             return self._create_tag(namespace, name, arg) if method == "POST" else self._delete_tag(namespace, name, arg)  # type: ignore[arg-type]
         if action == "branch" and len(rest) == 2 and method in ("POST", "DELETE"):
@@ -1046,6 +1252,8 @@ class _Exchange:
 
     # --- repos ---------------------------------------------------------------------------------
     def _repo_id_from_body(self, body: dict[str, Any]) -> tuple[str, str]:
+        """(namespace, name) of a create or delete request; without an organization, the caller's
+        own namespace (its token's name), as the Hub does."""
         name = body.get("name")
         organization = body.get("organization")
         repo_type = body.get("type") or "model"
@@ -1053,28 +1261,49 @@ class _Exchange:
             raise _bad("this hub serves model repositories only")
         if isinstance(name, str) and "/" in name and organization is None:
             organization, _, name = name.partition("/")
+        if organization is None:
+            caller = self._caller()
+            if caller.has_token and caller.name != ANONYMOUS:
+                organization = caller.name
         if not isinstance(organization, str) or not organization:
-            raise _bad("repositories need a namespace: create 'namespace/name'")
+            raise _bad("repositories need a namespace: create 'namespace/name' (or send a named token)")
         return check_repo_part(organization, "namespace"), check_repo_part(name, "name")  # type: ignore[arg-type]
+
+    @staticmethod
+    def _private_from_body(body: dict[str, Any]) -> bool:
+        """``visibility`` (public or private) or the older ``private`` flag of a create request."""
+        visibility, private = body.get("visibility"), body.get("private")
+        if visibility is not None:
+            if visibility not in ("public", "private"):
+                raise _bad(f"visibility must be 'public' or 'private' on this hub, not {str(visibility)[:40]!r}")
+            return visibility == "private"
+        if private is not None and not isinstance(private, bool):
+            raise _bad("private must be true or false")
+        return bool(private)
 
     def _create_repo(self) -> Response:
         self._require_some_write()
         body = self._json_body()
         namespace, name = self._repo_id_from_body(body)
+        private = self._private_from_body(body)
+        namespace = self.storage.canonical_namespace(namespace)
         caller = self._authorize(namespace, None, WRITE)
         url = f"{self._base_url()}/{namespace}/{name}"
         try:
-            self.storage.create_repo(namespace, name, caller.name)
+            self.storage.create_repo(namespace, name, caller.name, private=private)
         except HubError as exc:
+            found = self.storage.find_repo(namespace, name)
+            if found is not None:
+                url = f"{self._base_url()}/{found[0]}/{found[1]}"
             exc.extra["url"] = url  # the client reads it even from a 409 (exist_ok=True)
             raise
-        self.storage.audit(caller.name, "create_repo", f"{namespace}/{name}")
+        self.storage.audit(caller.name, "create_repo", f"{namespace}/{name}", private=private or None)
         return _json(200, {"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
 
     def _delete_repo(self) -> Response:
         self._require_some_write(admin=True)
-        namespace, name = self._repo_id_from_body(self._json_body())
-        caller = self._authorize(namespace, name, WRITE, admin=True)
+        namespace, name = self._repo_access(*self._repo_id_from_body(self._json_body()), WRITE, admin=True)
+        caller = self._caller()
         self.storage.delete_repo(namespace, name)
         self.storage.audit(caller.name, "delete_repo", f"{namespace}/{name}")
         return _json(200, {})
@@ -1091,11 +1320,12 @@ class _Exchange:
         content = body.get("content", "")
         if not isinstance(content, str):
             raise _bad("content must be a string")
-        _, problem = front_matter(content)
-        errors = [{"message": problem}] if problem else []
+        problems, notes = validate_card(content)
+        errors = [{"message": problem} for problem in problems]
+        warnings = [{"message": note} for note in notes]
         if errors:
-            return _json(400, {"errors": errors, "warnings": [], "error": errors[0]["message"]})
-        return _json(200, {"errors": [], "warnings": []})
+            return _json(400, {"errors": errors, "warnings": warnings, "error": "Invalid metadata in README.md"})
+        return _json(200, {"errors": [], "warnings": warnings})
 
     # --- metadata ------------------------------------------------------------------------------
     def _card_of(self, repo: Path, commit: Commit) -> dict[str, Any] | None:
@@ -1141,7 +1371,7 @@ class _Exchange:
             "sha": commit.id,
             "lastModified": commit.date,
             "createdAt": meta.get("created_at"),
-            "private": False,
+            "private": meta.get("private") is True,
             "gated": False,
             "disabled": False,
             "downloads": 0,
@@ -1188,6 +1418,8 @@ class _Exchange:
         for namespace, name in storage.iter_repos():
             if caller.level(namespace) < READ:  # what the caller may not read is not listed
                 continue
+            if not caller.has_token and storage.is_private(namespace, name):  # nor private repos, anonymously
+                continue
             repo_id = f"{namespace}/{name}"
             if author and namespace != author:
                 continue
@@ -1225,7 +1457,8 @@ class _Exchange:
             },
         )
 
-    def _tree_entry(self, path: str, entry: dict[str, Any], commit: Commit, expand: bool) -> dict[str, Any]:
+    @staticmethod
+    def _tree_entry(path: str, entry: dict[str, Any]) -> dict[str, Any]:
         item: dict[str, Any] = {"type": "file", "oid": entry["oid"], "size": entry["size"], "path": path}
         if entry["lfs"]:
             item["lfs"] = {
@@ -1233,9 +1466,19 @@ class _Exchange:
                 "size": entry["size"],
                 "pointerSize": len(lfs_pointer(entry["sha256"], entry["size"])),
             }
-        if expand:
-            item["lastCommit"] = {"id": commit.id, "title": commit.title, "date": commit.date}
         return item
+
+    @staticmethod
+    def _folder_entry(path: str, commit: Commit) -> dict[str, Any]:
+        oid = hashlib.sha1(f"{commit.id}:{path}".encode()).hexdigest()
+        return {"type": "directory", "oid": oid, "size": 0, "path": path}
+
+    def _add_last_commits(self, repo: Path, commit: Commit, items: list[dict[str, Any]]) -> None:
+        """``expand``: each entry's ``lastCommit``, the most recent commit that changed that path."""
+        changes = self.storage.last_changes(repo, commit, [item["path"] for item in items])
+        for item in items:
+            last = changes[item["path"]]
+            item["lastCommit"] = {"id": last.id, "title": last.title, "date": last.date}
 
     def _tree(self, namespace: str, name: str, rev: str, path: str) -> Response:
         repo = self.storage.require_repo(namespace, name)
@@ -1258,15 +1501,16 @@ class _Exchange:
                 folder = prefix + "/".join(parts[:depth])
                 if folder not in folders and (recursive or depth == 1):
                     folders.add(folder)
-                    oid = hashlib.sha1(f"{commit.id}:{folder}".encode()).hexdigest()
-                    items.append({"type": "directory", "oid": oid, "size": 0, "path": folder})
+                    items.append(self._folder_entry(folder, commit))
             if recursive or len(parts) == 1:
-                items.append(self._tree_entry(file_path, inside[file_path], commit, expand))
-        return self._paginated(items)
+                items.append(self._tree_entry(file_path, inside[file_path]))
+        return self._paginated(items, (lambda page: self._add_last_commits(repo, commit, page)) if expand else None)
 
-    def _paginated(self, items: list[dict[str, Any]]) -> Response:
+    def _paginated(self, items: list[dict[str, Any]], on_page: Callable[[list[dict[str, Any]]], None] | None = None) -> Response:
         cursor = self._uint_param("cursor") or 0
         page = items[cursor : cursor + PAGE_SIZE]
+        if on_page is not None:
+            on_page(page)
         headers = {}
         if cursor + PAGE_SIZE < len(items):
             query = "&".join(f"{quote(k)}={quote(v)}" for k, values in self.query.items() if k != "cursor" for v in values)
@@ -1312,10 +1556,11 @@ class _Exchange:
         for path in paths:
             path = check_file_path(path)
             if path in commit.files:
-                items.append(self._tree_entry(path, commit.files[path], commit, expand))
+                items.append(self._tree_entry(path, commit.files[path]))
             elif any(p.startswith(path + "/") for p in commit.files):
-                oid = hashlib.sha1(f"{commit.id}:{path}".encode()).hexdigest()
-                items.append({"type": "directory", "oid": oid, "size": 0, "path": path})
+                items.append(self._folder_entry(path, commit))
+        if expand:
+            self._add_last_commits(repo, commit, items)
         return _json(200, items)
 
     # --- uploads -------------------------------------------------------------------------------
@@ -1338,11 +1583,12 @@ class _Exchange:
         files = body.get("files")
         if not isinstance(files, list):
             raise _bad("files must be a list")
+        ignored = self._gitignore(body, head)
         answers = []
         for item in files:
             if not isinstance(item, dict):
                 raise _bad("each file must be an object")
-            path = check_file_path(item.get("path"))
+            path = _repo_path(item.get("path"))
             size = item.get("size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"invalid size for {path}")
@@ -1353,12 +1599,28 @@ class _Exchange:
             lfs = size > 0 and (
                 size > LFS_THRESHOLD_BYTES or b"\x00" in sample or os.path.splitext(path)[1].lower() in LFS_SUFFIXES
             )
-            answer: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+            answer: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": ignored(path)}
             existing = head.files.get(path)
             if existing is not None:
                 answer["oid"] = existing["sha256"] if lfs else existing["oid"]
             answers.append(answer)
         return _json(200, {"files": answers, "commitOid": head.id})
+
+    def _gitignore(self, body: dict[str, Any], head: Commit) -> Callable[[str], bool]:
+        """The root .gitignore that applies to a preupload: the one sent with it (``gitIgnore``: a
+        .gitignore in the same commit), else the branch head's."""
+        text = body.get("gitIgnore")
+        if text is not None and not isinstance(text, str):
+            raise _bad("gitIgnore must be a string")
+        if text is None:
+            entry = head.files.get(".gitignore")
+            if entry is None or entry["size"] > _MAX_GITIGNORE_BYTES:
+                return lambda path: False
+            try:
+                text = self.storage.read_object(entry["sha256"]).decode("utf-8", "replace")
+            except OSError:
+                return lambda path: False
+        return parse_gitignore(text)
 
     def _lfs_batch(self, namespace: str, name: str) -> Response:
         storage = self.storage
@@ -1565,11 +1827,25 @@ class _Exchange:
         pointer = lfs_pointer(oid, size)
         return {"sha256": oid, "size": size, "oid": git_blob_oid(pointer), "lfs": True}
 
+    def _squash(self, namespace: str, name: str, rev: str) -> Response:
+        storage = self.storage
+        repo = storage.require_repo(namespace, name)
+        branch = self._writable_branch(repo, rev)
+        body = self._json_body()
+        message = body.get("message") or f"Super-squash branch '{branch}'"
+        if not isinstance(message, str) or not message.strip():
+            raise _bad("message must be a non-empty string")
+        who = self._caller().name
+        commit = storage.squash(repo, branch, title=message.strip()[:1000], author=who)
+        storage.audit(who, "super_squash", f"{namespace}/{name}", revision=branch, commit=commit.id)
+        return _json(200, {"commitId": commit.id})
+
     # --- refs ----------------------------------------------------------------------------------
     def _create_tag(self, namespace: str, name: str, rev: str) -> Response:
         storage = self.storage
         repo = storage.require_repo(namespace, name)
         body = self._json_body()
+        storage.resolve(repo, rev)  # a missing revision is a 404 before anything about the tag (as on the Hub)
         tag = check_ref_name(body.get("tag"), "tag")
         message = body.get("message") or ""
         if not isinstance(message, str):
@@ -1611,9 +1887,8 @@ class _Exchange:
             commit, _ = storage.resolve(repo, start)
             refs = storage.refs(repo)
             if branch in refs["branches"]:
-                raise HubError(409, f"Reference already exists: refs/heads/{branch}")
-            if branch in refs["tags"]:
-                raise HubError(409, f"{branch} is already a tag name")
+                raise HubError(409, f"Reference refs/heads/{branch} already exists")
+            # a branch may share a tag's name (refs/heads/x and refs/tags/x): revisions resolve branches first
             refs["branches"][branch] = commit.id
             storage.write_refs(repo, refs)
         storage.audit(self._caller().name, "create_branch", f"{namespace}/{name}", revision=branch, commit=commit.id)
@@ -1624,7 +1899,7 @@ class _Exchange:
         repo = storage.require_repo(namespace, name)
         branch = strip_ref_prefix(branch)
         if branch == "main":
-            raise HubError(403, "the main branch cannot be deleted")
+            raise HubError(403, "Cannot delete refs/heads/main: it is the default branch")
         with storage.locked(repo):
             refs = storage.refs(repo)
             if branch not in refs["branches"]:

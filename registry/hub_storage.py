@@ -4,8 +4,9 @@ objects in one folder, safe to use from many threads at once.
 Layout under the root::
 
     objects/sha256/<aa>/<sha256>            every file's content, named by its sha256 (regular and LFS)
+    repos/.create.lock                      flock'ed while a repo is created (no two names differing only in case)
     repos/models/<namespace>/<name>/
-        repo.json                           id and creation time
+        repo.json                           id, creation time, private
         refs.json                           {"branches": {name: commit}, "tags": {name: {"commit", "message"}}}
         commits/<aa>/<commit id>.json       immutable commit objects: parents, title, message, author,
                                             date and the whole file table {path: {sha256, size, oid, lfs}}
@@ -19,7 +20,11 @@ Guarantees:
   repo's lock, after its ``parentCommit`` was checked against the branch head (412 otherwise).
 - Nothing outside the root is ever read or written: repo names, revisions and file paths are
   validated (no ``..``, absolute paths, backslashes or NUL); revisions live in ``refs.json`` and
-  never become file names; commit ids and object names are checked hex digests.
+  never become file names; commit ids and object names are checked hex digests (an abbreviated
+  commit id is only compared with the names listed in its ``commits/<aa>/`` folder).
+- Repo ids are case-insensitive (:meth:`HubStorage.find_repo`): one folder per repo, spelled as
+  created; a repo whose name differs only in case from an existing one is never created (the
+  check and the rename that creates it hold one lock).
 - ``audit.log`` is append-only: each accepted write adds one line with one ``write`` on a file
   opened with ``O_APPEND`` (under a lock, so lines from concurrent requests never interleave); it
   is never rewritten or truncated here.
@@ -85,10 +90,14 @@ LFS_SUFFIXES = frozenset(
 )
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in sorted(LFS_SUFFIXES)).encode()
 
-_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+#: a namespace or repo name: what the Hub accepts (its CI user is ``__DUMMY_HUB_USER__``: a leading
+#: underscore is allowed, a leading '.' or '-' is not)
+_REPO_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}")
 _REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 #: a commit id (what git and the Hub use: 40 lower-case hex digits)
 SHA1_HEX = re.compile(r"[0-9a-f]{40}")
+#: an abbreviated commit id: a unique prefix of at least 7 hex digits resolves (as with git)
+_SHORT_SHA = re.compile(r"[0-9a-f]{7,39}")
 #: a content object id (sha256, 64 lower-case hex digits)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH_LENGTH = 1024
@@ -122,6 +131,13 @@ def _bad(message: str) -> HubError:
     return HubError(400, message)
 
 
+def repo_not_found() -> HubError:
+    """The answer for a repo that does not exist, and for one the caller may not see: the Hub's
+    status, ``X-Error-Code`` and message, which name no repo (the client adds the URL), so a
+    hidden repo cannot be told from a missing one, whatever the case of its name."""
+    return HubError(404, "Repository not found", "RepoNotFound")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -140,7 +156,7 @@ def check_repo_part(value: str, what: str) -> str:
     """One part of a repo id (namespace or name), safe as one path component."""
     if not isinstance(value, str) or not _REPO_PART.fullmatch(value):
         raise _bad(
-            f"invalid {what} {value!r}: use letters, digits, '-', '_' and '.', start with a letter or digit,"
+            f"invalid {what} {value!r}: use letters, digits, '-', '_' and '.', start with a letter, digit or '_',"
             " at most 96 characters"
         )
     if ".." in value or "--" in value or value.endswith((".", "-", ".git")):
@@ -316,13 +332,59 @@ class HubStorage:
     def require_repo(self, namespace: str, name: str) -> Path:
         repo = self.repo_dir(namespace, name)
         if not (repo / "refs.json").is_file():
-            raise HubError(404, f"Repository {namespace}/{name} not found", "RepoNotFound")
+            raise repo_not_found()
         return repo
 
-    def create_repo(self, namespace: str, name: str, author: str) -> None:
+    def canonical_namespace(self, namespace: str) -> str:
+        """The namespace as its folder spells it when one exists whatever the case (as on the Hub,
+        ``Acme`` and ``acme`` are one namespace), else ``namespace`` as given."""
+        base = self.root / "repos" / "models"
+        if (base / check_repo_part(namespace, "namespace")).is_dir():
+            return namespace
+        folded = namespace.casefold()
+        for entry in sorted(os.listdir(base)):
+            if entry.casefold() == folded and _REPO_PART.fullmatch(entry) and (base / entry).is_dir():
+                return entry
+        return namespace
+
+    def find_repo(self, namespace: str, name: str) -> tuple[str, str] | None:
+        """(namespace, name) of the existing repo named so whatever the case, as its folders spell
+        them; None when there is none. Only names that passed :func:`check_repo_part` are compared."""
+        if self.repo_exists(namespace, name):
+            return namespace, name
+        namespace = self.canonical_namespace(namespace)
+        ns_dir = self.root / "repos" / "models" / namespace
+        if not ns_dir.is_dir():
+            return None
+        if self.repo_exists(namespace, name):
+            return namespace, name
+        folded = name.casefold()
+        for entry in sorted(os.listdir(ns_dir)):
+            if entry.casefold() == folded and _REPO_PART.fullmatch(entry) and (ns_dir / entry / "refs.json").is_file():
+                return namespace, entry
+        return None
+
+    @contextmanager
+    def _creating(self) -> Iterator[None]:
+        """Held while a repo is created: the check that no repo has the name in another case and
+        the rename that creates it are one step."""
+        with open(self.root / "repos" / ".create.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def create_repo(self, namespace: str, name: str, author: str, *, private: bool = False) -> None:
+        """Create ``namespace/name`` with its initial commit; a 409 when a repo of that name exists,
+        in any case (the Hub's repo ids are case-insensitive)."""
+        with self._creating():
+            if self.find_repo(namespace, name) is not None:
+                raise HubError(409, f"You already created this model repo: {namespace}/{name}")
+            self._create_repo(namespace, name, author, private)
+
+    def _create_repo(self, namespace: str, name: str, author: str, private: bool) -> None:
         target = self.repo_dir(namespace, name)
-        if (target / "refs.json").is_file():
-            raise HubError(409, f"You already created this model repo: {namespace}/{name}")
         staging = self.tmp_path(".repo")
         staging.mkdir()
         try:
@@ -342,7 +404,7 @@ class HubStorage:
                     }
                 },
             )
-            meta = {"id": f"{namespace}/{name}", "created_at": _now()}
+            meta = {"id": f"{namespace}/{name}", "created_at": _now(), "private": bool(private)}
             self._write_atomic(staging / "repo.json", _dumps(meta))
             self._write_atomic(staging / "refs.json", _dumps({"branches": {"main": initial.id}, "tags": {}}))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +436,13 @@ class HubStorage:
 
     def repo_meta(self, repo: Path) -> dict[str, Any]:
         return _loads(repo / "repo.json")
+
+    def is_private(self, namespace: str, name: str) -> bool:
+        """Whether the repo was created private (False for a missing one)."""
+        try:
+            return self.repo_meta(self.repo_dir(namespace, name)).get("private") is True
+        except FileNotFoundError:
+            return False
 
     @contextmanager
     def locked(self, repo: Path) -> Iterator[None]:
@@ -415,7 +484,21 @@ class HubStorage:
             return self.commit(repo, refs["tags"][name]["commit"]), None
         if SHA1_HEX.fullmatch(rev) and self.has_commit(repo, rev):
             return self.commit(repo, rev), None
+        if _SHORT_SHA.fullmatch(rev):
+            found = self._commits_starting_with(repo, rev)
+            if len(found) == 1:
+                return self.commit(repo, found[0]), None
+            if len(found) > 1:
+                raise HubError(404, f"Invalid rev id: {rev} is the start of {len(found)} commits", "RevisionNotFound")
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
+    def _commits_starting_with(self, repo: Path, prefix: str) -> list[str]:
+        """Ids of the commits of ``repo`` that start with ``prefix`` (7 to 39 lower-case hex digits)."""
+        try:
+            names = os.listdir(repo / "commits" / prefix[:2])
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(".json")] for n in names if n.startswith(prefix) and SHA1_HEX.fullmatch(n[: -len(".json")]))
 
     def _make_commit(
         self,
@@ -463,7 +546,8 @@ class HubStorage:
             if parent is not None and parent != head:
                 raise HubError(
                     412,
-                    f"A commit has happened since {parent[:12]} (the head of {branch} is {head[:12]}): refresh and try again",
+                    "The branch was updated since you opened this page. Please refresh and try again."
+                    f" (parentCommit {parent[:12]}, the head of {branch} is {head[:12]})",
                 )
             files = dict(self.commit(repo, head).files)
             for op, path, entry in operations:
@@ -477,17 +561,30 @@ class HubStorage:
                     if any(prefix in files for prefix in _parents(path)):
                         raise _bad(f"a parent folder of {path} is a file in this revision")
                     files[path] = entry
-                elif op == "delete":
-                    if path not in files:
-                        raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                elif op == "delete" and path in files:
                     del files[path]
-                else:  # delete a folder
+                else:  # delete a folder (deletedFile on a folder's path deletes the folder, as on the Hub)
                     inside = [p for p in files if p.startswith(path.rstrip("/") + "/")]
+                    if not inside and op == "delete":
+                        raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     if not inside:
                         raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
                     for p in inside:
                         del files[p]
             commit = self._make_commit(repo, parents=[head], title=title, message=message, author=author, files=files)
+            refs["branches"][branch] = commit.id
+            self.write_refs(repo, refs)
+            return commit
+
+    def squash(self, repo: Path, branch: str, *, title: str, author: str) -> Commit:
+        """Replace the history of ``branch`` by one commit holding its head's files (the Hub's
+        super-squash); other branches and tags keep theirs. Atomic like a commit."""
+        with self.locked(repo):
+            refs = self.refs(repo)
+            if branch not in refs["branches"]:
+                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            head = self.commit(repo, refs["branches"][branch])
+            commit = self._make_commit(repo, parents=[], title=title, message="", author=author, files=dict(head.files))
             refs["branches"][branch] = commit.id
             self.write_refs(repo, refs)
             return commit
@@ -499,6 +596,34 @@ class HubStorage:
             seen.add(commit.id)
             yield commit
             commit = self.commit(repo, commit.parents[0]) if commit.parents else None
+
+    def last_changes(self, repo: Path, head: Commit, paths: list[str], *, max_commits: int = 10_000) -> dict[str, Commit]:
+        """For each path of ``head`` (a file or a folder), the most recent commit in ``head``'s
+        history that changed it (added, modified, or for a folder any file under it). One walk for
+        all the paths; past ``max_commits`` the oldest commit reached stands for the rest."""
+
+        def state(commit: Commit, path: str) -> Any:
+            entry = commit.files.get(path)
+            if entry is not None:
+                return entry["sha256"], entry["size"], entry["lfs"]
+            prefix = path + "/"
+            return frozenset((p, e["sha256"]) for p, e in commit.files.items() if p.startswith(prefix))
+
+        pending = {path: state(head, path) for path in paths}
+        found: dict[str, Commit] = {}
+        current = head
+        for count, parent in enumerate(self.history(repo, head)):
+            if parent is head:
+                continue
+            if not pending or count > max_commits:
+                break
+            for path in [p for p, value in pending.items() if state(parent, p) != value]:
+                found[path] = current
+                del pending[path]
+            current = parent
+        for path in pending:
+            found[path] = current
+        return found
 
     def read_object(self, sha256: str) -> bytes:
         return self.object_path(sha256).read_bytes()
@@ -535,5 +660,6 @@ __all__ = [
     "check_repo_part",
     "git_blob_oid",
     "lfs_pointer",
+    "repo_not_found",
     "strip_ref_prefix",
 ]

@@ -834,5 +834,5 @@ def test_scopes_resolve_the_most_specific_pattern_and_never_below_anonymous():
     assert (hidden.value.status, hidden.value.code, hidden.value.message) == (
         404,
         "RepoNotFound",
-        "Repository secret/plans not found",
+        "Repository not found",  # the Hub's words: nothing names the repo, hidden or missing
     )
