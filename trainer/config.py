@@ -202,7 +202,7 @@ def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
         raise ConfigError(problems)
     quantized = config.base.quantization != "none"
     if config.training.gradient_checkpointing is None:  # resolved here, so the manifest records it
-        config.training.gradient_checkpointing = quantized
+        config.training.gradient_checkpointing = quantized and get_method(config.method.name).gradient_checkpointing
     if config.training.cpu_allocator == "auto":
         config.training.cpu_allocator = "lean" if quantized else "default"
     return config

@@ -342,7 +342,9 @@ def train(
 
     model = load_base_model(base_dir, config)
     task_type: Literal["CAUSAL_LM"] | None = None if config.objective.name == "mlm" else "CAUSAL_LM"
-    ctx = BuildContext(task_type=task_type, total_steps=total_steps, linear_module_names=linear_module_names(model))
+    ctx = BuildContext(
+        task_type=task_type, total_steps=total_steps, linear_module_names=linear_module_names(model), base_path=str(base_dir)
+    )
     peft_config = method.build_peft_config(method_cfg, ctx)
     peft_model = _wrap(model, peft_config, ctx)
 

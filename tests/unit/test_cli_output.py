@@ -78,3 +78,13 @@ def test_pull_force_flag_reaches_the_store(registry, tmp_path):
         "pulled acme/demo@1 to "
     )
     assert (dest / "notes.txt").read_text() == "keep" and (dest / "manifest.json").is_file()
+
+
+def test_train_list_methods_says_what_each_trains_and_where_it_runs():
+    out = _invoke("train", "--list-methods")
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert set(rows) == {"adalora", "dora", "ia3", "lora", "prefix", "prompt", "ptuning"}
+    assert "4-bit base ok" in rows["lora"] and "mixed in batches" in rows["prefix"]
+    assert "prompt encoder" in rows["ptuning"]
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 2 and "--list-methods" in result.output

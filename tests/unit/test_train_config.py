@@ -176,7 +176,10 @@ def test_run_config_method_is_the_typed_union_of_registered_methods(fake_base, m
     assert type(config.method) is LoraMethodConfig and config.method.r == 4
     assert config.resolved()["method"]["rslora"] is False
 
-    with pytest.raises(ConfigError, match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, lora$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, ia3, lora, prefix, prompt, ptuning$",
+    ):
         validate_run_config(_raw(fake_base, method={"name": "toy"}))
 
     class ToyMethodConfig(MethodConfig):
@@ -204,5 +207,43 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
         with pytest.raises(ConfigError) as refusal:
             validate_run_config(_raw(fake_base, method={"name": kind.value}))
         assert str(refusal.value) == f"method.name: {kind.value} modules cannot be trained by tunehub yet; {NOT_TRAINABLE[kind]}"
-    assert trained == {ModuleKind.LORA, ModuleKind.DORA, ModuleKind.ADALORA}
-    assert "save_peft_module" in NOT_TRAINABLE[ModuleKind.IA3] and "kind='prefix'" in NOT_TRAINABLE[ModuleKind.PREFIX]
+    assert trained == {
+        ModuleKind.LORA,
+        ModuleKind.DORA,
+        ModuleKind.ADALORA,
+        ModuleKind.IA3,
+        ModuleKind.PROMPT,
+        ModuleKind.PREFIX,
+        ModuleKind.PTUNING,
+    }
+    assert "save_peft_module" in NOT_TRAINABLE[ModuleKind.MULTITASK_PROMPT]
+
+
+@pytest.mark.parametrize(
+    ("method", "sections", "problem"),
+    [
+        ({"name": "prompt"}, {"packing": True}, "data.packing: prompt puts virtual tokens before each example"),
+        ({"name": "prefix", "num_virtual_tokens": 4}, {"objective": {"name": "mlm"}}, "objective.name: prefix trains causal LMs"),
+        ({"name": "prompt", "init": "text"}, {}, "method.init_text: init: text needs the text"),
+        ({"name": "prompt", "init_text": "hi"}, {}, "method.init_text is used only with init: text"),
+        ({"name": "prefix", "encoder_hidden_size": 8}, {}, "it needs projection: true"),
+        ({"name": "prefix"}, {"training": {"gradient_checkpointing": True}}, "prefix tuning cannot train with it"),
+        ({"name": "ia3", "feedforward_modules": ["down_proj"]}, {}, "method.feedforward_modules needs method.target_modules"),
+        ({"name": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, {}, "(not in it: down_proj)"),
+        ({"name": "ptuning", "encoder": "gru"}, {}, "method.encoder: Input should be 'mlp' or 'lstm'"),
+    ],
+)
+def test_peft_methods_refuse_what_they_cannot_train(fake_base, method, sections, problem):
+    raw = _raw(fake_base, method=method)
+    raw["data"]["packing"] = sections.pop("packing", False)
+    raw.update(sections)
+    with pytest.raises(ConfigError) as refusal:
+        validate_run_config(raw)
+    assert problem in str(refusal.value)
+
+
+def test_prefix_tuning_leaves_gradient_checkpointing_off_on_a_4bit_base(fake_base):
+    nf4 = {"path": str(fake_base), "quantization": "nf4"}
+    raw = _raw(fake_base, base=nf4, method={"name": "prefix"})
+    assert validate_run_config(raw).training.gradient_checkpointing is False
+    assert validate_run_config(_raw(fake_base, base=nf4, method={"name": "prompt"})).training.gradient_checkpointing is True

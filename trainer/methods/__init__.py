@@ -37,6 +37,7 @@ class BuildContext:
     task_type: Literal["CAUSAL_LM"] | None  # None for encoder (masked LM) bases
     total_steps: int
     linear_module_names: tuple[str, ...]  # leaf names of the base's linear layers, for messages
+    base_path: str = ""  # the base's folder (its tokenizer initialises a prompt from text)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class Method:
     check: Callable[[Any, "RunConfig"], list[str]] = field(default=lambda cfg, run: [])
     callbacks: Callable[[Any, Any], list[Any]] = field(default=lambda cfg, model: [])
     description: str = ""
+    #: whether the method trains with activation checkpointing (PEFT's prefix tuning cannot);
+    #: a run that leaves training.gradient_checkpointing unset gets it only where it works
+    gradient_checkpointing: bool = True
+    #: whether it trains on a 4-bit (nf4) or 8-bit base (QLoRA-style): PEFT methods all do
+    quantized_base: bool = True
 
 
 #: what to do instead, for each module kind no method trains yet (a method that trains one
@@ -57,10 +63,6 @@ _PEFT_INSTEAD = (
     " base_path=BASE, kind={kind!r}) and `tunehub push DIR NAME`: the registry and the server take it"
 )
 NOT_TRAINABLE: dict[ModuleKind, str] = {
-    ModuleKind.IA3: _PEFT_INSTEAD.format(kind="ia3"),
-    ModuleKind.PROMPT: _PEFT_INSTEAD.format(kind="prompt"),
-    ModuleKind.PREFIX: _PEFT_INSTEAD.format(kind="prefix"),
-    ModuleKind.PTUNING: _PEFT_INSTEAD.format(kind="ptuning"),
     ModuleKind.MULTITASK_PROMPT: _PEFT_INSTEAD.format(kind="multitask_prompt"),
     ModuleKind.BOTTLENECK: "train a lora module instead (method.name: lora)",
     ModuleKind.SELECTIVE: "train a lora module instead, or fine-tune with transformers' Trainer and serve the result"
@@ -116,6 +118,16 @@ def method_config_classes() -> list[type[MethodConfig]]:
     return [_METHODS[name].config_cls for name in sorted(_METHODS)]
 
 
+def method_table() -> list[dict[str, Any]]:
+    """One row per method: name, the module kind it makes, what it trains, whether it trains on
+    a 4-bit base (``tunehub train --list-methods`` adds whether the engine mixes the kind)."""
+    discover()
+    return [
+        {"method": m.name, "kind": m.kind.value, "trains": m.description, "4bit_base": m.quantized_base}
+        for m in sorted(_METHODS.values(), key=lambda m: m.name)
+    ]
+
+
 def get_method(name: str) -> Method:
     discover()
     if name not in _METHODS:
@@ -131,5 +143,6 @@ __all__ = [
     "get_method",
     "method_config_classes",
     "method_names",
+    "method_table",
     "register_method",
 ]
