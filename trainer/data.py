@@ -614,7 +614,8 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
 
 @dataclass
 class SFTCollator:
-    """Pad a list of ``{"input_ids", "labels"[, "position_ids"]}`` into a batch of tensors.
+    """Pad a list of ``{"input_ids", "labels"[, "position_ids"][, "task_id"]}`` into a batch of
+    tensors (``task_ids`` when the examples carry one: multitask prompt tuning).
 
     Unpacked examples: right padding, ``attention_mask`` marks the real tokens.
 
@@ -684,6 +685,11 @@ class SFTCollator:
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         else:
             batch["attention_mask"] = torch.tensor(attention, dtype=torch.long)
+        tagged = ["task_id" in e for e in examples]
+        if any(tagged):  # multitask prompt tuning: which task's prompt each row uses
+            if not all(tagged) or self.flatten:
+                raise DataError("task ids need every example of the batch tagged, one example per row")
+            batch["task_ids"] = torch.tensor([int(e["task_id"]) for e in examples], dtype=torch.long)
         return batch
 
 

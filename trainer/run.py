@@ -141,6 +141,33 @@ class PreparedData:
 
 
 def prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
+    """The run's examples, split and tokenized. A method that reads task ids (multitask prompt
+    tuning) gets every example tagged: with one task per ``data.train`` source, each source is
+    prepared (and split) alone, so every task is in the evaluation too."""
+    from tunehub.trainer import data as d
+    from tunehub.trainer.methods import get_method
+
+    task_ids = get_method(config.method.name).task_ids
+    if task_ids is None:
+        return _prepare_data(config, tokenizer)
+    groups = [[source] for source in config.data.train] if task_ids(config.method) else [list(config.data.train)]
+    parts = []
+    for group in groups:
+        data_cfg = config.data.model_copy(update={"train": group})
+        parts.append(_prepare_data(config.model_copy(update={"data": data_cfg}), tokenizer))
+    train = [{**e, "task_id": i} for i, part in enumerate(parts) for e in part.train]
+    evals = [{**e, "task_id": i} for i, part in enumerate(parts) for e in part.eval]
+    sources = list(config.data.train) + list(config.data.eval or [])
+    info = d.data_info(
+        sources,
+        num_examples=sum(p.info.num_examples or 0 for p in parts),
+        num_tokens=sum(p.info.num_tokens or 0 for p in parts),
+        kind="sft" if config.objective.name == "sft" else "text",
+    )
+    return PreparedData(train=train, eval=evals, collator=parts[0].collator, info=info)
+
+
+def _prepare_data(config: RunConfig, tokenizer: Any) -> PreparedData:
     from tunehub.trainer import data as d
 
     cfg = config.data
@@ -329,6 +356,12 @@ def train(
 
     method = get_method(config.method.name)
     method_cfg = config.method
+    init_ref = method.init_module(method_cfg)
+    init_module = None
+    if init_ref is not None:  # a module the run starts from: pulled and verified before the base loads
+        from tunehub.registry.store import open_store
+
+        init_module = open_store(registry or config.output.registry, trust=trust).pull(init_ref)
     base_dir = resolve_base(config)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prepared = prepare_data(config, tokenizer)
@@ -343,7 +376,12 @@ def train(
     model = load_base_model(base_dir, config)
     task_type: Literal["CAUSAL_LM"] | None = None if config.objective.name == "mlm" else "CAUSAL_LM"
     ctx = BuildContext(
-        task_type=task_type, total_steps=total_steps, linear_module_names=linear_module_names(model), base_path=str(base_dir)
+        task_type=task_type,
+        total_steps=total_steps,
+        linear_module_names=linear_module_names(model),
+        base_path=str(base_dir),
+        init_module=init_module,
+        num_tasks=len({e["task_id"] for e in prepared.train}) if method.task_ids is not None else 1,
     )
     peft_config = method.build_peft_config(method_cfg, ctx)
     peft_model = _wrap(model, peft_config, ctx)
@@ -427,7 +465,9 @@ def train(
     manifest = None
     pushed = None
     if trainer.is_world_process_zero():
-        manifest = _write_module(module_dir, peft_model, base_dir, config, method, prepared, metrics, history)
+        method.before_save(method_cfg, peft_model)
+        parent = config.output.parent or (init_module.ref if init_module is not None else None)
+        manifest = _write_module(module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent)
         push = push or config.output.push
         if push:
             # the store directly, not tunehub.sdk: imports flow sdk -> trainer -> registry
@@ -506,6 +546,7 @@ def _write_module(
     prepared: PreparedData,
     metrics: dict[str, float],
     history: list[dict[str, Any]],
+    parent: str | None,
 ) -> Manifest:
     import shutil
 
@@ -525,7 +566,7 @@ def _write_module(
         quantization=config.base.quantization,
         objective=config.objective.name,
         task=config.output.task,
-        parent=config.output.parent,
+        parent=parent,
         data=prepared.info,
         metrics=metrics,
         config=config.resolved(),

@@ -198,3 +198,73 @@ def test_peft_methods_train_and_reload_in_plain_peft(
     tolerance = 1e-4 if quantization == "none" else 1e-3  # nf4 matmuls compute in bf16 where it is native
     torch.testing.assert_close(served[0], actual[0, -ids.shape[1] :], atol=tolerance, rtol=0)
     torch.testing.assert_close(served[1], base_logits[0], atol=tolerance, rtol=0)
+
+
+def test_multitask_prompt_target_runs_start_from_the_source_and_get_there_sooner(tiny_llama_path, tmp_path):
+    """A source run over two tasks learns the shared prompt; a target run on a third task that
+    starts from it (init_from, average of the source's tasks) reaches the eval loss that soft
+    prompt tuning from a random start reaches after all its steps, in fewer steps (seeded)."""
+    import safetensors.torch
+    from peft import PeftModel
+
+    from tunehub.registry.local import LocalStore
+    from tunehub.server.engine import Engine, load_base
+
+    lines = (EXAMPLES / "reverse.jsonl").read_text().splitlines()
+    parts = {"a": lines[:80], "b": lines[80:160], "target": lines[160:]}
+    for name, part in parts.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    registry = f"file://{tmp_path / 'reg'}"
+
+    def config(out, method, sources, steps, eval_steps):
+        return validate_run_config(
+            {
+                "base": {"path": str(tiny_llama_path)},
+                "method": {"num_virtual_tokens": 8, **method},
+                "objective": {"name": "sft"},
+                "data": {"train": [str(tmp_path / f"{s}.jsonl") for s in sources], "max_length": 48, "eval_fraction": 0.2},
+                "training": {
+                    "max_steps": steps,
+                    "batch_size": 8,
+                    "learning_rate": 3e-2,
+                    "logging_steps": 1,
+                    "eval_steps": eval_steps,
+                },
+                "output": {"dir": str(tmp_path / out), "registry": registry},
+            }
+        )
+
+    source = train(config("source", {"name": "multitask_prompt"}, ["a", "b"], 30, 30), push="t/mpt-source")
+    assert source.manifest.params["num_tasks"] == 2 and source.pushed.ref == "t/mpt-source@1"
+    weights = safetensors.torch.load_file(source.module_dir / "adapter_model.safetensors")
+    assert weights["prefix_task_cols"].shape[0] == 2  # one prompt matrix per task
+
+    def eval_losses(result):
+        return [(h["step"], h["eval_loss"]) for h in result.log_history if "eval_loss" in h]
+
+    target_method = {"name": "multitask_prompt", "init": "average", "init_from": "t/mpt-source"}
+    target = train(config("target", target_method, ["target"], 8, 2))
+    scratch = train(config("scratch", {"name": "prompt"}, ["target"], 8, 2))
+    goal = eval_losses(scratch)[-1]
+    reached = next(step for step, loss in eval_losses(target) if loss <= goal[1])
+    assert reached < goal[0], (eval_losses(target), eval_losses(scratch))
+
+    # the target module stands alone (no path to the source), records the source as its parent,
+    # reloads in plain PEFT and serves in the engine with PEFT's logits
+    adapter_config = json.loads((target.module_dir / "adapter_config.json").read_text())
+    assert adapter_config["prompt_tuning_init"] == "RANDOM" and adapter_config["prompt_tuning_init_state_dict_path"] is None
+    assert target.manifest.parent == "t/mpt-source@1" and target.manifest.params["num_tasks"] == 1
+    ids = torch.tensor([[1, 17, 33, 60, 101, 7, 45, 2]])
+    with torch.no_grad():
+        expected = target.model.eval()(input_ids=ids, task_ids=torch.tensor([0])).logits.float()
+        loaded = PeftModel.from_pretrained(_load_base(tiny_llama_path, "sft", "none"), target.module_dir).eval()
+        actual = loaded(input_ids=ids, task_ids=torch.tensor([0])).logits.float()
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    store = LocalStore(tmp_path / "serve-reg", cache_dir=tmp_path / "cache")
+    store.push(target.module_dir, "t/mpt-target")
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    try:
+        served = engine.logits([(ids[0].tolist(), "t/mpt-target")])
+    finally:
+        engine.close()
+    torch.testing.assert_close(served[0], actual[0, -ids.shape[1] :], atol=1e-4, rtol=0)

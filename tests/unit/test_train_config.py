@@ -178,7 +178,7 @@ def test_run_config_method_is_the_typed_union_of_registered_methods(fake_base, m
 
     with pytest.raises(
         ConfigError,
-        match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, ia3, lora, prefix, prompt, ptuning$",
+        match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, ia3, lora, multitask_prompt, prefix, prompt, ptuning$",
     ):
         validate_run_config(_raw(fake_base, method={"name": "toy"}))
 
@@ -215,8 +215,9 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
         ModuleKind.PROMPT,
         ModuleKind.PREFIX,
         ModuleKind.PTUNING,
+        ModuleKind.MULTITASK_PROMPT,
     }
-    assert "save_peft_module" in NOT_TRAINABLE[ModuleKind.MULTITASK_PROMPT]
+    assert "lora" in NOT_TRAINABLE[ModuleKind.SELECTIVE]
 
 
 @pytest.mark.parametrize(
@@ -231,6 +232,10 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
         ({"name": "ia3", "feedforward_modules": ["down_proj"]}, {}, "method.feedforward_modules needs method.target_modules"),
         ({"name": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, {}, "(not in it: down_proj)"),
         ({"name": "ptuning", "encoder": "gru"}, {}, "method.encoder: Input should be 'mlp' or 'lstm'"),
+        ({"name": "multitask_prompt"}, {}, "data.train: a source run learns a prompt shared by several tasks"),
+        ({"name": "multitask_prompt", "init": "average"}, {}, "method.init: average needs method.init_from"),
+        ({"name": "multitask_prompt", "init_from": "acme/src@1"}, {}, "a target run (init_from) starts from the source"),
+        ({"name": "multitask_prompt", "init_from": "acme/src@@1", "init": "task"}, {}, "method.init_from: "),
     ],
 )
 def test_peft_methods_refuse_what_they_cannot_train(fake_base, method, sections, problem):

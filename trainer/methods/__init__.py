@@ -38,6 +38,8 @@ class BuildContext:
     total_steps: int
     linear_module_names: tuple[str, ...]  # leaf names of the base's linear layers, for messages
     base_path: str = ""  # the base's folder (its tokenizer initialises a prompt from text)
+    init_module: Any = None  # the verified module (LocalModule) ``Method.init_module`` named
+    num_tasks: int = 1  # how many task ids the data carries (Method.task_ids)
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,19 @@ class Method:
     gradient_checkpointing: bool = True
     #: whether it trains on a 4-bit (nf4) or 8-bit base (QLoRA-style): PEFT methods all do
     quantized_base: bool = True
+    #: None: examples carry no task id. Else ``task_ids(cfg)`` says how they are tagged: True,
+    #: each ``data.train`` source is one task (its index); False, every example is task 0
+    task_ids: Callable[[Any], bool] | None = None
+    #: ``init_module(cfg)``: the registry reference the run starts from (pulled, verified and
+    #: given to ``build_peft_config`` as ``BuildContext.init_module``), or None
+    init_module: Callable[[Any], str | None] = field(default=lambda cfg: None)
+    #: ``before_save(cfg, peft_model)``: make the saved PEFT config stand alone (no local paths)
+    before_save: Callable[[Any, Any], None] = field(default=lambda cfg, model: None)
 
 
 #: what to do instead, for each module kind no method trains yet (a method that trains one
 #: takes it off this list: tests/unit/test_train_config.py walks ModuleKind)
-_PEFT_INSTEAD = (
-    "train it with PEFT, save it with tunehub.trainer.export.save_peft_module(peft_model, DIR,"
-    " base_path=BASE, kind={kind!r}) and `tunehub push DIR NAME`: the registry and the server take it"
-)
 NOT_TRAINABLE: dict[ModuleKind, str] = {
-    ModuleKind.MULTITASK_PROMPT: _PEFT_INSTEAD.format(kind="multitask_prompt"),
     ModuleKind.BOTTLENECK: "train a lora module instead (method.name: lora)",
     ModuleKind.SELECTIVE: "train a lora module instead, or fine-tune with transformers' Trainer and serve the result"
     " as a base (tunehub serve --base DIR)",

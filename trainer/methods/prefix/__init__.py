@@ -33,10 +33,12 @@ def check_prefix(cfg: PrefixMethodConfig, run: Any) -> list[str]:
 def build_prefix(cfg: PrefixMethodConfig, ctx: BuildContext) -> Any:
     from peft import PrefixTuningConfig
 
-    hidden = {"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}
-    return PrefixTuningConfig(
-        task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.projection, **hidden
+    config = PrefixTuningConfig(
+        task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.projection
     )
+    if cfg.encoder_hidden_size:  # else PEFT takes the base's hidden size
+        config.encoder_hidden_size = cfg.encoder_hidden_size
+    return config
 
 
 METHOD = register_method(

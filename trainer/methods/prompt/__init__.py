@@ -51,8 +51,14 @@ def build_prompt(cfg: PromptMethodConfig, ctx: BuildContext) -> Any:
     from peft import PromptTuningConfig, PromptTuningInit
 
     init = {"random": PromptTuningInit.RANDOM, "vocab": PromptTuningInit.SAMPLE_VOCAB, "text": PromptTuningInit.TEXT}[cfg.init]
-    text = {"prompt_tuning_init_text": cfg.init_text, "tokenizer_name_or_path": ctx.base_path} if cfg.init == "text" else {}
-    return PromptTuningConfig(task_type=ctx.task_type, num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=init, **text)
+    text = cfg.init == "text"
+    return PromptTuningConfig(
+        task_type=ctx.task_type,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=init,
+        prompt_tuning_init_text=cfg.init_text if text else None,
+        tokenizer_name_or_path=ctx.base_path if text else None,
+    )
 
 
 METHOD = register_method(

@@ -26,15 +26,16 @@ def build_ptuning(cfg: PtuningMethodConfig, ctx: BuildContext) -> Any:
     from peft import PromptEncoderConfig, PromptEncoderReparameterizationType
 
     encoder = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}[cfg.encoder]
-    hidden = {"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}
-    return PromptEncoderConfig(
+    config = PromptEncoderConfig(
         task_type=ctx.task_type,
         num_virtual_tokens=cfg.num_virtual_tokens,
         encoder_reparameterization_type=encoder,
         encoder_num_layers=cfg.encoder_num_layers,
         encoder_dropout=cfg.encoder_dropout,
-        **hidden,
     )
+    if cfg.encoder_hidden_size:  # else PEFT takes the base's hidden size
+        config.encoder_hidden_size = cfg.encoder_hidden_size
+    return config
 
 
 METHOD = register_method(
