@@ -22,6 +22,10 @@ state or resident memory):
    of the same weights file, both from a warm page cache. The pool is full (it holds two such
    modules, so each activation evicts one) as the bare side frees its tensors after each load:
    both sides reuse freed memory instead of faulting in fresh pages.
+   Signed: the same cold ``pool.acquire`` from a store whose trust policy requires a signature
+   by a trusted key (``tunehub serve --trust KEY --require-signed``; the versions pushed with
+   ``push(..., sign=key)``) against the store without a policy: the signature check on the cold
+   activation path (one ECDSA verification against the digests the read checks anyway).
 4. pool under Zipf load: 1,000 registered modules, a byte budget of 64 modules, 5,000
    acquire/release pairs with Zipf popularity (s = 1.1): hit rate and resident-memory growth
    after warm-up. This part uses the 'small' preset (rank 8 modules): the pool's work does not
@@ -73,6 +77,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "mixed_vs_peft_sequential": (">=", 4.0),
     "mixed_kinds_vs_single_lora": (">=", 0.75),
     "cold_load_vs_safetensors": ("<=", 2.0),
+    "cold_load_signed_vs_unsigned": ("<=", 1.3),
 }
 #: figures that carry a target too (they are not ratios of two sides)
 FIGURE_TARGETS: dict[str, tuple[str, float]] = {"rss_growth_after_warmup": ("<", 0.05)}
@@ -682,6 +687,9 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     from tunehub.registry.local import LocalStore
     from tunehub.registry.manifest import Manifest
     from tunehub.registry.module import ModuleContent
+    from tunehub.registry.signing import TrustPolicy, generate_key_pair
+    from tunehub.registry.store import open_store
+    from tunehub.sdk.registry import Registry
     from tunehub.server.engine.base import load_base
     from tunehub.server.engine.engine import Engine
 
@@ -693,6 +701,14 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     base = load_base(spec["base"], quantization=spec["quantization"])
     engine = Engine(base, store, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
     names = [f"lora-{i}" for i in range(sizes.cold_modules)]
+    # the signed side: a store of the same registry whose policy requires a trusted signature (as
+    # tunehub serve --trust KEY --require-signed), on an engine sharing the loaded base
+    signing_key = work / f"cold-signing-{os.getpid()}"
+    generate_key_pair(signing_key)
+    policy = TrustPolicy.from_paths([f"{signing_key}.pub"], require_signed=True)
+    signed_store = open_store(f"file://{spec['registry']}", trust=policy, cache_dir=work / f"cache-cold-signed-{os.getpid()}")
+    signed_engine = Engine(base, signed_store, pool_bytes=1 << 34, cpu_allocator="auto")
+    signer = Registry(f"file://{spec['registry']}", cache_dir=cache)
 
     def blobs(folder: Path) -> tuple[list[Path], Path]:
         """(every blob a pull of this module reads, the weights blob) in the store's layout."""
@@ -710,6 +726,9 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         # a new version of identical content: its blobs are shared (and warm), the version unseen
         return store.push(folders[name], f"{NAMESPACE}/{name}").ref
 
+    def fresh_signed_version(name: str) -> str:
+        return signer.push(folders[name], f"{NAMESPACE}/{name}", sign=signing_key).ref
+
     # warm-up: first-call costs (imports, allocator) on both sides, outside the timings
     all_blobs, weights = blobs(Path(folders[names[0]]))
     warm(all_blobs)
@@ -719,6 +738,8 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     # VM about 5 us per 4 KiB page, 8 ms for a 7 MB module: more than the load itself).
     engine.pool.budget_bytes = int(2.5 * weights.stat().st_size)
     engine.pool.release(engine.pool.acquire(fresh_version(names[0])))
+    signed_engine.pool.budget_bytes = engine.pool.budget_bytes
+    signed_engine.pool.release(signed_engine.pool.acquire(fresh_signed_version(names[0])))
     load_file(str(weights))
 
     def one_pass(weights: Path) -> None:
@@ -729,13 +750,16 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         load(data)
 
     pool_s: list[float] = []
+    signed_s: list[float] = []
     bare_s: list[float] = []
     one_pass_s: list[float] = []
     for i, name in enumerate(names * 2):  # each module twice, as two fresh versions: 16 samples a side
         all_blobs, weights = blobs(Path(folders[name]))
         ref = fresh_version(name)
+        signed_ref = fresh_signed_version(name)  # the same blobs, another fresh version, signed
         warm(all_blobs)
-        sides = ["pool", "bare", "one_pass"] if i % 2 == 0 else ["one_pass", "bare", "pool"]  # alternate who goes first
+        sides = ["pool", "signed", "bare", "one_pass"]
+        sides = sides if i % 2 == 0 else sides[::-1]  # alternate who goes first
         for side in sides:
             gc.collect()
             if side == "pool":
@@ -743,6 +767,11 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
                 module = engine.pool.acquire(ref)
                 pool_s.append(time.perf_counter() - started)
                 engine.pool.release(module)
+            elif side == "signed":
+                started = time.perf_counter()
+                module = signed_engine.pool.acquire(signed_ref)
+                signed_s.append(time.perf_counter() - started)
+                signed_engine.pool.release(module)
             elif side == "bare":
                 started = time.perf_counter()
                 tensors = load_file(str(weights))
@@ -757,6 +786,7 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
     # materialises while the bytes are hashed; the last two figures are those parts alone.
     steps: dict[str, list[float]] = {
         "resolve": [], "read + sha256 (materialised meanwhile)": [], "sha256 alone": [], "parse + materialise alone": [],
+        "signature check alone": [],
     }  # fmt: skip
     for name in names:
         all_blobs, weights = blobs(Path(folders[name]))
@@ -781,7 +811,11 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
             ModuleContent(manifest=content.manifest, files={"adapter_model.safetensors": memoryview(data)}), ref
         )
         t5 = time.perf_counter()
-        for key, value in zip(steps, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
+        signed_info = signed_store.resolve(fresh_signed_version(name))
+        t6 = time.perf_counter()
+        policy.check(signed_info.ref, dict(signed_info.files), signed_info.signatures)
+        t7 = time.perf_counter()
+        for key, value in zip(steps, (t1 - t0, t2 - t1, t4 - t3, t5 - t4, t7 - t6)):
             steps[key].append(value)
         del content
 
@@ -804,9 +838,12 @@ def worker_cold(spec: dict[str, Any]) -> dict[str, Any]:
         profile_text = f"cProfile of {len(names)} cold pool.acquire calls\n" + _trim_pstats(stream.getvalue())
 
     engine.close()
+    signed_engine.close()
     weights_bytes = blobs(Path(folders[names[0]]))[1].stat().st_size
     return {
         "pool_ms": [round(1000 * s, 3) for s in pool_s],
+        "signed_pool_ms": [round(1000 * s, 3) for s in signed_s],
+        "signed_pool_median_ms": 1000 * statistics.median(signed_s),
         "safetensors_ms": [round(1000 * s, 3) for s in bare_s],
         "pool_median_ms": 1000 * statistics.median(pool_s),
         "safetensors_median_ms": 1000 * statistics.median(bare_s),
@@ -1039,6 +1076,9 @@ def summarize(
         "cold_load_vs_safetensors": ratio_entry(
             "cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]
         ),
+        "cold_load_signed_vs_unsigned": ratio_entry(
+            "cold_load_signed_vs_unsigned", cold["signed_pool_median_ms"] / cold["pool_median_ms"]
+        ),
     }
     growth = zipf["rss_growth_after_warmup"]
     op, target = FIGURE_TARGETS["rss_growth_after_warmup"]
@@ -1125,6 +1165,9 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
     for col in ("measure", "value"):
         other.add_column(col)
     other.add_row("cold pool.acquire, median", f"{cold['pool_median_ms']:.2f} ms ({cold['weights_mb']:.1f} MB weights)")
+    other.add_row(
+        "cold pool.acquire, signed (policy requires a trusted signature), median", f"{cold['signed_pool_median_ms']:.2f} ms"
+    )
     other.add_row("bare safetensors load_file, median", f"{cold['safetensors_median_ms']:.2f} ms")
     other.add_row(
         "reference: read once + sha256 + load(bytes)",

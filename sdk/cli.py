@@ -322,9 +322,22 @@ def keygen(
     typer.echo(f"wrote {key} (private: keep it secret) and {key}.pub (share it; --trust takes it); key {short_key_id(key_id)}")
 
 
+def _list_methods() -> None:
+    """One line per training method: what it trains, 4-bit base or not, mixed by the engine or not."""
+    from tunehub.registry.manifest import ModuleKind
+    from tunehub.server.engine.kinds import discover, served_kind
+    from tunehub.trainer.methods import method_table
+
+    discover()
+    for row in method_table():
+        mixed = "mixed in batches" if served_kind(ModuleKind(row["kind"])) is not None else "not mixed (serve as a base)"
+        base = "4-bit base ok" if row["4bit_base"] else "no 4-bit base"
+        typer.echo(f"{row['method']:<10} {row['kind']:<10} {base:<14} {mixed:<28} {row['trains']}")
+
+
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="run YAML (base, method, objective, data, training, output)"),
+    config: Optional[Path] = typer.Argument(None, help="run YAML (base, method, objective, data, training, output)"),
     overrides: list[str] = typer.Option([], "--set", help="override a key: --set training.max_steps=50"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output.dir"),
     push_to: Optional[str] = typer.Option(None, "--push", help="push the module to this name when done"),
@@ -333,10 +346,17 @@ def train(
     require_signed: bool = RequireSignedOption,
     registry: Optional[str] = RegistryOption,
     check: bool = typer.Option(False, "--check", help="validate the config and stop"),
+    list_methods: bool = typer.Option(False, "--list-methods", help="list the training methods and stop"),
 ) -> None:
     """Train a task module as the run YAML says. With --trust, output.parent must pass the policy."""
     from tunehub.sdk.registry import trust_policy
     from tunehub.trainer.config import load_run_config
+
+    if list_methods:
+        _list_methods()
+        return
+    if config is None:
+        raise typer.BadParameter("give the run YAML (or --list-methods)", param_hint="CONFIG")
 
     policy = trust_policy(trust or None, require_signed)
     run_config = load_run_config(config, overrides)
@@ -424,8 +444,21 @@ def serve(
     alias_ttl: float = typer.Option(5.0, "--alias-ttl", help="seconds before an alias (prod, latest) is resolved again"),
     audit_log: Optional[str] = typer.Option(None, "--audit-log", help="file for the JSON audit lines (default: stderr)"),
     log_level: str = typer.Option("warning", "--log-level", help="LitServe/uvicorn log level"),
+    trust: list[Path] = typer.Option(
+        [],
+        "--trust",
+        help="a trusted public key (PEM file, or a folder of *.pem/*.pub): its signatures are verified at load; repeat for more",
+    ),
+    require_signed: bool = typer.Option(
+        False, "--require-signed", help="refuse (403) modules without a valid signature by a --trust key"
+    ),
 ) -> None:
-    """Serve every module of the registry from one base over an OpenAI-compatible HTTP API."""
+    """Serve every module of the registry from one base over an OpenAI-compatible HTTP API.
+
+    With --trust, every module load verifies the signatures by those keys (a version whose files
+    changed after signing is refused); with --require-signed, unsigned modules and modules signed
+    only by other keys are refused too. Tenants may require signatures per namespace
+    (require_signed_by in the tenants file)."""
     from tunehub.server.serve import ServeConfig
     from tunehub.server.serve import serve as run_server
 
@@ -443,6 +476,8 @@ def serve(
         alias_ttl_s=alias_ttl,
         audit_log=audit_log,
         log_level=log_level,
+        trust=[str(path) for path in trust],
+        require_signed=require_signed,
         # process-wide choices belong to the serve entry point: glibc keeps freed memory for the
         # next decode step in the inference worker when the base is on the CPU
         cpu_allocator="auto",

@@ -8,7 +8,9 @@ engine together, and the engine batches them (continuous batching, mixed modules
 The HTTP side (``spec.py``) sends small dict messages through LitServe's request queue:
 
 - ``generate``: run one request; answers ``start`` (first token, streaming only), ``text``
-  pieces (streaming only), then ``done`` or ``error``;
+  pieces (streaming only), then ``done`` or ``error``. With ``require_signed_by`` (the tenant's
+  signing rules that match the module's name), the reference is resolved to ``repo@N`` first,
+  that version checked against the rules and then acquired (:class:`~tunehub.server.trust.SigningChecks`);
 - ``cancel``: the client went away, cancel that request's engine handle;
 - ``admin``: load, unload, pin, unpin, reload, status of the module pool;
 - ``info``: the base's name, fingerprint and context size.
@@ -26,12 +28,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator
 
 import litserve as ls
 
 from tunehub.errors import InvalidRequest, TunehubError, public_error_name
+from tunehub.server.trust import rules_from_wire
 
 log = logging.getLogger("tunehub.server")
 
@@ -52,6 +55,9 @@ class WorkerSettings:
     # glibc's allocator policy for this worker process (Engine's cpu_allocator), chosen by the
     # serve entry point: an Engine left to its default changes nothing process-wide
     cpu_allocator: str = "auto"
+    # the server's trust policy (--trust, --require-signed): the store's, so every load checks it
+    trust: list[str] = field(default_factory=list)
+    require_signed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,13 +93,19 @@ class TunehubAPI(ls.LitAPI):
         from tunehub.logs import configure_logging_from_env
         from tunehub.registry.store import open_store
         from tunehub.server.engine import Engine, load_base
+        from tunehub.server.trust import SigningChecks, server_trust_policy
 
         configure_logging_from_env()  # a spawned process: TUNEHUB_LOG_LEVEL, when the user chose one
         s = self.settings
+        store = open_store(s.registry, trust=server_trust_policy(s.trust, s.require_signed))
         base = load_base(s.base, quantization=s.quantization, device=device)  # type: ignore[arg-type]
+        self.signing = SigningChecks(store.resolve, s.alias_ttl_s)
+        # tenants' signing checks resolve and verify (I/O, one ECDSA verification) off the event
+        # loop, and never wait behind a cold load on the load thread
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunehub-verify")
         self.engine = Engine(
             base,
-            open_store(s.registry),
+            store,
             pool_bytes=s.pool_bytes,
             max_batch=s.max_batch,
             alias_ttl_s=s.alias_ttl_s,
@@ -154,13 +166,20 @@ class TunehubAPI(ls.LitAPI):
         finished = False
         try:
             if request.get("model"):
+                ref = str(request["model"])
+                rules = rules_from_wire(request.get("require_signed_by"))
+                signed: dict[str, str] | None = None
+                if rules:  # the tenant's rules, on the exact version this request will use
+                    ref, signed = await self._check_signing(ref, rules)
                 # acquire here and hold it for the whole request: the engine then always finds the
                 # module resident, and an alias moved meanwhile does not matter. A resident exact
                 # version is taken at once; anything that may load or ask the registry goes to the
                 # load thread, off this event loop
-                module = self._acquire_resident(request["model"])
+                module = self._acquire_resident(ref)
                 if module is None:
-                    module, cold = await loop.run_in_executor(self._loader, self._acquire, request["model"])
+                    module, cold = await loop.run_in_executor(self._loader, self._acquire, ref)
+                if signed is not None and module is not None:
+                    self.signing.confirm_loaded(rules, module.key, signed, module.manifest.files)
             input_ids = request.get("input_ids")
             if request.get("messages") is not None:
                 input_ids = self._chat_ids(request["messages"])
@@ -219,6 +238,21 @@ class TunehubAPI(ls.LitAPI):
             self._active.pop(request_id, None)
             if module is not None:
                 self.engine.pool.release(module)
+
+    async def _check_signing(self, ref: str, rules: list[Any]) -> tuple[str, dict[str, str]]:
+        """``ref`` resolved to ``repo@N`` (as the pool resolves it, alias TTL included) and the
+        digests a signature by the rules' keys covers; raises what the rules refuse. A success
+        seen before costs no I/O."""
+        from tunehub.registry.refs import parse_ref
+
+        loop = asyncio.get_running_loop()
+        parsed = parse_ref(ref)
+        pool = self.engine.pool
+        key = str(parsed) if parsed.version is not None else await loop.run_in_executor(self._verifier, pool.resolve_key, parsed)
+        digests = self.signing.cached(rules, key)
+        if digests is None:
+            digests = await loop.run_in_executor(self._verifier, self.signing.check, rules, key)
+        return key, digests
 
     def _sampling(self, cls: Any, params: dict[str, Any]) -> Any:
         # stop_token_ids add to eos, as in vLLM; ignore_eos drops it

@@ -15,6 +15,11 @@ workers stop); the supervisor forwards the signal, and if anything is still aliv
 period, or once the child has exited, it kills the child's whole process group. Nothing the server
 started outlives ``tunehub serve``.
 
+Signed modules: ``--trust KEY_OR_DIR`` (repeatable) and ``--require-signed`` become the trust
+policy of the registry store the inference worker reads modules from (so every cold load is
+checked before a file is read), and of the store ``/v1/models`` reports provenance from; the keys
+are checked here, at startup, like every other path (see :mod:`tunehub.server.trust`).
+
 Shutdown, in order:
 
 1. SIGTERM (or SIGINT) reaches the child: it starts the HTTP side's shutdown clock (in-flight
@@ -105,6 +110,10 @@ class ServeConfig:
     # the inference worker's glibc allocator policy (Engine's cpu_allocator): set by this entry
     # point, never by constructing an engine; "auto" keeps freed memory when the base is on the CPU
     cpu_allocator: str = "auto"
+    # public keys (PEM files or folders of them) whose signatures are verified on every module
+    # load; require_signed refuses versions without a valid signature by one of them
+    trust: list[str] = field(default_factory=list)
+    require_signed: bool = False
 
 
 @dataclass
@@ -183,6 +192,13 @@ def check_config(config: ServeConfig) -> _Resolved:
             open_store(config.registry)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if config.trust or config.require_signed:
+        from tunehub.server.trust import server_trust_policy
+
+        try:
+            server_trust_policy(config.trust, config.require_signed)
+        except ConfigError as exc:
+            problems.extend("--" + p if p.startswith("trust: ") else p for p in exc.problems)
     if problems:
         raise ConfigError(problems)
     resolved = ServeConfig(**{**asdict(config), "host": host, "base": resolve_base(config.base)})
@@ -192,6 +208,7 @@ def check_config(config: ServeConfig) -> _Resolved:
             setattr(resolved, name, str(Path(value).resolve()))
     if resolved.registry and "://" not in resolved.registry:
         resolved.registry = str(Path(resolved.registry).resolve())
+    resolved.trust = [str(Path(path).expanduser().resolve()) for path in resolved.trust]
     return _Resolved(resolved, admin_hash)
 
 
@@ -379,6 +396,8 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, 
             registry=config.registry,
             max_body_bytes=config.max_body_bytes,
             audit_log=config.audit_log,
+            trust=list(config.trust),
+            require_signed=config.require_signed,
         )
     )
     api = TunehubAPI(
@@ -390,6 +409,8 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, 
             max_batch=config.max_batch,
             alias_ttl_s=config.alias_ttl_s,
             cpu_allocator=config.cpu_allocator,
+            trust=list(config.trust),
+            require_signed=config.require_signed,
         ),
         spec,
     )

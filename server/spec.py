@@ -9,6 +9,13 @@ request queue and response buffer (see ``api.py`` for the messages). Answers nam
 version and base fingerprint that produced them (``X-Tunehub-Module``, ``X-Tunehub-Base``,
 ``model``, ``system_fingerprint`` and a ``tunehub`` object in the body).
 
+Signed modules: a tenant's ``require_signed_by`` rules that match the requested name travel with
+the request to the worker, which checks them on the exact version it resolves to; a refusal, like
+one of the server's ``--require-signed`` policy, is a 403 for that request alone. Module entries of
+``/v1/models`` carry ``tunehub.provenance``: the signers (each checked against the server's
+``--trust`` keys) and the signed lineage, ancestors the caller may not use withheld (see
+:mod:`tunehub.server.trust`).
+
 Every error, including a route that does not exist (404) or a wrong method (405), is answered
 with an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}`` (see
 :func:`error_response`, :func:`install_error_handlers`); bad input is a 4xx, never a 5xx.
@@ -34,7 +41,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +84,7 @@ from tunehub.server.protocol import (
     usage,
 )
 from tunehub.server.tenants import Admission, Tenant, Tenants
+from tunehub.server.trust import ProvenanceCache, lineage_for
 
 log = logging.getLogger("tunehub.server")
 
@@ -96,6 +104,8 @@ class HttpSettings:
     registry: str | None = None
     max_body_bytes: int = 1 << 20
     audit_log: str | None = None  # None or "-": stderr
+    trust: list[str] = field(default_factory=list)  # the server's trusted public keys (provenance)
+    require_signed: bool = False
 
 
 class _StatusError(TunehubError):
@@ -295,6 +305,7 @@ class TunehubSpec(LitSpec):
         self.metrics = ServerMetrics()
         self.audit = AuditLog(self.settings.audit_log)
         self._store: Any = None
+        self._provenance: ProvenanceCache | None = None
         self._info: dict[str, Any] | None = None
         self._ready = True
 
@@ -319,6 +330,7 @@ class TunehubSpec(LitSpec):
             info = await self._base_info()
             call.base_fingerprint = info["base_fingerprint"]
             module = self._module_for(parsed.model, tenant, info)
+            rules = tenant.signing_rules(parse_ref(module).repo) if module is not None else []
             max_tokens = self._max_tokens(parsed, tenant)
             admission = self.tenants.admit(tenant, max_tokens)
             payload = {
@@ -332,6 +344,8 @@ class TunehubSpec(LitSpec):
                 "stream": parsed.stream,
                 "params": parsed.sampling(max_tokens),
             }
+            if rules:  # the worker checks them on the exact version it resolves the module to
+                payload["require_signed_by"] = [rule.to_wire() for rule in rules]
             worker = WorkerCall(self, payload)
             try:
                 first = await self._next(worker, request)
@@ -495,6 +509,7 @@ class TunehubSpec(LitSpec):
                     raise not_found(model_id)
                 entry = await asyncio.to_thread(self._module_entry, model_id, info)
                 entry["root"] = info["base"]
+                self._for_tenant(entry, tenant, info["base"])
             self._record(call)
             return JSONResponse(entry)
         except TunehubError as exc:
@@ -513,7 +528,7 @@ class TunehubSpec(LitSpec):
         for item in await asyncio.to_thread(self._list_modules, fingerprint):
             if tenant.may_use_module(item["id"], base_name):
                 item["root"] = base_name
-                entries.append(item)
+                entries.append(self._for_tenant(item, tenant, base_name))
         return entries
 
     @staticmethod
@@ -535,10 +550,39 @@ class TunehubSpec(LitSpec):
 
     def _registry(self) -> Any:
         if self._store is None:
-            from tunehub.registry.store import open_store
+            from tunehub.sdk.registry import Registry
+            from tunehub.server.trust import server_trust_policy
 
-            self._store = open_store(self.settings.registry)
+            # the server's policy: provenance says which signatures its keys verify (listing and
+            # resolving never refuse; loading is the inference worker's)
+            registry = Registry(
+                self.settings.registry, trust=server_trust_policy(self.settings.trust, self.settings.require_signed)
+            )
+            store = registry.store
+            check = store.check_trust if store.trust is not None and store.trust.require_signed else None
+            self._provenance = ProvenanceCache(registry.provenance, check)
+            self._store = store
         return self._store
+
+    def _provenance_of(self, info: Any) -> dict[str, Any]:
+        """Who signed the version and its signed lineage (cached per version); never raises."""
+        self._registry()
+        assert self._provenance is not None
+        try:
+            return self._provenance.get(info)
+        except TunehubError as exc:  # the registry could not say: the entry still lists the module
+            return {"error": str(exc)}
+
+    @staticmethod
+    def _for_tenant(entry: dict[str, Any], tenant: Tenant, base_name: str) -> dict[str, Any]:
+        """The entry as ``tenant`` may see it: ancestors it may not use are withheld."""
+        provenance = entry["tunehub"].get("provenance")
+        if isinstance(provenance, dict) and "lineage" in provenance:
+            entry["tunehub"] = {
+                **entry["tunehub"],
+                "provenance": lineage_for(provenance, lambda repo: tenant.may_use_module(repo, base_name)),
+            }
+        return entry
 
     def _list_modules(self, fingerprint: str) -> list[dict[str, Any]]:
         return [self._version_entry(info.repo, info) for info in self._registry().list(base=fingerprint)]
@@ -571,6 +615,8 @@ class TunehubSpec(LitSpec):
                 "objective": info.objective,
                 "parent": info.parent,
                 "base": {"model_id": info.base_model_id, "fingerprint": info.base_fingerprint},
+                # signers (each checked against the server's --trust keys) and the signed lineage
+                "provenance": self._provenance_of(info),
             },
         }
 

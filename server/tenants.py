@@ -9,6 +9,8 @@ A tenants file is YAML::
         requests_per_minute: 60      # optional; absent = unlimited
         tokens_per_minute: 20000     # prompt + completion tokens; optional
         max_tokens: 256              # largest max_tokens one request may ask for; optional
+        require_signed_by:           # optional: signatures this tenant requires, by module pattern
+          "acme/*": ["keys/acme-release.pub"]   # public keys (PEM files or folders of them)
 
 Keys are stored as sha256 hashes only. Patterns match a module's ``namespace/name`` (every
 version and alias of a matching name is allowed) and the base model's name, which a tenant must
@@ -21,6 +23,15 @@ Token limits hold at admission: a request reserves its (effective) ``max_tokens`
 admitted, so a tenant cannot start more generation than its limit allows, and the reservation is
 replaced by what the request really used (prompt + completion) when it ends, also on errors and
 cancellations (then the unused part is refunded).
+
+``require_signed_by`` maps ``namespace/name`` glob patterns (no ``@version``) to public keys: PEM
+files or folders of ``*.pem``/``*.pub`` files, relative paths taken from the tenants file's
+folder. A request of the tenant for a registry module whose name matches a pattern is refused
+(403, the message names the reason) unless the version it resolves to carries a valid signature
+by one of that pattern's keys; where several patterns match, each must be satisfied. It applies on
+top of the server's own ``--trust``/``--require-signed`` policy, and never to the base model
+alone. Keys are loaded and checked when the file is (missing, private or non-EC keys are
+reported with every other problem); see :mod:`tunehub.server.trust` for how the checks run.
 
 This module imports neither torch nor LitServe: the HTTP process and the CLI use it.
 """
@@ -39,10 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from tunehub.errors import ConfigError, RateLimited
+from tunehub.server.trust import SigningRule, load_rule_keys
 
 _HASH = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_TENANT_KEYS = {"keys", "models", "requests_per_minute", "tokens_per_minute", "max_tokens"}
+_TENANT_KEYS = {"keys", "models", "requests_per_minute", "tokens_per_minute", "max_tokens", "require_signed_by"}
 WINDOW_S = 60.0
 OPEN_TENANT = "default"
 
@@ -65,6 +77,11 @@ class Tenant:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_tokens: int | None = None
+    require_signed_by: tuple[SigningRule, ...] = ()
+
+    def signing_rules(self, repo: str) -> list[SigningRule]:
+        """The rules a registry module (``namespace/name``) must satisfy for this tenant."""
+        return [rule for rule in self.require_signed_by if rule.matches(repo)]
 
     def may_use_base(self, base_name: str) -> bool:
         """Whether the base model (served alone, no module) is granted."""
@@ -220,10 +237,13 @@ def parse_tenants_file(path: str | Path) -> list[Tenant]:
         raise ConfigError(f"tenants file {path} does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"tenants file {path} is not valid YAML: {exc}") from None
-    return parse_tenants(data, source=str(path))
+    return parse_tenants(data, source=str(path), base_dir=path.parent)
 
 
-def parse_tenants(data: Any, *, source: str = "tenants") -> list[Tenant]:
+def parse_tenants(data: Any, *, source: str = "tenants", base_dir: str | Path | None = None) -> list[Tenant]:
+    """Validate parsed tenants YAML; key files of ``require_signed_by`` are read relative to
+    ``base_dir`` (default: the working directory). Every problem is reported at once."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
     problems: list[str] = []
     if not isinstance(data, dict) or set(data) != {"tenants"} or not isinstance(data["tenants"], dict):
         raise ConfigError(f"{source}: expected a mapping with one key, 'tenants', mapping tenant names to settings")
@@ -273,7 +293,38 @@ def parse_tenants(data: Any, *, source: str = "tenants") -> list[Tenant]:
                 problems.append(f"{where}: {limit} must be a positive integer")
                 value = None
             limits[limit] = value
-        tenants.append(Tenant(name=name, key_hashes=tuple(hashes), models=tuple(models), **limits))
+        rules = _signing_rules(settings.get("require_signed_by"), where, base, problems)
+        tenants.append(
+            Tenant(name=name, key_hashes=tuple(hashes), models=tuple(models), require_signed_by=tuple(rules), **limits)
+        )
     if problems:
         raise ConfigError(problems)
     return tenants
+
+
+def _signing_rules(raw: Any, where: str, base_dir: Path, problems: list[str]) -> list[SigningRule]:
+    """A tenant's ``require_signed_by`` (None: no rules); problems are appended."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where}: 'require_signed_by' must map module name patterns to lists of public key files")
+        return []
+    rules: list[SigningRule] = []
+    for pattern, files in raw.items():
+        at = f"{where}: require_signed_by[{str(pattern)[:80]!r}]"
+        if not isinstance(pattern, str) or not pattern:
+            problems.append(f"{at}: a pattern must be a module name or glob pattern")
+            continue
+        if "@" in pattern:
+            problems.append(f"{at}: patterns name modules without '@version': every version of a matching name must be signed")
+            continue
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+            problems.append(f"{at}: must be a non-empty list of public key files (PEM) or folders of them")
+            continue
+        try:
+            keys = load_rule_keys(files, base_dir)
+        except ConfigError as exc:
+            problems.extend(f"{at}: {problem}" for problem in exc.problems)
+            continue
+        rules.append(SigningRule(pattern=pattern, keys=keys))
+    return rules

@@ -59,9 +59,10 @@ def test_readme_blocks_are_found():
 
 def test_readme_commands_run_and_print_what_it_says(tmp_path):
     blocks = readme_command_blocks((REPO / "README.md").read_text())
-    serve_port, hub_port = _free_port(), _free_port()
+    serve_port, hub_port, signed_port = _free_port(), _free_port(), _free_port()
     script = "\n".join(blocks).replace("127.0.0.1:8000", f"127.0.0.1:{serve_port}")
     script = script.replace("--port 8000", f"--port {serve_port}")
+    script = script.replace("127.0.0.1:8001", f"127.0.0.1:{signed_port}").replace("--port 8001", f"--port {signed_port}")
     script = script.replace("127.0.0.1:8787", f"127.0.0.1:{hub_port}").replace("--port 8787", f"--port {hub_port}")
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     # the set-up line's full quickstart takes minutes: its --fast twin stands in (same layout),
@@ -85,12 +86,19 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert "pushed acme/demo@1" in out and "pushed acme/demo@2" in out
     assert re.search(r"prod: 2 -> 1", out)  # tunehub rollback acme/demo prod
     assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "from-hub" / "manifest.json").is_file()
+    # every method is listed, and the soft-prompt example trains end to end
+    assert re.search(r"^ptuning\s+ptuning\s+4-bit base ok\s+mixed in batches", out, flags=re.M)
+    assert "module written to out/reverse-prompt/module" in out
     # signed versions: verified, pulled under --require-signed, and an unsigned one refused
     key_id = re.search(r"pushed acme/signed@1 \(.*, signed by ([0-9a-f]{16})\)", out).group(1)
     assert f"verified acme/signed@1: signed by {key_id}" in out
     assert (tmp_path / "trusted" / "manifest.json").is_file()
     assert "error: acme/demo@2: refused, the version is not signed and signatures are required" in err
     assert "refused, as it should be" in out
+    # tunehub serve --trust --require-signed and a tenant's require_signed_by: each refusal names its reason
+    assert "acme/unsigned@1: refused, the version is not signed and signatures are required" in out
+    assert "acme/signed@1: refused, signed only by keys that are not trusted" in out
+    assert "requires a signature by one of those keys for modules matching 'acme/signed'" in out
     # tunehub generate: the text on stdout, the module version that answered on stderr
     assert re.search(
         r"^\[quickstart/colour@\d+, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$", err, flags=re.M
