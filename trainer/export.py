@@ -218,14 +218,53 @@ def save_peft_module(
     # None is PEFT's own choice for encoders (masked LM): the module then loads as a plain PeftModel
     task_type = _json_safe(peft_config.task_type, "task_type")
 
-    info = base_info(base_path, quantization, model_id=base_model_id)
     out_dir = Path(out_dir)
     _save_adapter_files(peft_model, adapter, out_dir)
+    return save_module_files(
+        out_dir,
+        kind=kind,
+        params=peft_params(peft_config),
+        task_type=task_type,
+        base_path=base_path,
+        quantization=quantization,
+        objective=objective,
+        task=task,
+        parent=parent,
+        data=data,
+        metrics=metrics,
+        config=config,
+        description=description,
+        base_model_id=base_model_id,
+        tokenizer_path=tokenizer_path,
+    )
+
+
+def save_module_files(
+    out_dir: str | Path,
+    *,
+    kind: ModuleKind,
+    params: dict[str, Any],
+    base_path: str | Path,
+    task_type: str | None = "CAUSAL_LM",
+    quantization: Quantization = "none",
+    objective: Objective | None = None,
+    task: str | None = None,
+    parent: str | None = None,
+    data: DataInfo | dict[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    config: dict[str, Any] | None = None,
+    description: str | None = None,
+    base_model_id: str | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> Manifest:
+    """Finish a module folder whose weights are already in ``out_dir``: the manifest (base
+    fingerprint, tokenizer, data, metrics, resolved config), PEFT's config where the kind has
+    one, the model card, every file hashed. Returns the written manifest."""
     raw = {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
-        "params": peft_params(peft_config),
-        "base": info,
+        "params": params,
+        "base": base_info(base_path, quantization, model_id=base_model_id),
         "tokenizer": tokenizer_info(tokenizer_path if tokenizer_path is not None else base_path),
         "objective": objective,
         "task": task,
@@ -238,7 +277,15 @@ def save_peft_module(
         "library_versions": _library_versions(),
     }
     manifest = Manifest.from_dict(raw, source=f"manifest for {out_dir}")
-    return write_module(out_dir, manifest)
+    return write_module(Path(out_dir), manifest)
 
 
-__all__ = ["REGENERATED_KEYS", "base_display_name", "base_info", "peft_params", "save_peft_module", "tokenizer_info"]
+__all__ = [
+    "REGENERATED_KEYS",
+    "base_display_name",
+    "base_info",
+    "peft_params",
+    "save_module_files",
+    "save_peft_module",
+    "tokenizer_info",
+]

@@ -383,8 +383,10 @@ def train(
         init_module=init_module,
         num_tasks=len({e["task_id"] for e in prepared.train}) if method.task_ids is not None else 1,
     )
-    peft_config = method.build_peft_config(method_cfg, ctx)
-    peft_model = _wrap(model, peft_config, ctx)
+    if method.prepare_model is not None:  # the base's own tensors, not a PEFT adapter
+        peft_model = method.prepare_model(method_cfg, model, ctx)
+    else:
+        peft_model = _wrap(model, method.build_peft_config(method_cfg, ctx), ctx)
 
     trainable, total = _count_parameters(peft_model)
     eval_steps = tcfg.eval_steps or max(1, total_steps // 5)
@@ -558,17 +560,18 @@ def _write_module(
     # metrics.json and loss.png go in first so that the manifest hashes them with the weights
     (module_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     plot_losses(history, module_dir / "loss.png")
-    return save_peft_module(
-        peft_model,
-        module_dir,
-        base_path=base_dir,
-        kind=method.kind,
-        quantization=config.base.quantization,
-        objective=config.objective.name,
-        task=config.output.task,
-        parent=parent,
-        data=prepared.info,
-        metrics=metrics,
-        config=config.resolved(),
-        description=config.output.description,
-    )
+    fields: dict[str, Any] = {
+        "base_path": base_dir,
+        "quantization": config.base.quantization,
+        "objective": config.objective.name,
+        "task": config.output.task,
+        "parent": parent,
+        "data": prepared.info,
+        "metrics": metrics,
+        "config": config.resolved(),
+        "description": config.output.description,
+    }
+    if method.save_module is not None:
+        task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
+        return method.save_module(config.method, peft_model, module_dir, task_type=task_type, **fields)
+    return save_peft_module(peft_model, module_dir, kind=method.kind, **fields)
