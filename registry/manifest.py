@@ -52,6 +52,9 @@ PEFT_TYPES: dict[ModuleKind, str] = {
     ModuleKind.DORA: "LORA",
     ModuleKind.ADALORA: "ADALORA",
     ModuleKind.IA3: "IA3",
+    # not one of PEFT's own: tunehub registers it with PEFT (tunehub.peft_methods), so PEFT loads
+    # it in a process that imported tunehub.trainer
+    ModuleKind.BOTTLENECK: "BOTTLENECK",
     ModuleKind.PROMPT: "PROMPT_TUNING",
     ModuleKind.PREFIX: "PREFIX_TUNING",
     ModuleKind.PTUNING: "P_TUNING",

@@ -138,9 +138,39 @@ def read_admin_key(path: str | Path) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def resolve_base(base: str) -> str:
-    """A local model folder for ``base`` (absolute): a path, or a Hub id fetched into the HF
-    cache. Raises ConfigError as :func:`tunehub.bases.resolve_base_folder` does."""
+def resolve_base(base: str, *, registry: str | None = None, trust: Any = None) -> str:
+    """A local model folder for ``base`` (absolute): a path; a full module of the registry (a
+    fully fine-tuned model, pulled and verified under ``trust``); or a Hub id fetched into the HF
+    cache. A reference with ``@version`` or ``@alias`` must be a registry module; a bare
+    ``namespace/name`` is the registry's module when it has one, else a Hub id.
+
+    Raises ConfigError as :func:`tunehub.bases.resolve_base_folder` does, and for a registry
+    module that is not a full model (a LoRA is requested by name, not served as the base)."""
+    from tunehub.errors import InvalidReference, ModuleNotFound
+    from tunehub.registry.refs import parse_ref
+    from tunehub.registry.store import open_store
+
+    if not Path(base).expanduser().exists():
+        try:
+            ref = parse_ref(base)
+        except InvalidReference:
+            ref = None
+        if ref is not None and ref.namespace is not None:
+            explicit = "@" in base
+            store = open_store(registry, trust=trust)
+            try:
+                info = store.resolve(ref)
+            except ModuleNotFound:
+                if explicit:
+                    raise ConfigError(f"--base {base}: no such module in {store.uri}") from None
+                info = None
+            if info is not None:
+                if info.kind != "full":
+                    raise ConfigError(
+                        f"--base {base} is a {info.kind} module: serve its base (a folder, a Hub id or a full module)"
+                        f" and request {info.ref} by name"
+                    )
+                return str(store.pull(info.ref).path.resolve())
     return str(resolve_base_folder(base).resolve())
 
 
@@ -201,7 +231,13 @@ def check_config(config: ServeConfig) -> _Resolved:
             problems.extend("--" + p if p.startswith("trust: ") else p for p in exc.problems)
     if problems:
         raise ConfigError(problems)
-    resolved = ServeConfig(**{**asdict(config), "host": host, "base": resolve_base(config.base)})
+    policy = None
+    if config.trust or config.require_signed:
+        from tunehub.server.trust import server_trust_policy
+
+        policy = server_trust_policy(config.trust, config.require_signed)
+    base = resolve_base(config.base, registry=config.registry, trust=policy)
+    resolved = ServeConfig(**{**asdict(config), "host": host, "base": base})
     for name in ("tenants", "admin_key_file", "audit_log"):
         value = getattr(resolved, name)
         if value and value != "-":

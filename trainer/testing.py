@@ -119,9 +119,14 @@ def make_peft_model(
     r: int = 4,
     num_virtual_tokens: int = 4,
     target_modules: str | Sequence[str] | None = None,
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby",
+    reduction_factor: int = 8,
+    non_linearity: str = "gelu",
 ) -> PeftModel:
     """An in-memory PEFT model of any kind the engine mixes, with random non-trivial weights,
-    as training would leave it (LoRA B, IA3 vectors and AdaLoRA's E all away from their identity)."""
+    as training would leave it (LoRA B, IA3 vectors, AdaLoRA's E and bottleneck up projections
+    all away from their identity). ``placement``, ``reduction_factor`` and ``non_linearity`` shape
+    bottleneck modules (``target_modules`` overrides the placement)."""
     import torch
     from peft import (
         AdaLoraConfig,
@@ -134,6 +139,7 @@ def make_peft_model(
         get_peft_model,
     )
 
+    from tunehub.peft_methods.bottleneck import BottleneckConfig
     from tunehub.trainer.run import peft_deprecations_silenced
 
     kind = ModuleKind(kind)
@@ -168,6 +174,13 @@ def make_peft_model(
             num_virtual_tokens=num_virtual_tokens, num_tasks=2, task_type=task_type
         ),
         ModuleKind.PREFIX: lambda: PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
+        ModuleKind.BOTTLENECK: lambda: BottleneckConfig(
+            target_modules=targets if target_modules else None,
+            placement=placement,
+            reduction_factor=reduction_factor,
+            non_linearity=non_linearity,
+            task_type=task_type,
+        ),
     }
     if kind not in configs:
         raise ConfigError(f"make_peft_model cannot make {kind.value} modules")
@@ -187,6 +200,11 @@ def make_peft_model(
                 param.copy_(1.0 + 0.5 * noise)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1.0 + 0.2 * noise.abs())
+            elif "bottleneck_" in name:
+                if name.endswith("bottleneck_down.default.weight"):
+                    param.add_(noise * B_INIT_STD)  # the down projection keeps its init, moved a little
+                else:  # the up projection (zero at init) and both biases
+                    param.copy_(noise * (2 * B_INIT_STD if name.endswith("weight") else B_INIT_STD))
             elif "prefix_task" in name:
                 param.copy_(1.0 + 0.3 * noise)
             elif "embedding" in name or "prompt" in name:

@@ -22,7 +22,7 @@ from tunehub.server.engine import (
 from tunehub.server.engine.modules import InvalidModuleWeights
 
 pytestmark = pytest.mark.integration
-KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"]
+KINDS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck"]
 PROMPTS = [
     "the river runs",
     "she reads a book and then",
@@ -32,8 +32,15 @@ PROMPTS = [
     "in the morning the old",
     "they walked",
     "someone bought twelve",
+    "the bottleneck row says",
     "base row here",
 ]
+#: modules beyond one per kind: another rank and targets, another bottleneck width, placement and non-linearity
+EXTRA = {
+    "lora-r8": ("lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    "bottleneck-relu": ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 4, "non_linearity": "relu"}),
+}
+EXTRA_PROMPTS = ["another lora with rank eight", "a second bottleneck, relu"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +52,11 @@ def store(tiny_llama_path, tmp_path_factory):
     for i, kind in enumerate(KINDS):
         make_peft_module(tiny_llama_path, root / kind, kind, seed=i + 1)
         store.push(root / kind, f"t/{kind}")
-    # a second LoRA of another rank and other target layers, to mix ranks and targets
-    make_peft_module(tiny_llama_path, root / "lora-r8", "lora", seed=42, r=8, target_modules=["q_proj", "v_proj"])
-    store.push(root / "lora-r8", "t/lora-r8")
+    # a second LoRA of another rank and other target layers, to mix ranks and targets, and a second
+    # bottleneck of another width, placement and non-linearity, to mix those
+    for seed, (name, (kind, options)) in enumerate(EXTRA.items(), start=42):
+        make_peft_module(tiny_llama_path, root / name, kind, seed=seed, **options)
+        store.push(root / name, f"t/{name}")
     store.module_root = root
     return store
 
@@ -92,8 +101,9 @@ def _peft_greedy(model, kind, ids, steps):
 def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization=quantization), store)
     tok = engine.tokenizer
-    refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
-    prompts = PROMPTS + ["another lora with rank eight"]
+    refs = [f"t/{k}" for k in KINDS] + [None] + [f"t/{name}" for name in EXTRA]
+    prompts = PROMPTS + EXTRA_PROMPTS
+    assert len(prompts) == len(refs)
     rows = [(tok(p)["input_ids"], ref) for p, ref in zip(prompts, refs, strict=False)]
     logits = engine.logits(rows)
     requests = [
@@ -123,7 +133,8 @@ def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):
 
 def test_continuous_batching_requests_join_and_leave(tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store, max_batch=4)
-    specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10], strict=False)]
+    specs = [(p, f"t/{k}", n) for p, k, n in zip(PROMPTS, KINDS, [3, 9, 5, 12, 2, 7, 4, 10, 6], strict=False)]
+    assert len(specs) == len(KINDS)
     alone = []
     for prompt, ref, n in specs:
         params = SamplingParams(max_tokens=n, stop_token_ids=[])
@@ -316,8 +327,9 @@ def test_fp32_cpu_base_serves_through_onednn_linears_with_the_same_logits(tiny_l
     names = [n for n, _ in packed.model.named_parameters()]
     assert not any(n.endswith(("proj.weight", "lm_head.weight")) for n in names) and names
     tok = packed.tokenizer
-    refs = [f"t/{k}" for k in KINDS] + [None, "t/lora-r8"]
-    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS + ["rank eight"], refs, strict=False)]
+    refs = [f"t/{k}" for k in KINDS] + [None] + [f"t/{name}" for name in EXTRA]
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS + EXTRA_PROMPTS, refs, strict=False)]
+    assert len(rows) == len(refs)
     for got, expected in zip(packed.logits(rows), plain.logits(rows), strict=False):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     packed.close()

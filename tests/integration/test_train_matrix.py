@@ -132,6 +132,9 @@ PEFT_METHOD_CASES = [
     ("prefix", {"num_virtual_tokens": 8, "projection": True, "encoder_hidden_size": 32}, "clm", "none"),
     ("ptuning", {"num_virtual_tokens": 8, "encoder": "mlp"}, "sft", "nf4"),
     ("ptuning", {"num_virtual_tokens": 8, "encoder": "lstm", "encoder_hidden_size": 32}, "sft", "none"),
+    ("bottleneck", {"placement": "houlsby", "reduction_factor": 8}, "sft", "nf4"),
+    ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 4, "non_linearity": "gelu"}, "clm", "none"),
+    ("bottleneck", {"placement": "houlsby", "reduction_factor": 4, "init": "bert", "non_linearity": "silu"}, "mlm", "none"),
 ]
 
 
@@ -148,6 +151,9 @@ PEFT_METHOD_CASES = [
         "prefix-projection-clm",
         "ptuning-mlp-sft-nf4",
         "ptuning-lstm-sft",
+        "bottleneck-houlsby-sft-nf4",
+        "bottleneck-pfeiffer-clm",
+        "bottleneck-bert-init-mlm",
     ],
 )
 def test_peft_methods_train_and_reload_in_plain_peft(
@@ -268,3 +274,81 @@ def test_multitask_prompt_target_runs_start_from_the_source_and_get_there_sooner
     finally:
         engine.close()
     torch.testing.assert_close(served[0], actual[0, -ids.shape[1] :], atol=1e-4, rtol=0)
+
+
+SELECTIVE_CASES = [
+    ({"layers": [0]}, "sft", "none"),
+    ({"layers": [1], "patterns": ["*.embed_tokens.weight"]}, "clm", "none"),
+    ({"bitfit": True, "layernorm": True}, "mlm", "none"),  # BERT has biases (Llama has none)
+]
+
+
+@pytest.mark.parametrize(
+    ("selectors", "objective", "quantization"),
+    SELECTIVE_CASES,
+    ids=["block-sft", "block-and-embeddings-clm", "bitfit-layernorm-mlm"],
+)
+def test_selective_fine_tuning_stores_only_the_trained_tensors(
+    selectors, objective, quantization, tiny_llama_path, tiny_bert_path, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from tunehub.trainer.methods.selective import apply_selective
+
+    base = tiny_bert_path if objective == "mlm" else tiny_llama_path
+    config = run_config(
+        base, tmp_path / "run", "selective", objective, quantization, selectors, packing=False, learning_rate=1e-2
+    )
+    result = train(config)
+
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    manifest = verify_module(result.module_dir).manifest
+    assert manifest.kind.value == "selective" and not manifest.peft_loadable
+    stored = load_file(str(result.module_dir / "adapter_model.safetensors"))
+    trained = result.model.eval()
+    requires_grad = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert set(stored) == requires_grad and manifest.params["tensors"] == len(stored)
+    base_model = _load_base(base, objective, quantization).eval()
+    base_params = dict(base_model.named_parameters())
+    assert all(not torch.equal(stored[n].float(), base_params[n].float()) for n in stored), "every stored tensor was trained"
+
+    ids = torch.tensor([[1, 17, 33, 60, 101, 7, 45, 2]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits.float()
+        actual = apply_selective(base_model, result.module_dir)(input_ids=ids).logits.float()
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_fine_tuning_writes_a_whole_model_that_serves_as_a_base(tiny_llama_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunehub.registry.local import LocalStore
+    from tunehub.server.serve import resolve_base
+
+    config = run_config(tiny_llama_path, tmp_path / "run", "full", "sft", "none", {"max_shard_size": "100KB"}, learning_rate=1e-3)
+    result = train(config)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    manifest = verify_module(result.module_dir).manifest
+    assert manifest.kind.value == "full" and len(manifest.params["shards"]) > 1  # sharded at 100 KB
+    config_json = json.loads((result.module_dir / "config.json").read_text())
+    assert str(tmp_path) not in json.dumps(config_json)  # no local path leaves the machine
+
+    ids = torch.tensor([[1, 17, 33, 60, 101, 7, 45, 2]])
+    with torch.no_grad():
+        expected = result.model.eval()(input_ids=ids).logits.float()
+        actual = AutoModelForCausalLM.from_pretrained(result.module_dir).eval()(input_ids=ids).logits.float()
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+    # pushed, it serves as the base: --base takes the registry reference
+    registry = tmp_path / "reg"
+    LocalStore(registry).push(result.module_dir, "acme/full-reverse")
+    folder = Path(resolve_base("acme/full-reverse@1", registry=f"file://{registry}"))
+    assert json.loads((folder / "manifest.json").read_text())["kind"] == "full"
+    assert (folder / "config.json").is_file()
+    with pytest.raises(Exception, match="is a lora module"):
+        store = LocalStore(registry)
+        lora = train(run_config(tiny_llama_path, tmp_path / "lora", "lora", "sft", "none", max_steps=2)).module_dir
+        store.push(lora, "acme/lora")
+        resolve_base("acme/lora@1", registry=f"file://{registry}")

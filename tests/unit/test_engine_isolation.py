@@ -107,6 +107,37 @@ BAD_MODULES: dict[str, tuple[Callable, type, str]] = {
 }
 
 
+def _bottleneck_nan(tensors):
+    key = first_key(tensors, "bottleneck_up.weight")
+    tensors[key][0, 0] = math.nan
+
+
+def _bottleneck_wrong_width(tensors):
+    key = first_key(tensors, "bottleneck_down.weight")
+    tensors[key] = torch.randn(tensors[key].shape[0], 7)
+
+
+def _bottleneck_vector_up(tensors):
+    key = first_key(tensors, "bottleneck_up.weight")
+    tensors[key] = tensors[key].reshape(-1)
+
+
+#: name -> (how to spoil a bottleneck module, the error it must raise, a regex of its message)
+BAD_BOTTLENECK_MODULES: dict[str, tuple[Callable, type, str]] = {
+    "bn-nan": (_bottleneck_nan, InvalidModuleWeights, r"t/bn-nan@1: tensor '.*bottleneck_up\.weight' holds NaN or Inf values"),
+    "bn-wrong-width": (
+        _bottleneck_wrong_width,
+        IncompatibleBase,
+        r"t/bn-wrong-width@1: .* has bottleneck shapes \(8, 7\)/.*the base layer gives 64 features",
+    ),
+    "bn-vector-up": (
+        _bottleneck_vector_up,
+        InvalidModuleWeights,
+        r"t/bn-vector-up@1: tensor '.*bottleneck_up\.weight' has shape \(\d+,\), expected 2 dimensions",
+    ),
+}
+
+
 # --- fixtures ----------------------------------------------------------------------------------
 
 
@@ -122,10 +153,14 @@ def store(tiny_llama_path, tmp_path_factory):
         ("prompt", "prompt", 3, {}),
         ("poisoned", "lora", 4, {}),
         ("high-rank", "lora", 5, {"r": 16}),
+        ("bottleneck", "bottleneck", 6, {}),  # width 64 // 8 = 8: the server's maximum
+        ("wide-bottleneck", "bottleneck", 7, {"reduction_factor": 4}),  # width 16
     ]:
         store.push(make_peft_module(tiny_llama_path, root / name, kind, seed=seed, **options), f"t/{name}")
     for name, (change, _, _) in BAD_MODULES.items():
         push_unchecked(store, rewrite_weights(root / "lora", root / name, change), f"t/{name}")
+    for name, (change, _, _) in BAD_BOTTLENECK_MODULES.items():
+        push_unchecked(store, rewrite_weights(root / "bottleneck", root / name, change), f"t/{name}")
     return store
 
 
@@ -142,7 +177,7 @@ def _params(**changes) -> SamplingParams:
 
 def _good_requests() -> list[GenerationRequest]:
     prompts = ["the river runs", "she reads a book", "seven apples", "a small red house near the", "we", "they walked"]
-    modules = [None, "t/lora", "t/dora", "t/prompt"]
+    modules = [None, "t/lora", "t/dora", "t/prompt", "t/bottleneck"]
     requests = []
     for i in range(12):
         sampled = {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i} if i % 3 == 0 else {}
@@ -239,6 +274,11 @@ def _bad_corpus() -> list[tuple[GenerationRequest, type, str]]:
             r"^stop_token_ids must be token ids from 0 to 511, got 512$",
         ),
         ({"prompt": "x", "module": "t/high-rank"}, UnsupportedModule, r"rank 16 at .* above this server's maximum of 8"),
+        (
+            {"prompt": "x", "module": "t/wide-bottleneck"},
+            UnsupportedModule,
+            r"bottleneck width 16 at .* above this server's maximum of 8",
+        ),
         # slipped past load validation (poisoned in place): a sampled row's logits are NaN
         (
             {"prompt": "the river", "module": "t/poisoned", "params": _params(temperature=0.9, seed=3)},
@@ -248,7 +288,7 @@ def _bad_corpus() -> list[tuple[GenerationRequest, type, str]]:
     ]
     cases += [
         ({"prompt": "the river", "module": f"t/{name}", "params": _params(temperature=0.9, seed=1)}, error, message)
-        for name, (_, error, message) in BAD_MODULES.items()
+        for name, (_, error, message) in {**BAD_MODULES, **BAD_BOTTLENECK_MODULES}.items()
     ]
     return [(GenerationRequest(**{"params": _params(), **fields}), error, message) for fields, error, message in cases]
 

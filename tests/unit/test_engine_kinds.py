@@ -30,7 +30,7 @@ from tunehub.server.engine.modules import (
 )
 
 #: what the engine serves today (a kind added here needs a group in server/engine/kinds/)
-SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix"}
+SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck"}
 TOY_LAYER = "model.layers.0.mlp.down_proj"
 
 
@@ -51,10 +51,10 @@ class _ScaleOutputPart:
 
 class ScaleOutput(ServedKind):
     """A toy kind: a vector that scales the output of one linear layer. It reuses the
-    ``bottleneck`` kind value (no engine group serves it) under a test-only group."""
+    ``full`` kind value (no engine group mixes it) under a test-only group."""
 
     name = "test_scale_output"
-    kinds = (ModuleKind.BOTTLENECK,)
+    kinds = (ModuleKind.FULL,)
 
     def materialize(self, materializer: ModuleMaterializer, loaded: Any, weights: dict[str, Any], name: str) -> None:
         for key, tensor in weights.items():
@@ -90,7 +90,7 @@ def _toy_module(source: Path, dest: Path, vector: torch.Tensor) -> Path:
     shutil.copytree(source, dest)
     save_file({f"base_model.model.{TOY_LAYER}.scale": vector}, dest / WEIGHTS_FILE)
     (dest / "adapter_config.json").unlink()  # not a PEFT module any more
-    write_module(dest, Manifest.read(dest).with_updates(kind=ModuleKind.BOTTLENECK.value, params={}))
+    write_module(dest, Manifest.read(dest).with_updates(kind=ModuleKind.FULL.value, params={}))
     return dest
 
 
@@ -160,10 +160,10 @@ def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_mod
         assert message.endswith(kinds.NOT_SERVABLE[kind])
         refused.add(kind.value)
     assert served == SERVED
-    assert refused == {"bottleneck", "selective", "full", "tokenizer", "template"}
+    assert refused == {"selective", "full", "tokenizer", "template"}
     for kind in (ModuleKind.FULL, ModuleKind.SELECTIVE):
         assert "merge" in kinds.NOT_SERVABLE[kind]
-    for kind in (ModuleKind.BOTTLENECK, ModuleKind.TOKENIZER, ModuleKind.TEMPLATE):
+    for kind in (ModuleKind.TOKENIZER, ModuleKind.TEMPLATE):
         assert "not servable yet" in kinds.NOT_SERVABLE[kind]
 
 
@@ -183,20 +183,31 @@ def test_registering_a_kind_twice_or_under_a_taken_kind_is_refused():
 
 
 def test_mixed_batches_in_any_row_order_match_each_module_alone(tiny_llama_path, lora_module, tmp_path):
+    from tunehub.trainer.testing import make_peft_module
+
     store = LocalStore(tmp_path / "reg", cache_dir=tmp_path / "cache")
     store.push(lora_module(seed=1, r=4), "t/a")
     store.push(lora_module(seed=2, kind="dora", r=2), "t/b")  # another rank and a DoRA gain
+    # bottleneck blocks after the same layers the LoRA adapts (and another kind group's part)
+    store.push(make_peft_module(tiny_llama_path, tmp_path / "c", "bottleneck", seed=3), "t/c")
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
     tok = engine.tokenizer
     first, second = tok("the river runs")["input_ids"], tok("a small red house near the")["input_ids"]
     params = SamplingParams(max_tokens=4, stop_token_ids=[])
-    batches = [[(first, "t/a"), (second, "t/b")], [(first, "t/b"), (second, "t/a")], [(first, None), (second, "t/a")]]
+    batches = [
+        [(first, "t/a"), (second, "t/b")],
+        [(first, "t/b"), (second, "t/a")],
+        [(first, None), (second, "t/a")],
+        [(first, "t/c"), (second, "t/a")],
+        [(first, "t/a"), (second, "t/c")],
+        [(first, None), (second, "t/c")],
+    ]
     got = []
     for rows in batches:  # one engine: a plan cached for one order must not serve another
         logits = engine.logits(rows)
         results = engine.generate([GenerationRequest(input_ids=ids, module=ref, params=params) for ids, ref in rows])
         got.append((logits, [r.token_ids for r in results]))
-    assert len(engine._plans) >= 3  # every composition got its own plan
+    assert len(engine._plans) >= len(batches)  # every composition got its own plan
     for rows, (logits, tokens) in zip(batches, got, strict=True):
         for row, row_logits, row_tokens in zip(rows, logits, tokens, strict=True):
             alone = engine.logits([row])[0]
@@ -206,4 +217,5 @@ def test_mixed_batches_in_any_row_order_match_each_module_alone(tiny_llama_path,
             assert row_tokens == expected, (rows, ref)
     # the two modules really differ at the same prompt (a swapped plan could not pass unseen)
     assert not torch.allclose(engine.logits([(first, "t/a")])[0], engine.logits([(first, "t/b")])[0], atol=1e-3)
+    assert not torch.allclose(engine.logits([(first, "t/a")])[0], engine.logits([(first, "t/c")])[0], atol=1e-3)
     engine.close()

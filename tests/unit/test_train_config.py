@@ -178,7 +178,7 @@ def test_run_config_method_is_the_typed_union_of_registered_methods(fake_base, m
 
     with pytest.raises(
         ConfigError,
-        match=r"^method.name: 'toy' is not a method; choose one of adalora, dora, ia3, lora, multitask_prompt, prefix, prompt, ptuning$",
+        match=rf"^method.name: 'toy' is not a method; choose one of {', '.join(method_names())}$",
     ):
         validate_run_config(_raw(fake_base, method={"name": "toy"}))
 
@@ -216,8 +216,11 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
         ModuleKind.PREFIX,
         ModuleKind.PTUNING,
         ModuleKind.MULTITASK_PROMPT,
+        ModuleKind.SELECTIVE,
+        ModuleKind.BOTTLENECK,
+        ModuleKind.FULL,
     }
-    assert "lora" in NOT_TRAINABLE[ModuleKind.SELECTIVE]
+    assert "tunehub base init" in NOT_TRAINABLE[ModuleKind.TOKENIZER]
 
 
 @pytest.mark.parametrize(
@@ -233,6 +236,11 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
         ({"name": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, {}, "(not in it: down_proj)"),
         ({"name": "ptuning", "encoder": "gru"}, {}, "method.encoder: Input should be 'mlp' or 'lstm'"),
         ({"name": "multitask_prompt"}, {}, "data.train: a source run learns a prompt shared by several tasks"),
+        ({"name": "selective"}, {}, "choose what to train: layers, patterns, bitfit and/or layernorm"),
+        ({"name": "selective", "layers": [-1]}, {}, "method.layers: block indices start at 0"),
+        ({"name": "selective", "bitfit": True}, {"base": "nf4"}, "selective fine-tuning trains the base's own tensors"),
+        ({"name": "full"}, {"base": "nf4"}, "full fine-tuning trains every weight"),
+        ({"name": "full", "max_shard_size": "2 GiB"}, {}, "method.max_shard_size: String should match pattern"),
         ({"name": "multitask_prompt", "init": "average"}, {}, "method.init: average needs method.init_from"),
         ({"name": "multitask_prompt", "init_from": "acme/src@1"}, {}, "a target run (init_from) starts from the source"),
         ({"name": "multitask_prompt", "init_from": "acme/src@@1", "init": "task"}, {}, "method.init_from: "),
@@ -241,6 +249,8 @@ def test_every_module_kind_is_trained_by_a_method_or_refused_with_what_to_do_ins
 def test_peft_methods_refuse_what_they_cannot_train(fake_base, method, sections, problem):
     raw = _raw(fake_base, method=method)
     raw["data"]["packing"] = sections.pop("packing", False)
+    if sections.pop("base", None) == "nf4":
+        raw["base"]["quantization"] = "nf4"
     raw.update(sections)
     with pytest.raises(ConfigError) as refusal:
         validate_run_config(raw)

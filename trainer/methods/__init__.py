@@ -64,15 +64,16 @@ class Method:
     init_module: Callable[[Any], str | None] = field(default=lambda cfg: None)
     #: ``before_save(cfg, peft_model)``: make the saved PEFT config stand alone (no local paths)
     before_save: Callable[[Any, Any], None] = field(default=lambda cfg, model: None)
+    #: a method that trains the base's own tensors (not a PEFT adapter): ``prepare_model(cfg,
+    #: model, ctx)`` returns the model to train, ``save_module(cfg, model, out_dir, **manifest
+    #: fields)`` writes the module; ``build_peft_config`` is then unused
+    prepare_model: Callable[[Any, Any, BuildContext], Any] | None = None
+    save_module: Callable[..., Any] | None = None
 
 
 #: what to do instead, for each module kind no method trains yet (a method that trains one
 #: takes it off this list: tests/unit/test_train_config.py walks ModuleKind)
 NOT_TRAINABLE: dict[ModuleKind, str] = {
-    ModuleKind.BOTTLENECK: "train a lora module instead (method.name: lora)",
-    ModuleKind.SELECTIVE: "train a lora module instead, or fine-tune with transformers' Trainer and serve the result"
-    " as a base (tunehub serve --base DIR)",
-    ModuleKind.FULL: "fine-tune with transformers' Trainer and serve the result as a base (tunehub serve --base DIR)",
     ModuleKind.TOKENIZER: "build a base with the tokenizer you need (tunehub base init)",
     ModuleKind.TEMPLATE: "put the template in the prompts, or train an sft run with objective.template",
 }

@@ -70,7 +70,6 @@ class ServedKind:
 NOT_SERVABLE: dict[ModuleKind, str] = {
     ModuleKind.FULL: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
     ModuleKind.SELECTIVE: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
-    ModuleKind.BOTTLENECK: "bottleneck adapters are not servable yet: serve it with PEFT, or train a lora module instead",
     ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
     ModuleKind.TEMPLATE: "template modules are not servable yet: apply the template in the client's prompt",
 }
