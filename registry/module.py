@@ -36,6 +36,7 @@ from tunehub.registry.manifest import (
     MANIFEST_FILE,
     MODEL_CARD_FILE,
     Manifest,
+    ModuleKind,
 )
 
 
@@ -54,14 +55,17 @@ def model_card(manifest: Manifest, name: str | None = None) -> str:
     # the Hub refuses a card whose base_model is not a repo id (a path, from an old manifest or a
     # hand-written one): such a base is named in the text only
     on_hub = is_hub_model_id(manifest.base.model_id)
-    if manifest.peft_loadable:
+    # bottleneck modules are PEFT-format, but PEFT loads them only once tunehub registered the
+    # method (import tunehub.trainer): the Hub should not list them as plain PEFT adapters
+    plain_peft = manifest.peft_loadable and manifest.kind is not ModuleKind.BOTTLENECK
+    if plain_peft:
         tags.append("peft")
         if on_hub:
             tags.append(f"base_model:adapter:{manifest.base.model_id}")
     front: dict[str, object] = {}
     if on_hub:
         front["base_model"] = manifest.base.model_id
-    front["library_name"] = "peft" if manifest.peft_loadable else "tunehub"
+    front["library_name"] = "peft" if plain_peft else "tunehub"
     front["tags"] = tags
     if manifest.task_type == "CAUSAL_LM":
         front["pipeline_tag"] = "text-generation"
@@ -87,7 +91,11 @@ def model_card(manifest: Manifest, name: str | None = None) -> str:
         lines.append(f"- data sha256: `{manifest.data.sha256[:16]}`")
     for key, value in sorted(manifest.metrics.items()):
         lines.append(f"- {key}: {value:.6g}")
-    lines += ["", "Load it with tunehub (`tunehub pull`) or, for PEFT kinds, `peft.PeftModel.from_pretrained`.", ""]
+    if manifest.kind is ModuleKind.BOTTLENECK:
+        loading = "`peft.PeftModel.from_pretrained` after `import tunehub.trainer` (which registers the method with PEFT)"
+    else:
+        loading = "`peft.PeftModel.from_pretrained`" if plain_peft else "tunehub"
+    lines += ["", f"Load it with tunehub (`tunehub pull`) or {loading}.", ""]
     return "\n".join(lines)
 
 

@@ -162,7 +162,7 @@ def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_mod
     assert served == SERVED
     assert refused == {"selective", "full", "tokenizer", "template"}
     for kind in (ModuleKind.FULL, ModuleKind.SELECTIVE):
-        assert "merge" in kinds.NOT_SERVABLE[kind]
+        assert "serve it as the base (tunehub serve --base" in kinds.NOT_SERVABLE[kind]
     for kind in (ModuleKind.TOKENIZER, ModuleKind.TEMPLATE):
         assert "not servable yet" in kinds.NOT_SERVABLE[kind]
 

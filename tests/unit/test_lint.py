@@ -24,3 +24,10 @@ def test_ruff_format_would_change_nothing():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_test_files_have_unique_names():
+    # pytest imports test files by their base name (the folders are not packages): two files of
+    # one name stop the whole run at collection
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -45,6 +45,18 @@ def test_model_card_front_matter(tmp_path):
     assert "lora" in front["tags"] and "base_model:adapter:tiny-base" in front["tags"]
 
 
+def test_model_card_of_a_bottleneck_module_says_how_peft_loads_it(tmp_path):
+    from tunehub.registry.module import model_card
+
+    manifest = verify_module(make_fake_module(tmp_path / "m")).manifest
+    bottleneck = manifest.model_copy(update={"kind": ModuleKind.BOTTLENECK})
+    card = model_card(bottleneck)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "tunehub" and "peft" not in front["tags"]
+    assert "after `import tunehub.trainer`" in card
+    assert yaml.safe_load(model_card(manifest).split("---\n")[1])["library_name"] == "peft"
+
+
 def test_model_card_never_names_a_path_as_base_model(tmp_path):
     from tunehub.registry.module import model_card
 

@@ -68,8 +68,9 @@ class ServedKind:
 
 #: kinds no group serves yet, and what to do with such a module instead (the one place)
 NOT_SERVABLE: dict[ModuleKind, str] = {
-    ModuleKind.FULL: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
-    ModuleKind.SELECTIVE: "merge its weights into the base and serve the merged base (tunehub serve --base MERGED)",
+    ModuleKind.FULL: "it is a whole model: serve it as the base (tunehub serve --base REF)",
+    ModuleKind.SELECTIVE: "load its tensors into the base (tunehub.trainer.methods.selective.apply_selective), save that"
+    " model and serve it as the base (tunehub serve --base DIR)",
     ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
     ModuleKind.TEMPLATE: "template modules are not servable yet: apply the template in the client's prompt",
 }
