@@ -260,6 +260,38 @@ def version_info(state: RegistryState, record: VersionRecord, repo: str, commit:
     )
 
 
+_LINEAGE_DEPTH = 32  # a parent chain longer than this is cut (and a cycle cannot loop)
+
+
+def provenance_with_lineage(store: ModuleStore, ref: str | ModuleRef, policy: TrustPolicy | None = None) -> dict[str, Any]:
+    """Who signed the version ``ref`` resolves to (each signature checked against ``policy``'s
+    keys; unchecked without), and its lineage: the parent chain (``manifest.parent``), each
+    ancestor with its signers. A missing, damaged or refused ancestor is listed with the reason;
+    unsigned versions are reported, never refused, even under ``require_signed``.
+
+    Raises:
+        UntrustedModule: a signature by a trusted key does not match (of ``ref`` itself).
+    """
+    from tunehub.errors import TunehubError
+
+    if policy is not None and policy.require_signed:
+        policy = TrustPolicy(keys=policy.keys)
+    info = store.resolve(ref)
+    lineage: list[dict[str, Any]] = []
+    parent = store.manifest(info.ref).parent
+    seen = {info.ref}
+    while parent and len(lineage) < _LINEAGE_DEPTH:
+        try:
+            ancestor = store.resolve(parent)
+            step: dict[str, Any] = {"ref": parent, "resolved": ancestor.ref, **ancestor.provenance(policy).to_dict()}
+            parent = store.manifest(ancestor.ref).parent if ancestor.ref not in seen else None
+            seen.add(ancestor.ref)
+        except TunehubError as exc:
+            step, parent = {"ref": parent, "error": str(exc)}, None
+        lineage.append(step)
+    return {**info.provenance(policy).to_dict(), "lineage": lineage}
+
+
 def push_signed(store: ModuleStore, folder: str | Path, ref: str | ModuleRef, key: str | Path) -> VersionInfo:
     """Push ``folder`` as the next version of ``ref`` signed with the elliptic private key
     ``key``: the files are signed before anything is sent, and the signature is stored beside

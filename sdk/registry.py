@@ -8,14 +8,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunehub.errors import IntegrityError, TunehubError
+from tunehub.errors import IntegrityError
 from tunehub.registry.manifest import Manifest, ModuleKind
 from tunehub.registry.module import LocalModule
 from tunehub.registry.refs import ModuleRef
 from tunehub.registry.signing import Provenance, SignatureEntry, TrustPolicy, export_bundle, sign_digests, version_digests
-from tunehub.registry.store import AliasMove, ModuleStore, VersionInfo, current_actor, open_store, push_signed
-
-_LINEAGE_DEPTH = 32  # a parent chain longer than this is cut (and a cycle cannot loop)
+from tunehub.registry.store import (
+    AliasMove,
+    ModuleStore,
+    VersionInfo,
+    current_actor,
+    open_store,
+    provenance_with_lineage,
+    push_signed,
+)
 
 
 def trust_policy(trust: TrustPolicy | Iterable[str | Path] | None, require_signed: bool = False) -> TrustPolicy | None:
@@ -381,22 +387,7 @@ class Registry:
             UntrustedModule: a signature by a trusted key does not match (of ``ref`` itself).
         """
         policy = trust_policy(trust) if trust is not None else self.store.trust
-        if policy is not None and policy.require_signed:
-            policy = TrustPolicy(keys=policy.keys)  # report, do not refuse, what is unsigned
-        info = self.store.resolve(ref)
-        lineage: list[dict[str, Any]] = []
-        parent = self.store.manifest(info.ref).parent
-        seen = {info.ref}
-        while parent and len(lineage) < _LINEAGE_DEPTH:
-            try:
-                ancestor = self.store.resolve(parent)
-                step: dict[str, Any] = {"ref": parent, "resolved": ancestor.ref, **ancestor.provenance(policy).to_dict()}
-                parent = self.store.manifest(ancestor.ref).parent if ancestor.ref not in seen else None
-                seen.add(ancestor.ref)
-            except TunehubError as exc:  # a missing, damaged or refused ancestor is shown, not raised
-                step, parent = {"ref": parent, "error": str(exc)}, None
-            lineage.append(step)
-        return {**info.provenance(policy).to_dict(), "lineage": lineage}
+        return provenance_with_lineage(self.store, ref, policy)
 
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
         """Delete one version (``name@N``) or every version of a module (``name``); the numbers

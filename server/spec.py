@@ -550,17 +550,15 @@ class TunehubSpec(LitSpec):
 
     def _registry(self) -> Any:
         if self._store is None:
-            from tunehub.sdk.registry import Registry
+            from tunehub.registry.store import open_store, provenance_with_lineage
             from tunehub.server.trust import server_trust_policy
 
             # the server's policy: provenance says which signatures its keys verify (listing and
             # resolving never refuse; loading is the inference worker's)
-            registry = Registry(
-                self.settings.registry, trust=server_trust_policy(self.settings.trust, self.settings.require_signed)
-            )
-            store = registry.store
-            check = store.check_trust if store.trust is not None and store.trust.require_signed else None
-            self._provenance = ProvenanceCache(registry.provenance, check)
+            policy = server_trust_policy(self.settings.trust, self.settings.require_signed)
+            store = open_store(self.settings.registry, trust=policy)
+            check = store.check_trust if policy is not None and policy.require_signed else None
+            self._provenance = ProvenanceCache(lambda ref: provenance_with_lineage(store, ref, policy), check)
             self._store = store
         return self._store
 

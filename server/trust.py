@@ -17,7 +17,7 @@ Three things, each where the server already does that kind of work:
   module's files with the ones the signature covered. Successful checks are cached per
   (rule, ``repo@N``) for good; refusals for at most the alias TTL (a version may be signed later).
 - **Provenance**: who signed a version (each signature checked against the server's keys) and its
-  signed lineage (the parent chain), from :meth:`tunehub.sdk.Registry.provenance`, cached per
+  signed lineage (the parent chain), from :func:`tunehub.registry.store.provenance_with_lineage`, cached per
   ``repo@N`` and its signatures (:class:`ProvenanceCache`); ancestors the caller may not use are
   withheld (:func:`lineage_for`).
 
@@ -194,7 +194,7 @@ class SigningChecks:
 
 # --- provenance (/v1/models) --------------------------------------------------------------------------
 class ProvenanceCache:
-    """``provenance(ref) -> dict`` (:meth:`tunehub.sdk.Registry.provenance`), cached per version and
+    """``provenance(ref) -> dict`` (:func:`tunehub.registry.store.provenance_with_lineage`), cached per version and
     its own signatures (a new signature shows at once; an ancestor's within :data:`PROVENANCE_TTL_S`).
 
     ``refusal(info)``: why the server's policy refuses the version (None: it loads), from

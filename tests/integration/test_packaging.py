@@ -17,12 +17,16 @@ SUBPACKAGES = ["registry", "trainer", "server", "sdk"]
 
 
 def _package_dirs() -> list[str]:
-    """Every folder under the mapped top-level folders that holds an __init__.py."""
+    """Every folder under the mapped top-level folders that holds an __init__.py, and every
+    package that lives in tunehub/ itself (not through a link: tunehub.peft_methods)."""
     found = []
     for top in SUBPACKAGES:
         for init in sorted((REPO / top).rglob("__init__.py")):
             rel = init.parent.relative_to(REPO).as_posix()
             found.append("tunehub." + rel.replace("/", "."))
+    for init in sorted((REPO / "tunehub").glob("*/__init__.py")):
+        if not init.parent.is_symlink():
+            found.append("tunehub." + init.parent.name)
     return found
 
 
