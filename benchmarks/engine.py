@@ -16,7 +16,10 @@ state or resident memory):
    with all 8 rows on one module, PEFT's mixed batch (``generate(adapter_names=...)``) and PEFT
    serving one request at a time (``set_adapter`` + 8 generate calls of batch 1).
 2. kinds: a tunehub batch mixing LoRA, DoRA, IA3, prompt and prefix rows against the
-   single-LoRA batch of part 1.
+   single-LoRA batch of part 1; and a batch of one module of every kind the engine mixes (LoRA,
+   DoRA, AdaLoRA, IA3, bottleneck, prompt, P-tuning, prefix) against the same
+   (``all_kinds_vs_single_lora``). Selective (BitFit, norm) modules are not mixed by the engine
+   yet, so they are not in it.
 3. cold activation: ``pool.acquire`` of a never-seen version (resolve, the registry's blobs read
    once and hashed, manifest checks, materialise) against a bare ``safetensors.torch.load_file``
    of the same weights file, both from a warm page cache. The pool is full (it holds two such
@@ -76,6 +79,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "mixed_vs_peft_adapter_names": (">=", 1.3),
     "mixed_vs_peft_sequential": (">=", 4.0),
     "mixed_kinds_vs_single_lora": (">=", 0.75),
+    "all_kinds_vs_single_lora": (">=", 0.7),
     "cold_load_vs_safetensors": ("<=", 2.0),
     "cold_load_signed_vs_unsigned": ("<=", 1.3),
 }
@@ -148,6 +152,8 @@ QUICK = Sizes(
 
 #: the rows of the mixed-kinds batch (part 2): module names pushed by ``setup``
 KIND_ROWS = ("lora-0", "lora-1", "dora-0", "dora-1", "ia3-0", "ia3-1", "prompt-0", "prefix-0")
+#: the rows of the all-kinds batch: one module of every kind the engine mixes
+ALL_KIND_ROWS = ("lora-0", "dora-0", "adalora-0", "ia3-0", "bottleneck-0", "prompt-0", "ptuning-0", "prefix-0")
 NAMESPACE = "bench"
 
 
@@ -412,6 +418,7 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         "tunehub_single": lambda: run_engine(engine, prompts, [ref(loras[0])] * sizes.batch, n),
         "tunehub_mixed": lambda: run_engine(engine, prompts, [ref(m) for m in loras], n),
         "tunehub_mixed_kinds": lambda: run_engine(engine, prompts, [ref(m) for m in KIND_ROWS], n),
+        "tunehub_all_kinds": lambda: run_engine(engine, prompts, [ref(m) for m in ALL_KIND_ROWS], n),
         "peft_single": peft_single,
         "peft_adapter_names": lambda: run_peft(peft, prompts, n, pad_id, adapter_names=loras),
         "peft_sequential": lambda: run_peft_sequential(peft, prompts, loras, n, pad_id),
@@ -615,6 +622,7 @@ def profile_decode(
         "tunehub_single": engine_batch([f"{NAMESPACE}/{loras[0]}"] * len(prompts)),
         "tunehub_mixed": engine_batch([f"{NAMESPACE}/{m}" for m in loras]),
         "tunehub_mixed_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in KIND_ROWS]),
+        "tunehub_all_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in ALL_KIND_ROWS]),
         "peft_single": peft_batch(prompts, loras[0]),
         "peft_adapter_names": peft_batch(prompts, None, loras),
         "peft_one_row (a step of peft_sequential)": peft_batch(prompts[:1], loras[1]),
@@ -978,13 +986,16 @@ def setup(work: Path, sizes: Sizes) -> dict[str, Any]:
     base = build_base(work / f"base-{sizes.preset}", sizes.preset, overwrite=True)
     zipf_base = build_base(work / f"base-{sizes.zipf_preset}", sizes.zipf_preset, overwrite=True)
 
-    _log("making modules (LoRA x8, DoRA x2, IA3 x2, prompt, prefix)")
+    _log("making modules (LoRA x8, DoRA x2, IA3 x2, prompt, prefix, AdaLoRA, bottleneck, P-tuning)")
     folders: dict[str, str] = {}
     plan = [(f"lora-{i}", "lora", i, {"r": sizes.lora_rank}) for i in range(max(sizes.batch, sizes.cold_modules))]
     plan += [(f"dora-{i}", "dora", 100 + i, {"r": sizes.lora_rank}) for i in range(2)]
     plan += [(f"ia3-{i}", "ia3", 200 + i, {}) for i in range(2)]
     plan += [("prompt-0", "prompt", 300, {"num_virtual_tokens": sizes.virtual_tokens})]
     plan += [("prefix-0", "prefix", 400, {"num_virtual_tokens": sizes.virtual_tokens})]
+    plan += [("adalora-0", "adalora", 500, {"r": sizes.lora_rank})]
+    plan += [("bottleneck-0", "bottleneck", 600, {"placement": "houlsby"})]
+    plan += [("ptuning-0", "ptuning", 700, {"num_virtual_tokens": sizes.virtual_tokens})]
     registry = LocalStore(work / "registry", cache_dir=work / "cache-setup")
     for name, kind, seed, options in plan:
         folder = work / "modules" / name
@@ -1073,6 +1084,7 @@ def summarize(
         "mixed_kinds_vs_single_lora": ratio_entry(
             "mixed_kinds_vs_single_lora", tps["tunehub_mixed_kinds"] / tps["tunehub_single"]
         ),
+        "all_kinds_vs_single_lora": ratio_entry("all_kinds_vs_single_lora", tps["tunehub_all_kinds"] / tps["tunehub_single"]),
         "cold_load_vs_safetensors": ratio_entry(
             "cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]
         ),
@@ -1103,12 +1115,14 @@ def summarize(
             "mixed_vs_peft_adapter_names": round(p25["tunehub_mixed"] / p25["peft_adapter_names"], 4),
             "mixed_vs_peft_sequential": round(p25["tunehub_mixed"] / p25["peft_sequential"], 4),
             "mixed_kinds_vs_single_lora": round(p25["tunehub_mixed_kinds"] / p25["tunehub_single"], 4),
+            "all_kinds_vs_single_lora": round(p25["tunehub_all_kinds"] / p25["tunehub_single"], 4),
         },
         "prefill_plus_decode_tokens_per_s": {k: round(s["total_tps"], 2) for k, s in thr["sides"].items()},
         "decode_tokens_per_s_runs": {k: s["decode_tps_runs"] for k, s in thr["sides"].items()},
         "max_others_cpu_share_in_timed_runs": {k: round(s["max_disturbed"], 3) for k, s in thr["sides"].items()},
         "same_greedy_tokens_share": thr["same_tokens"],
         "kinds_batch_rows": list(KIND_ROWS),
+        "all_kinds_batch_rows": list(ALL_KIND_ROWS),
         "torch_threads": thr["torch_threads"],
         "tunehub_base_linear": thr["tunehub_base_linear"],
         "split_batches_retried": thr["split_batches_retried"],
@@ -1145,6 +1159,7 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         "tunehub_single": "8 rows, one LoRA",
         "tunehub_mixed": "8 rows, 8 LoRAs",
         "tunehub_mixed_kinds": "LoRA+DoRA+IA3+prompt+prefix",
+        "tunehub_all_kinds": "one of each: LoRA DoRA AdaLoRA IA3 bottleneck prompt P-tuning prefix",
         "peft_single": "one adapter, batch 8",
         "peft_adapter_names": "adapter_names, 8 adapters",
         "peft_sequential": "set_adapter, 8 x batch 1",

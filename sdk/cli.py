@@ -28,6 +28,8 @@ tenants_app = typer.Typer(help="Manage the tenants of `tunehub serve`.", no_args
 app.add_typer(tenants_app, name="tenants")
 hub_app = typer.Typer(help="Run a private hub that speaks the Hugging Face Hub API.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
+template_app = typer.Typer(help="Make hard-prompt template modules.", no_args_is_help=True)
+app.add_typer(template_app, name="template")
 
 RegistryOption = typer.Option(
     None,
@@ -402,6 +404,39 @@ def base_init(
 
     out = build_base(path, preset, seed=seed, overwrite=overwrite)
     typer.echo(f"built {preset} base in {out} (fingerprint {base_fingerprint(out)[:12]})")
+
+
+@template_app.command("init")
+def template_init(
+    path: Path = typer.Argument(..., help="module folder to write (new or empty)"),
+    base: str = typer.Option(..., "--base", help="the base the template is for: a local folder or a Hub id"),
+    text: Optional[str] = typer.Option(None, "--text", help="a text template with {slot} names ({{ }} for braces)"),
+    chat: Optional[Path] = typer.Option(
+        None, "--chat", help='a JSON file: [{"role": "system", "content": "..."}, {"role": "user", "content": "... {slot}"}]'
+    ),
+    task: Optional[str] = typer.Option(None, "--task", help="what the template is for (recorded in the manifest)"),
+) -> None:
+    """Write a hard-prompt template as a module; push it, then request it by name with the slot values."""
+    from tunehub.bases import resolve_base_folder
+    from tunehub.errors import ConfigError
+    from tunehub.registry.template import parse_template
+    from tunehub.trainer.templates import write_template_module
+
+    if (text is None) == (chat is None):
+        raise ConfigError("give the template as --text TEXT or --chat FILE (one of them)")
+    if text is not None:
+        raw = json.dumps({"format": "text", "text": text})
+    else:
+        assert chat is not None
+        try:
+            messages = json.loads(chat.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--chat {chat}: not a readable JSON file ({exc})") from None
+        raw = json.dumps({"format": "chat", "messages": messages})
+    template = parse_template(raw, "the template")
+    manifest = write_template_module(path, template, resolve_base_folder(base, field="--base"), task=task)
+    slots = ", ".join(template.slots) or "none"
+    typer.echo(f"wrote {manifest.kind.value} module {path} ({template.format}; slots: {slots})")
 
 
 @hub_app.command("serve")

@@ -111,6 +111,8 @@ class TunehubAPI(ls.LitAPI):
             alias_ttl_s=s.alias_ttl_s,
             cpu_allocator=s.cpu_allocator,  # type: ignore[arg-type]
         )
+        self._store = store
+        self._templates: dict[str, Any] = {}  # repo@N -> Template (versions are immutable)
         self._loads: dict[str, int] = {}
         self._evictions: dict[str, int] = {}
         self.engine.pool.on_event = self._on_pool_event
@@ -161,6 +163,7 @@ class TunehubAPI(ls.LitAPI):
         request_id = str(request["request_id"])
         stream = bool(request.get("stream"))
         module = None
+        template: tuple[str, Any] | None = None  # (repo@N, Template) when the model is a template
         cold = False
         handle = None
         finished = False
@@ -177,16 +180,27 @@ class TunehubAPI(ls.LitAPI):
                 # load thread, off this event loop
                 module = self._acquire_resident(ref)
                 if module is None:
-                    module, cold = await loop.run_in_executor(self._loader, self._acquire, ref)
+                    module, cold, template = await loop.run_in_executor(self._loader, self._acquire_or_template, ref)
                 if signed is not None and module is not None:
                     self.signing.confirm_loaded(rules, module.key, signed, module.manifest.files)
             input_ids = request.get("input_ids")
-            if request.get("messages") is not None:
-                input_ids = self._chat_ids(request["messages"])
+            prompt = request.get("prompt")
+            messages = request.get("messages")
+            if template is not None:  # a hard prompt: rendered here, then run on the base
+                template[1].check_endpoint(chat=messages is not None)
+                if messages is None and input_ids is not None:
+                    raise InvalidRequest("a template's prompt is text: send 'prompt' as a string (or 'slots')")
+                values = template[1].values(request.get("slots"), prompt if messages is None else None)
+                if messages is not None:
+                    messages = template[1].render_messages(values) + list(messages)
+                else:
+                    prompt = template[1].render_text(values)
+            if messages is not None:
+                input_ids = self._chat_ids(messages)
             params = self._sampling(SamplingParams, dict(request.get("params", {})))
             handle = self.engine.submit(
                 GenerationRequest(
-                    prompt=request.get("prompt") if input_ids is None else None,
+                    prompt=prompt if input_ids is None else None,
                     input_ids=input_ids,
                     module=module.key if module is not None else None,
                     params=params,
@@ -212,9 +226,10 @@ class TunehubAPI(ls.LitAPI):
                     finished = True
                     yield error_message(final[1], request_id)
                     return
+                answered_by = template[0] if template is not None else handle.module_key
                 if stream and not started and tokens:
                     started = True
-                    yield {"type": "start", "module": handle.module_key, "cold_load": cold}
+                    yield {"type": "start", "module": answered_by, "cold_load": cold}
                 if stream and text:
                     yield {"type": "text", "text": text}
                 if final is not None:
@@ -222,7 +237,7 @@ class TunehubAPI(ls.LitAPI):
                     result = final[1]
                     yield {
                         "type": "done",
-                        "module": result.module,
+                        "module": template[0] if template is not None else result.module,
                         "text": None if stream else result.text,
                         "finish_reason": result.finish_reason,
                         "prompt_tokens": result.prompt_tokens,
@@ -278,6 +293,23 @@ class TunehubAPI(ls.LitAPI):
         module = pool.acquire(ref)
         # only this thread loads, so a change in misses is this request's cold load
         return module, pool.stats.misses > misses
+
+    def _acquire_or_template(self, ref: str) -> tuple[Any, bool, tuple[str, Any] | None]:
+        """(module, cold, None) for a module the engine applies; (None, False, (repo@N,
+        template)) for a template module, read once per version (verified, under the server's
+        trust policy) and kept: a template is applied to the prompt, not by the engine."""
+        from tunehub.registry.template import TEMPLATE_FILE, parse_template
+
+        key = self.engine.pool.resolve_key(ref)
+        template = self._templates.get(key)
+        if template is None and self._store.resolve(key).kind == "template":
+            content = self._store.read(key, [TEMPLATE_FILE])
+            template = parse_template(bytes(content.files[TEMPLATE_FILE]), f"{key}/{TEMPLATE_FILE}")
+            self._templates[key] = template
+        if template is not None:
+            return None, False, (key, template)
+        module, cold = self._acquire(key)
+        return module, cold, None
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.engine.tokenizer

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunehub.errors import InvalidRequest, TunehubError, public_error_name
+from tunehub.registry.template import MAX_SLOTS
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters of one stop string (each is matched against the text every step)
@@ -60,6 +61,7 @@ class ParsedRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
+    slots: dict[str, str] | None = None  # a template module's slot values (tunehub's own field)
 
     def sampling(self, max_tokens: int) -> dict[str, Any]:
         """Keyword arguments of the engine's ``SamplingParams``."""
@@ -234,6 +236,16 @@ def parse_request(body: Any, *, chat: bool) -> ParsedRequest:
         problems.add("ignore_eos", "'ignore_eos' must be true or false")
     else:
         parsed.ignore_eos = bool(ignore_eos)
+    slots = body.get("slots")
+    if slots is not None:
+        if (
+            not isinstance(slots, dict)
+            or len(slots) > MAX_SLOTS
+            or not all(isinstance(k, str) and isinstance(v, str) and _is_text(k) and _is_text(v) for k, v in slots.items())
+        ):
+            problems.add("slots", f"'slots' must be an object of at most {MAX_SLOTS} slot names to text values")
+        else:
+            parsed.slots = dict(slots)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         problems.add("stream", "'stream' must be true or false")

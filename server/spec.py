@@ -341,6 +341,7 @@ class TunehubSpec(LitSpec):
                 "prompt": parsed.prompt,
                 "input_ids": parsed.input_ids,
                 "messages": parsed.messages,
+                "slots": parsed.slots,
                 "stream": parsed.stream,
                 "params": parsed.sampling(max_tokens),
             }

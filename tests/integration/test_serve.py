@@ -164,6 +164,16 @@ def world(tiny_llama_path, tmp_path_factory):
         folder = make_peft_module(tiny_llama_path, root / "modules" / f"{name.replace('/', '-')}-{seed}", kind, seed=seed)
         store.push(folder, name)
     store.promote("acme/sum@1", "prod")
+    from tunehub.registry.template import parse_template
+    from tunehub.trainer.templates import write_template_module
+
+    for name, raw in [
+        ("acme/reverse-template", {"format": "text", "text": "Reverse: {words}\nAnswer:"}),
+        ("acme/chat-template", {"format": "chat", "messages": [{"role": "system", "content": "You reverse {what}."}]}),
+    ]:
+        folder = root / "modules" / name.replace("/", "-")
+        write_template_module(folder, parse_template(json.dumps(raw)), tiny_llama_path, task="reverse")
+        store.push(folder, name)
     tenants = {
         "tenants": {
             "acme": {"keys": [hash_key(KEYS["acme"])], "models": ["acme/*", BASE_NAME], "max_tokens": 480},
@@ -294,7 +304,8 @@ def test_openai_client_completions_chat_streaming_and_models(server):
     assert {c.model for c in text_stream} == {"acme/sum@2"}
 
     listed = {m.id: m for m in client.models.list()}
-    assert set(listed) == {BASE_NAME, "acme/sum", "acme/qa"}  # never other/secret
+    assert set(listed) == {BASE_NAME, "acme/sum", "acme/qa", "acme/reverse-template", "acme/chat-template"}  # never other/secret
+    assert listed["acme/reverse-template"].model_extra["tunehub"]["kind"] == "template"
     assert listed["acme/sum"].model_extra["tunehub"]["version"] == 2
     assert listed["acme/sum"].model_extra["tunehub"]["aliases"] == {"prod": 1}
     assert listed["acme/sum"].model_extra["root"] == BASE_NAME
@@ -816,6 +827,60 @@ def test_models_answer_for_the_versioned_ids_that_answers_carry(server, world):
         assert response.status_code == 404, (model_id, response.text[:300])
         bodies.add(json.dumps(_error_of(response)).replace(model_id, "MODEL"))
     assert len(bodies) == 1, bodies  # not yours reads exactly as does not exist
+
+
+def test_a_template_module_is_rendered_with_the_slots_and_runs_on_the_base(server):
+    def complete(body):
+        return _post(server, "/v1/completions", {"max_tokens": 5, "temperature": 0, "ignore_eos": True, **body})
+
+    direct = complete({"model": BASE_NAME, "prompt": "Reverse: apple pear\nAnswer:"}).json()
+    by_prompt = complete({"model": "acme/reverse-template", "prompt": "apple pear"})
+    by_slots = complete({"model": "acme/reverse-template@1", "prompt": "", "slots": {"words": "apple pear"}})
+    for answer in (by_prompt, by_slots):
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.headers["x-tunehub-module"] == "acme/reverse-template@1"
+        assert answer.json()["choices"][0]["text"] == direct["choices"][0]["text"]
+        assert answer.json()["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+
+    chat = _post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "acme/chat-template",
+            "messages": [{"role": "user", "content": "pear"}],
+            "slots": {"what": "words"},
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
+    direct_chat = _post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": BASE_NAME,
+            "messages": [{"role": "system", "content": "You reverse words."}, {"role": "user", "content": "pear"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
+    assert chat.status_code == 200, chat.text[:300]
+    assert chat.json()["choices"][0]["message"]["content"] == direct_chat.json()["choices"][0]["message"]["content"]
+
+    for body, message in [
+        ({"model": "acme/reverse-template", "prompt": "", "slots": {"wrods": "x"}}, "missing words; unknown wrods"),
+        ({"model": "acme/reverse-template", "prompt": "x", "slots": {"words": "x"}}, "not both"),
+        ({"model": "acme/reverse-template", "prompt": [1, 2, 3]}, "a template's prompt is text"),
+        ({"model": "acme/reverse-template", "prompt": "x", "slots": ["words"]}, "'slots' must be an object"),
+    ]:
+        refused = complete(body)
+        assert refused.status_code == 400 and message in _error_of(refused)["message"], refused.text[:300]
+    wrong_endpoint = _post(
+        server, "/v1/chat/completions", {"model": "acme/reverse-template", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert wrong_endpoint.status_code == 400 and "text template" in _error_of(wrong_endpoint)["message"]
+    assert complete({"model": "acme/sum@1", "prompt": "still serving"}).status_code == 200
 
 
 # --- open mode, nf4, SIGTERM -------------------------------------------------------------------

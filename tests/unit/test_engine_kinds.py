@@ -163,8 +163,8 @@ def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_mod
     assert refused == {"selective", "full", "tokenizer", "template"}
     for kind in (ModuleKind.FULL, ModuleKind.SELECTIVE):
         assert "serve it as the base (tunehub serve --base" in kinds.NOT_SERVABLE[kind]
-    for kind in (ModuleKind.TOKENIZER, ModuleKind.TEMPLATE):
-        assert "not servable yet" in kinds.NOT_SERVABLE[kind]
+    assert "not servable yet" in kinds.NOT_SERVABLE[ModuleKind.TOKENIZER]
+    assert "applied to the prompt by tunehub serve" in kinds.NOT_SERVABLE[ModuleKind.TEMPLATE]
 
 
 def test_registering_a_kind_twice_or_under_a_taken_kind_is_refused():

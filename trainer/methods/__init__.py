@@ -75,7 +75,8 @@ class Method:
 #: takes it off this list: tests/unit/test_train_config.py walks ModuleKind)
 NOT_TRAINABLE: dict[ModuleKind, str] = {
     ModuleKind.TOKENIZER: "build a base with the tokenizer you need (tunehub base init)",
-    ModuleKind.TEMPLATE: "put the template in the prompts, or train an sft run with objective.template",
+    ModuleKind.TEMPLATE: "a template trains nothing: write one with `tunehub template init DIR --base BASE --text TEXT`"
+    " and push it",
 }
 
 

@@ -72,7 +72,8 @@ NOT_SERVABLE: dict[ModuleKind, str] = {
     ModuleKind.SELECTIVE: "load its tensors into the base (tunehub.trainer.methods.selective.apply_selective), save that"
     " model and serve it as the base (tunehub serve --base DIR)",
     ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
-    ModuleKind.TEMPLATE: "template modules are not servable yet: apply the template in the client's prompt",
+    ModuleKind.TEMPLATE: "a template is applied to the prompt by tunehub serve (model=TEMPLATE_REF with the slot values),"
+    " not by the engine",
 }
 
 _GROUPS: dict[str, ServedKind] = {}
