@@ -88,7 +88,7 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert re.search(r"prod: 2 -> 1", out)  # tunehub rollback acme/demo prod
     assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "from-hub" / "manifest.json").is_file()
     # a template module is written, pushed and answered by the server as itself
-    assert "wrote template module ./reverse-template (text; slots: words)" in out
+    assert "wrote template module reverse-template (text; slots: words)" in out
     assert "pushed acme/reverse-template@1" in out and '"model":"acme/reverse-template@1"' in out.replace(" ", "")
     # every method is listed, and the soft-prompt example trains end to end
     assert re.search(r"^ptuning\s+ptuning\s+4-bit base ok\s+mixed in batches", out, flags=re.M)
