@@ -81,6 +81,9 @@ def error_message(exc: BaseException, request_id: str | None = None) -> dict[str
     return {"type": "error", "status": 500, "error": "ServerError", "message": f"internal error ({type(exc).__name__})"}
 
 
+_KIND_CACHE_ENTRIES = 4096  # versions whose kind (template or not) the worker remembers
+
+
 class TunehubAPI(ls.LitAPI):
     """LitServe API whose ``predict`` drives the tunehub engine (see module docstring)."""
 
@@ -112,7 +115,9 @@ class TunehubAPI(ls.LitAPI):
             cpu_allocator=s.cpu_allocator,  # type: ignore[arg-type]
         )
         self._store = store
-        self._templates: dict[str, Any] = {}  # repo@N -> Template (versions are immutable)
+        # repo@N -> its Template, or None for a module the engine applies: a version's kind never
+        # changes, so the registry is asked once per version, not on every cold load
+        self._templates: dict[str, Any] = {}
         self._loads: dict[str, int] = {}
         self._evictions: dict[str, int] = {}
         self.engine.pool.on_event = self._on_pool_event
@@ -301,11 +306,15 @@ class TunehubAPI(ls.LitAPI):
         from tunehub.registry.template import TEMPLATE_FILE, parse_template
 
         key = self.engine.pool.resolve_key(ref)
-        template = self._templates.get(key)
-        if template is None and self._store.resolve(key).kind == "template":
-            content = self._store.read(key, [TEMPLATE_FILE])
-            template = parse_template(bytes(content.files[TEMPLATE_FILE]), f"{key}/{TEMPLATE_FILE}")
+        if key not in self._templates:
+            template = None
+            if self._store.resolve(key).kind == "template":
+                content = self._store.read(key, [TEMPLATE_FILE])
+                template = parse_template(bytes(content.files[TEMPLATE_FILE]), f"{key}/{TEMPLATE_FILE}")
+            if len(self._templates) >= _KIND_CACHE_ENTRIES:
+                self._templates.clear()
             self._templates[key] = template
+        template = self._templates[key]
         if template is not None:
             return None, False, (key, template)
         module, cold = self._acquire(key)
