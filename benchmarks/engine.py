@@ -17,9 +17,10 @@ state or resident memory):
    serving one request at a time (``set_adapter`` + 8 generate calls of batch 1).
 2. kinds: a tunehub batch mixing LoRA, DoRA, IA3, prompt and prefix rows against the
    single-LoRA batch of part 1; and a batch of one module of every kind the engine mixes (LoRA,
-   DoRA, AdaLoRA, IA3, bottleneck, prompt, P-tuning, prefix) against the same
-   (``all_kinds_vs_single_lora``). Selective (BitFit, norm) modules are not mixed by the engine
-   yet, so they are not in it.
+   DoRA, AdaLoRA, IA3, bottleneck, prompt, P-tuning, prefix, and a selective module of BitFit
+   biases and LayerNorm weights), 9 rows, against 9 rows on one LoRA (``all_kinds_vs_single_lora``).
+   BitFit needs biases, which the Llama presets lack: the base of parts 1-3 is built with a bias
+   on every linear layer of its blocks (``build_base(..., biases=True)``; both sides run on it).
 3. cold activation: ``pool.acquire`` of a never-seen version (resolve, the registry's blobs read
    once and hashed, manifest checks, materialise) against a bare ``safetensors.torch.load_file``
    of the same weights file, both from a warm page cache. The pool is full (it holds two such
@@ -153,7 +154,7 @@ QUICK = Sizes(
 #: the rows of the mixed-kinds batch (part 2): module names pushed by ``setup``
 KIND_ROWS = ("lora-0", "lora-1", "dora-0", "dora-1", "ia3-0", "ia3-1", "prompt-0", "prefix-0")
 #: the rows of the all-kinds batch: one module of every kind the engine mixes
-ALL_KIND_ROWS = ("lora-0", "dora-0", "adalora-0", "ia3-0", "bottleneck-0", "prompt-0", "ptuning-0", "prefix-0")
+ALL_KIND_ROWS = ("lora-0", "dora-0", "adalora-0", "ia3-0", "bottleneck-0", "prompt-0", "ptuning-0", "prefix-0", "bitfit-norms-0")
 NAMESPACE = "bench"
 
 
@@ -398,7 +399,8 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     loras = [f"lora-{i}" for i in range(sizes.batch)]
 
     base = load_base(spec["base"], quantization=spec["quantization"])
-    engine = Engine(base, store, max_batch=sizes.batch, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
+    rows_max = max(sizes.batch, len(ALL_KIND_ROWS))
+    engine = Engine(base, store, max_batch=rows_max, pool_bytes=1 << 34, cpu_allocator="auto")  # as tunehub serve
     # PEFT gets its own, unpatched copy of the identical base (same loader, same quantization)
     peft_base = load_base(spec["base"], quantization=spec["quantization"])
     peft = PeftModel.from_pretrained(peft_base.model, folders[loras[0]], adapter_name=loras[0])
@@ -407,6 +409,7 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     peft.eval()
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     prompts = make_prompts(sizes.batch, sizes.prompt_tokens, len(base.tokenizer))
+    all_kinds_prompts = make_prompts(len(ALL_KIND_ROWS), sizes.prompt_tokens, len(base.tokenizer), seed=1)
     n = sizes.new_tokens
     ref = lambda name: f"{NAMESPACE}/{name}"  # noqa: E731
 
@@ -418,7 +421,8 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         "tunehub_single": lambda: run_engine(engine, prompts, [ref(loras[0])] * sizes.batch, n),
         "tunehub_mixed": lambda: run_engine(engine, prompts, [ref(m) for m in loras], n),
         "tunehub_mixed_kinds": lambda: run_engine(engine, prompts, [ref(m) for m in KIND_ROWS], n),
-        "tunehub_all_kinds": lambda: run_engine(engine, prompts, [ref(m) for m in ALL_KIND_ROWS], n),
+        "tunehub_all_kinds": lambda: run_engine(engine, all_kinds_prompts, [ref(m) for m in ALL_KIND_ROWS], n),
+        "tunehub_single_all_kinds_rows": lambda: run_engine(engine, all_kinds_prompts, [ref(loras[0])] * len(ALL_KIND_ROWS), n),
         "peft_single": peft_single,
         "peft_adapter_names": lambda: run_peft(peft, prompts, n, pad_id, adapter_names=loras),
         "peft_sequential": lambda: run_peft_sequential(peft, prompts, loras, n, pad_id),
@@ -454,7 +458,7 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         return best
 
     if spec.get("profile_only"):
-        profiles = {"profile": profile_decode(engine, peft, prompts, loras, pad_id)}
+        profiles = {"profile": profile_decode(engine, peft, prompts, loras, pad_id, all_kinds_prompts)}
         engine.close()
         return profiles
     order = list(sides)
@@ -512,7 +516,7 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         "tunehub_base_linear": type(next(iter(engine.layers.values())).base).__name__,
     }
     if spec.get("profile"):
-        result["profile"] = profile_decode(engine, peft, prompts, loras, pad_id)
+        result["profile"] = profile_decode(engine, peft, prompts, loras, pad_id, all_kinds_prompts)
     engine.close()
     return result
 
@@ -521,7 +525,15 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_decode(
-    engine: Any, peft: Any, prompts: list[list[int]], loras: list[str], pad_id: int, *, steps: int = 8, rounds: int = 3
+    engine: Any,
+    peft: Any,
+    prompts: list[list[int]],
+    loras: list[str],
+    pad_id: int,
+    all_kinds_prompts: list[list[int]],
+    *,
+    steps: int = 8,
+    rounds: int = 3,
 ) -> dict[str, str]:
     """Per-decode-step profiles of tunehub and PEFT batches: ops (torch.profiler) and Python (cProfile).
 
@@ -563,13 +575,13 @@ def profile_decode(
         def __exit__(self, *exc: Any) -> None:
             self.profile.disable()
 
-    def engine_batch(modules: list[str]) -> Callable[[Any], float]:
+    def engine_batch(modules: list[str], rows: list[list[int]] = prompts) -> Callable[[Any], float]:
         def run(recorder: Any) -> float:
             handles = [
                 RequestHandle(
                     GenerationRequest(input_ids=p, module=m, params=SamplingParams(max_tokens=10**6, stop_token_ids=[]))
                 )
-                for p, m in zip(prompts, modules)
+                for p, m in zip(rows, modules, strict=True)
             ]
             with engine._lock, torch.no_grad():
                 engine._admit(handles)
@@ -622,7 +634,7 @@ def profile_decode(
         "tunehub_single": engine_batch([f"{NAMESPACE}/{loras[0]}"] * len(prompts)),
         "tunehub_mixed": engine_batch([f"{NAMESPACE}/{m}" for m in loras]),
         "tunehub_mixed_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in KIND_ROWS]),
-        "tunehub_all_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in ALL_KIND_ROWS]),
+        "tunehub_all_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in ALL_KIND_ROWS], all_kinds_prompts),
         "peft_single": peft_batch(prompts, loras[0]),
         "peft_adapter_names": peft_batch(prompts, None, loras),
         "peft_one_row (a step of peft_sequential)": peft_batch(prompts[:1], loras[1]),
@@ -980,13 +992,13 @@ def setup(work: Path, sizes: Sizes) -> dict[str, Any]:
     _quiet_libraries()
     from tunehub.registry.local import LocalStore
     from tunehub.trainer.base import build_base
-    from tunehub.trainer.testing import make_peft_module
+    from tunehub.trainer.testing import make_peft_module, make_selective_module
 
     _log(f"building bases ({sizes.preset}, {sizes.zipf_preset})")
-    base = build_base(work / f"base-{sizes.preset}", sizes.preset, overwrite=True)
+    base = build_base(work / f"base-{sizes.preset}-biased", sizes.preset, overwrite=True, biases=True)
     zipf_base = build_base(work / f"base-{sizes.zipf_preset}", sizes.zipf_preset, overwrite=True)
 
-    _log("making modules (LoRA x8, DoRA x2, IA3 x2, prompt, prefix, AdaLoRA, bottleneck, P-tuning)")
+    _log("making modules (LoRA x8, DoRA x2, IA3 x2, prompt, prefix, AdaLoRA, bottleneck, P-tuning, BitFit+norms)")
     folders: dict[str, str] = {}
     plan = [(f"lora-{i}", "lora", i, {"r": sizes.lora_rank}) for i in range(max(sizes.batch, sizes.cold_modules))]
     plan += [(f"dora-{i}", "dora", 100 + i, {"r": sizes.lora_rank}) for i in range(2)]
@@ -1003,6 +1015,11 @@ def setup(work: Path, sizes: Sizes) -> dict[str, Any]:
         make_peft_module(base, folder, kind, seed=seed, **options)
         registry.push(folder, f"{NAMESPACE}/{name}")
         folders[name] = str(folder)
+    folder = work / "modules" / "bitfit-norms-0"
+    shutil.rmtree(folder, ignore_errors=True)
+    make_selective_module(base, folder, seed=800, bitfit=True, layernorm=True)
+    registry.push(folder, f"{NAMESPACE}/bitfit-norms-0")
+    folders["bitfit-norms-0"] = str(folder)
 
     _log(f"registering {sizes.zipf_modules} modules for the Zipf run ({sizes.zipf_distinct} distinct contents)")
     zipf_store = LocalStore(work / "zipf-registry", cache_dir=work / "cache-setup")
@@ -1084,7 +1101,9 @@ def summarize(
         "mixed_kinds_vs_single_lora": ratio_entry(
             "mixed_kinds_vs_single_lora", tps["tunehub_mixed_kinds"] / tps["tunehub_single"]
         ),
-        "all_kinds_vs_single_lora": ratio_entry("all_kinds_vs_single_lora", tps["tunehub_all_kinds"] / tps["tunehub_single"]),
+        "all_kinds_vs_single_lora": ratio_entry(
+            "all_kinds_vs_single_lora", tps["tunehub_all_kinds"] / tps["tunehub_single_all_kinds_rows"]
+        ),
         "cold_load_vs_safetensors": ratio_entry(
             "cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]
         ),
@@ -1101,6 +1120,7 @@ def summarize(
         "rss_growth_after_warmup_pass": _verdict(op, target, growth),
         "sizes": sizes.name,
         "model": sizes.preset,
+        "model_biases": "every linear layer of the blocks (BitFit trains them)",
         "quantization": quantization,
         "batch": sizes.batch,
         "prompt_tokens": sizes.prompt_tokens,
@@ -1115,7 +1135,7 @@ def summarize(
             "mixed_vs_peft_adapter_names": round(p25["tunehub_mixed"] / p25["peft_adapter_names"], 4),
             "mixed_vs_peft_sequential": round(p25["tunehub_mixed"] / p25["peft_sequential"], 4),
             "mixed_kinds_vs_single_lora": round(p25["tunehub_mixed_kinds"] / p25["tunehub_single"], 4),
-            "all_kinds_vs_single_lora": round(p25["tunehub_all_kinds"] / p25["tunehub_single"], 4),
+            "all_kinds_vs_single_lora": round(p25["tunehub_all_kinds"] / p25["tunehub_single_all_kinds_rows"], 4),
         },
         "prefill_plus_decode_tokens_per_s": {k: round(s["total_tps"], 2) for k, s in thr["sides"].items()},
         "decode_tokens_per_s_runs": {k: s["decode_tps_runs"] for k, s in thr["sides"].items()},
@@ -1159,7 +1179,8 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         "tunehub_single": "8 rows, one LoRA",
         "tunehub_mixed": "8 rows, 8 LoRAs",
         "tunehub_mixed_kinds": "LoRA+DoRA+IA3+prompt+prefix",
-        "tunehub_all_kinds": "one of each: LoRA DoRA AdaLoRA IA3 bottleneck prompt P-tuning prefix",
+        "tunehub_all_kinds": "one of each: LoRA DoRA AdaLoRA IA3 bottleneck prompt P-tuning prefix BitFit+norms",
+        "tunehub_single_all_kinds_rows": f"{len(ALL_KIND_ROWS)} rows, one LoRA",
         "peft_single": "one adapter, batch 8",
         "peft_adapter_names": "adapter_names, 8 adapters",
         "peft_sequential": "set_adapter, 8 x batch 1",

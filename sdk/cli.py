@@ -331,10 +331,16 @@ def _list_methods() -> None:
     from tunehub.trainer.methods import method_table
 
     discover()
-    for row in method_table():
-        mixed = "mixed in batches" if served_kind(ModuleKind(row["kind"])) is not None else "not mixed (serve as a base)"
+    rows = method_table()
+    width = max(len(row["method"]) for row in rows)  # method and kind share names: one width for both
+    for row in rows:
+        group = served_kind(ModuleKind(row["kind"]))
+        if group is None:
+            mixed = "not mixed (serve as a base)"
+        else:
+            mixed = f"mixed: {group.mixes_only}" if group.mixes_only else "mixed in batches"
         base = "4-bit base ok" if row["4bit_base"] else "no 4-bit base"
-        typer.echo(f"{row['method']:<10} {row['kind']:<10} {base:<14} {mixed:<28} {row['trains']}")
+        typer.echo(f"{row['method']:<{width}} {row['kind']:<{width}} {base:<14} {mixed:<28} {row['trains']}")
 
 
 @app.command()

@@ -29,6 +29,14 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_biased_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a bias on every linear layer (what BitFit trains), built once per session."""
+    from tunehub.trainer.base import build_base
+
+    return build_base(tmp_path_factory.mktemp("bases") / "tiny-biased", "tiny", seed=0, biases=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT-shaped masked LM with a WordPiece tokenizer, built once per session."""
     from tunehub.trainer.base import build_base

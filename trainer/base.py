@@ -384,8 +384,11 @@ def get_preset(name: str) -> BasePreset:
         raise ConfigError(f"unknown base preset {name!r}; presets: {', '.join(sorted(PRESETS))}") from None
 
 
-def model_config(preset: str | BasePreset, *, special_ids: dict[str, int] | None = None) -> PretrainedConfig:
-    """The transformers config of a preset (no weights), e.g. to count parameters on the meta device."""
+def model_config(
+    preset: str | BasePreset, *, special_ids: dict[str, int] | None = None, biases: bool = False
+) -> PretrainedConfig:
+    """The transformers config of a preset (no weights), e.g. to count parameters on the meta device.
+    ``biases``: every linear layer of a Llama preset's blocks gets a bias (BERT's always have one)."""
     spec = get_preset(preset) if isinstance(preset, str) else preset
     ids = special_ids or {}
     if spec.architecture == "llama":
@@ -403,6 +406,8 @@ def model_config(preset: str | BasePreset, *, special_ids: dict[str, int] | None
             eos_token_id=ids.get("eos", 2),
             pad_token_id=ids.get("pad", 3),
             tie_word_embeddings=False,
+            attention_bias=biases,
+            mlp_bias=biases,
         )
     from transformers import BertConfig
 
@@ -568,8 +573,11 @@ def build_base(
     seed: int = 0,
     overwrite: bool = False,
     dtype: str = "float32",
+    biases: bool = False,
 ) -> Path:
     """Build a base model folder (weights, config, tokenizer) from ``preset``; returns ``path``.
+    ``biases``: give every linear layer of a Llama preset's blocks a bias, as some bases have
+    (Qwen2's attention; what BitFit trains); the Llama presets have none.
 
     Deterministic: the same preset and seed give identical ``model.safetensors`` and
     ``tokenizer.json``. Refuses a non-empty ``path`` unless ``overwrite``.
@@ -590,7 +598,7 @@ def build_base(
             "eos": tokenizer.eos_token_id,
             "pad": tokenizer.pad_token_id,
         }
-        config = model_config(spec, special_ids=ids)
+        config = model_config(spec, special_ids=ids, biases=biases)
     else:
         config = model_config(spec, special_ids={"pad": tokenizer.pad_token_id})
 
@@ -617,7 +625,7 @@ def build_base(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _portable_tokenizer_class(staging)
-        provenance = {"preset": preset, "seed": seed, "dtype": dtype, "shape": asdict(spec)}
+        provenance = {"preset": preset, "seed": seed, "dtype": dtype, "biases": biases, "shape": asdict(spec)}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

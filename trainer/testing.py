@@ -231,6 +231,48 @@ def make_peft_module(
     return Path(out_dir)
 
 
+def make_selective_module(
+    base_path: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    bitfit: bool = False,
+    layernorm: bool = False,
+    layers: Sequence[int] = (),
+    patterns: Sequence[str] = (),
+    scale: float = 0.2,
+) -> Path:
+    """Write a selective module for ``base_path`` whose selected tensors (as the selective
+    method's selectors choose them) are the base's plus seeded noise of std ``scale``; norm
+    weights are scaled by (1 + noise) instead, as training moves them."""
+    import torch
+
+    from tunehub.trainer.methods.selective import SelectiveMethodConfig, save_selective, selected_names
+
+    config = SelectiveMethodConfig(bitfit=bitfit, layernorm=layernorm, layers=list(layers), patterns=list(patterns))
+    model = load_base(base_path)
+    names = selected_names(config, model)
+    if not names:
+        raise ConfigError(f"the selectors match no tensor of {base_path}")
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            noise = torch.randn(params[name].shape, generator=generator) * scale
+            if name.endswith(".weight") and params[name].dim() == 1:
+                params[name].mul_(1.0 + noise)
+            else:
+                params[name].add_(noise)
+    cast(Any, model).tunehub_selected = names  # what save_selective stores
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_selective(
+        config, model, out, base_path=base_path, task_type=task_type_for(base_path),
+        description=f"random selective module (seed {seed}) for tests",
+    )  # fmt: skip
+    return out
+
+
 __all__ = [
     "B_INIT_STD",
     "load_base",
@@ -238,5 +280,6 @@ __all__ = [
     "make_lora_module",
     "make_peft_model",
     "make_peft_module",
+    "make_selective_module",
     "task_type_for",
 ]

@@ -42,10 +42,12 @@ from tunehub.errors import (  # the engine's errors live in tunehub.errors; impo
 from tunehub.server.engine.base import LoadedBase
 from tunehub.server.engine.layers import (
     AdaptedLinear,
+    AdaptedNorm,
     BatchState,
     build_plan,
     onednn_linear_works,
     patch_linear_layers,
+    patch_norm_layers,
     use_onednn_linears,
 )
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
@@ -323,15 +325,19 @@ class Engine:
         self.max_batch = max_batch
         # the patched layers live on the model: engines built on one loaded base share them, and
         # share the lock that keeps their forward passes (each sets the batch's plan) apart
-        shared: tuple[BatchState, dict[str, AdaptedLinear], threading.Lock] | None = getattr(self.model, "_tunehub_adapted", None)
+        shared: tuple[BatchState, dict[str, AdaptedLinear], dict[str, AdaptedNorm], threading.Lock] | None = getattr(
+            self.model, "_tunehub_adapted", None
+        )
         if shared is None:
             state = BatchState()
             if cpu_linear != "default" and onednn_linear_works():
                 use_onednn_linears(self.model)  # fp32 CPU nn.Linear only (of a 4-bit base: its LM head)
-            shared = (state, patch_linear_layers(self.model, state), threading.Lock())
+            linears = patch_linear_layers(self.model, state)
+            shared = (state, linears, patch_norm_layers(self.model, state), threading.Lock())
             self.model._tunehub_adapted = shared
-        self.state, self.layers, self._lock = shared
-        self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank)
+        self.state, self.layers, self.norms, self._lock = shared
+        self._plan_layers: dict[str, AdaptedLinear | AdaptedNorm] = {**self.layers, **self.norms}
+        self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank, norm_layers=self.norms)
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
         # the plans hold copies of their modules' tensors: a module that leaves the pool takes
         # its plans with it (the pool calls this from any thread, so the plans have their own lock)
@@ -572,7 +578,7 @@ class Engine:
                 self._plans.move_to_end(key)
                 return plan
         # the batch holds its modules (acquired), so none of them leaves the pool meanwhile
-        plan = build_plan(modules, self.layers, self.base.device, self.base.dtype)
+        plan = build_plan(modules, self._plan_layers, self.base.device, self.base.dtype)
         with self._plans_lock:
             self._plans[key] = plan
             while len(self._plans) > 16:  # keep a few compositions

@@ -1,6 +1,7 @@
 """Linear layers that apply each batch row's own module in one pass.
 
-Every linear layer inside the decoder blocks is wrapped in :class:`AdaptedLinear`. For a batch,
+Every linear layer inside the decoder blocks is wrapped in :class:`AdaptedLinear`, and every
+normalisation layer in :class:`AdaptedNorm` (whose plans only add after the base). For a batch,
 the engine sets a :class:`LayerPlan` per layer that some row's module touches; the layer then
 computes, for all rows at once,
 
@@ -15,7 +16,9 @@ batched call per group and layer whatever modules the rows use.
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -134,6 +137,61 @@ class AdaptedLinear(nn.Module):
         return y
 
 
+class AdaptedNorm(nn.Module):
+    """A normalisation layer (LayerNorm, RMSNorm and their variants) whose batch plan adds each
+    row's own weight and bias deltas after the base: the selective kind's LayerNorm tuning."""
+
+    def __init__(self, name: str, base: nn.Module, state: BatchState):
+        super().__init__()
+        self.name = name
+        self.base = base
+        self.state = state
+        self.in_features = self.out_features = int(_weight(base).shape[-1])
+        # a copy of the base whose weight is one larger, kept out of the module tree (it is no
+        # parameter of the model); made on first use
+        self._shifted: list[nn.Module] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = self.state.layers.get(self.name)
+        if plan is None:
+            return y
+        for after in plan.after:
+            y = after(self, x, y)
+        return y
+
+    def normalized(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """n(x), the base's normalised input before its weight, given y = base(x).
+
+        Every normalisation layer's output is affine in its weight with slope n(x): w * n(x) + b
+        (LayerNorm, RMSNorm) or (1 + w) * n(x) (Gemma's RMSNorm). So the same layer with its
+        weight plus one, minus y, is n(x) whatever the layer's formula, and a row whose weight
+        changed by d gets y + d * n(x)."""
+        if not self._shifted:
+            shifted = copy.deepcopy(self.base)
+            with torch.no_grad():
+                _weight(shifted).add_(1.0)
+            self._shifted.append(shifted)
+        return self._shifted[0](x) - y
+
+
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def patch_norm_layers(model: nn.Module, state: BatchState) -> dict[str, AdaptedNorm]:
+    """Wrap every normalisation layer that has a weight vector (in the blocks and the final one)."""
+    patched = {}
+    for name, module in [(n, m) for n, m in model.named_modules() if _is_norm(m)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = AdaptedNorm(name, module, state)
+        setattr(parent, child, wrapper)
+        patched[name] = wrapper
+    return patched
+
+
 def _weight(layer: nn.Module) -> torch.Tensor:
     """A linear layer's weight (nn.Module types its attributes as Tensor | Module)."""
     weight = layer.weight
@@ -169,7 +227,9 @@ def _peft_name(name: str) -> str:
     return name
 
 
-def build_plan(rows: list[Any], layers: dict[str, AdaptedLinear], device: Any, dtype: Any) -> dict[str, LayerPlan]:
+def build_plan(
+    rows: list[Any], layers: Mapping[str, AdaptedLinear | AdaptedNorm], device: Any, dtype: Any
+) -> dict[str, LayerPlan]:
     """Per-layer plans for a batch whose row i uses module ``rows[i]`` (a LoadedModule, or None
     for the base alone): at each layer some module touches, every kind group present in the
     batch contributes its part (``ServedKind.plan_layer``), groups in registration order."""

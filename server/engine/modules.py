@@ -44,7 +44,7 @@ class LoadedModule:
     key: str  # "repo@version": one key per immutable version
     kind: ModuleKind
     manifest: Manifest
-    layers: dict[str, Any] = field(default_factory=dict)  # linear layer name -> the kind group's delta there
+    layers: dict[str, Any] = field(default_factory=dict)  # linear (or norm) layer name -> the kind group's delta there
     data: Any = None  # whatever else the kind group keeps (virtual tokens, key/value prefixes)
     nbytes: int = 0
     uid: int = 0  # distinguishes a reload of the same key in plan caches
@@ -246,9 +246,12 @@ class ModuleMaterializer:
     """Turns verified module folders into :class:`LoadedModule` for one loaded base; what a
     kind's tensors become is its group's business (:mod:`tunehub.server.engine.kinds`)."""
 
-    def __init__(self, base: Any, linear_layers: dict[str, Any], *, max_rank: int = 256):
+    def __init__(
+        self, base: Any, linear_layers: dict[str, Any], *, max_rank: int = 256, norm_layers: dict[str, Any] | None = None
+    ):
         self.base = base
         self.linear_layers = linear_layers  # qualified name -> the patched layer (AdaptedLinear)
+        self.norm_layers = norm_layers or {}  # qualified name -> the patched normalisation layer (AdaptedNorm)
         self.max_rank = max_rank
         self._uid = 0
 

@@ -121,6 +121,53 @@ def test_mixed_batch_of_every_kind_matches_peft(quantization, tiny_llama_path, s
     engine.close()
 
 
+#: selective modules the engine mixes: (name, selectors); on the biased tiny Llama
+SELECTIVE_ROWS = [
+    ("bitfit", {"bitfit": True}),
+    ("norms", {"layernorm": True}),
+    ("bitfit-norms", {"bitfit": True, "layernorm": True}),
+]
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_bitfit_and_norm_rows_mix_with_lora_and_match_the_trained_model(quantization, tiny_biased_llama_path, tmp_path):
+    from peft import PeftModel
+
+    from tunehub.trainer.methods.selective import apply_selective
+    from tunehub.trainer.testing import make_peft_module, make_selective_module
+
+    base_path = tiny_biased_llama_path
+    store = LocalStore(tmp_path / "reg", cache_dir=tmp_path / "cache")
+    for seed, (name, selectors) in enumerate(SELECTIVE_ROWS, start=1):
+        store.push(make_selective_module(base_path, tmp_path / name, seed=seed, **selectors), f"t/{name}")
+    store.push(make_peft_module(base_path, tmp_path / "lora", "lora", seed=9), "t/lora")
+    engine = Engine(load_base(base_path, quantization=quantization), store)
+    tok = engine.tokenizer
+    refs = ["t/bitfit", None, "t/lora", "t/norms", "t/bitfit-norms"]
+    rows = [(tok(p)["input_ids"], ref) for p, ref in zip(PROMPTS, refs, strict=False)]
+    logits = engine.logits(rows)
+    results = engine.generate(
+        [
+            GenerationRequest(input_ids=ids, module=ref, params=SamplingParams(max_tokens=6, stop_token_ids=[]))
+            for ids, ref in rows
+        ]
+    )
+    engine.close()
+    base_model = _peft_model(base_path, None, None, quantization)
+    for (ids, ref), got, result in zip(rows, logits, results, strict=True):
+        model = _peft_model(base_path, None, None, quantization)  # the trained model: the base with the module's tensors
+        name = ref.split("/")[1] if ref else None
+        if name == "lora":
+            model = PeftModel.from_pretrained(model, tmp_path / "lora").eval()
+        elif name is not None:
+            apply_selective(model, tmp_path / name)
+        expected = _peft_logits(model, None, ids)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)  # nf4 or not: one kernel, one order of operations
+        assert result.token_ids == _peft_greedy(model, None, ids, 6), ref
+        if name is not None:  # the module changes the answer: a row served as the base could not pass
+            assert (expected - _peft_logits(base_model, None, ids)).abs().max() > 1e-2, ref
+
+
 def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):
     engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
     tok = engine.tokenizer
@@ -210,7 +257,7 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     _rehash(corrupt)
     push_unchecked(store, corrupt, "t/corrupt")
-    # a kind the engine cannot mix
+    # a selective module that replaces whole weight matrices (here: LoRA's), which no row can mix
     selective = tmp_path / "selective"
     shutil.copytree(store.module_root / "lora", selective)
     _rehash(selective, kind="selective")
@@ -226,7 +273,7 @@ def test_bad_requests_fail_alone(tiny_llama_path, store, tmp_path):
     cases = {
         "t/big-rank": (UnsupportedModule, "above this server's maximum"),
         "t/corrupt": (InvalidModuleWeights, "^t/corrupt@1: adapter_model.safetensors is not a readable safetensors file"),
-        "t/selective": (UnsupportedModule, "selective"),
+        "t/selective": (UnsupportedModule, "is not a bias .* cannot be served in mixed batches; load its tensors into the base"),
         "t/other-base": (IncompatibleBase, "fingerprint"),
         "t/missing": (ModuleNotFound, "no module"),
     }

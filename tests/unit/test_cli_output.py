@@ -86,5 +86,7 @@ def test_train_list_methods_says_what_each_trains_and_where_it_runs():
     assert {"adalora", "dora", "ia3", "lora", "multitask_prompt", "prefix", "prompt", "ptuning"} <= set(rows)
     assert "4-bit base ok" in rows["lora"] and "mixed in batches" in rows["prefix"]
     assert "prompt encoder" in rows["ptuning"]
+    assert "no 4-bit base" in rows["selective"] and "mixed: biases, norms only" in rows["selective"]
+    assert "not mixed (serve as a base)" in rows["full"]
     result = CliRunner().invoke(app, ["train"])
     assert result.exit_code == 2 and "--list-methods" in result.output

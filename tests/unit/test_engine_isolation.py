@@ -138,12 +138,58 @@ BAD_BOTTLENECK_MODULES: dict[str, tuple[Callable, type, str]] = {
 }
 
 
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+def _selective_nan(tensors):
+    tensors[NORM][3] = math.nan
+
+
+def _selective_matrix(tensors):
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, 128)
+
+
+def _selective_bias_the_base_lacks(tensors):
+    tensors["model.layers.1.self_attn.q_proj.bias"] = torch.randn(64)
+
+
+def _selective_wrong_shape(tensors):
+    tensors[NORM] = torch.ones(7)
+
+
+def _selective_integers(tensors):
+    tensors[NORM] = torch.ones(64, dtype=torch.int32)
+
+
+#: name -> (how to spoil a selective (LayerNorm tuning) module, the error it must raise, a regex of its message)
+BAD_SELECTIVE_MODULES: dict[str, tuple[Callable, type, str]] = {
+    "sel-nan": (_selective_nan, InvalidModuleWeights, r"t/sel-nan@1: tensor '.*input_layernorm\.weight' holds NaN or Inf"),
+    "sel-matrix": (
+        _selective_matrix,
+        UnsupportedModule,
+        r"t/sel-matrix@1: its tensor model\.layers\.0\.mlp\.down_proj\.weight is not a bias .* cannot be served in mixed"
+        r" batches; load its tensors into the base .* serve it as the base \(tunehub serve --base DIR\)",
+    ),
+    "sel-no-bias": (
+        _selective_bias_the_base_lacks,
+        IncompatibleBase,
+        r"t/sel-no-bias@1: its tensor model\.layers\.1\.self_attn\.q_proj\.bias has no counterpart: .* has no bias",
+    ),
+    "sel-wrong-shape": (
+        _selective_wrong_shape,
+        IncompatibleBase,
+        r"t/sel-wrong-shape@1: tensor .*input_layernorm\.weight has shape \(7,\), this base's has \(64,\)",
+    ),
+    "sel-integers": (_selective_integers, InvalidModuleWeights, r"t/sel-integers@1: tensor .* holds torch\.int32 values"),
+}
+
+
 # --- fixtures ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def store(tiny_llama_path, tmp_path_factory):
-    from tunehub.trainer.testing import make_peft_module
+    from tunehub.trainer.testing import make_peft_module, make_selective_module
 
     root = tmp_path_factory.mktemp("isolation")
     store = LocalStore(root / "reg", cache_dir=root / "cache")
@@ -161,6 +207,10 @@ def store(tiny_llama_path, tmp_path_factory):
         push_unchecked(store, rewrite_weights(root / "lora", root / name, change), f"t/{name}")
     for name, (change, _, _) in BAD_BOTTLENECK_MODULES.items():
         push_unchecked(store, rewrite_weights(root / "bottleneck", root / name, change), f"t/{name}")
+    # LayerNorm tuning: the tiny Llama has no biases, so its selective modules tune norms only
+    store.push(make_selective_module(tiny_llama_path, root / "norms", seed=8, layernorm=True), "t/norms")
+    for name, (change, _, _) in BAD_SELECTIVE_MODULES.items():
+        push_unchecked(store, rewrite_weights(root / "norms", root / name, change), f"t/{name}")
     return store
 
 
@@ -177,7 +227,7 @@ def _params(**changes) -> SamplingParams:
 
 def _good_requests() -> list[GenerationRequest]:
     prompts = ["the river runs", "she reads a book", "seven apples", "a small red house near the", "we", "they walked"]
-    modules = [None, "t/lora", "t/dora", "t/prompt", "t/bottleneck"]
+    modules = [None, "t/lora", "t/dora", "t/prompt", "t/bottleneck", "t/norms"]
     requests = []
     for i in range(12):
         sampled = {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i} if i % 3 == 0 else {}
@@ -288,7 +338,7 @@ def _bad_corpus() -> list[tuple[GenerationRequest, type, str]]:
     ]
     cases += [
         ({"prompt": "the river", "module": f"t/{name}", "params": _params(temperature=0.9, seed=1)}, error, message)
-        for name, (_, error, message) in {**BAD_MODULES, **BAD_BOTTLENECK_MODULES}.items()
+        for name, (_, error, message) in {**BAD_MODULES, **BAD_BOTTLENECK_MODULES, **BAD_SELECTIVE_MODULES}.items()
     ]
     return [(GenerationRequest(**{"params": _params(), **fields}), error, message) for fields, error, message in cases]
 

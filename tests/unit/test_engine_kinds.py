@@ -4,6 +4,7 @@ what to do instead, and a mixed batch's plan follows its rows' order."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +31,7 @@ from tunehub.server.engine.modules import (
 )
 
 #: what the engine serves today (a kind added here needs a group in server/engine/kinds/)
-SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck"}
+SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck", "selective"}
 TOY_LAYER = "model.layers.0.mlp.down_proj"
 
 
@@ -160,9 +161,8 @@ def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_mod
         assert message.endswith(kinds.NOT_SERVABLE[kind])
         refused.add(kind.value)
     assert served == SERVED
-    assert refused == {"selective", "full", "tokenizer", "template"}
-    for kind in (ModuleKind.FULL, ModuleKind.SELECTIVE):
-        assert "serve it as the base (tunehub serve --base" in kinds.NOT_SERVABLE[kind]
+    assert refused == {"full", "tokenizer", "template"}
+    assert "serve it as the base (tunehub serve --base" in kinds.NOT_SERVABLE[ModuleKind.FULL]
     assert "not servable yet" in kinds.NOT_SERVABLE[ModuleKind.TOKENIZER]
     assert "applied to the prompt by tunehub serve" in kinds.NOT_SERVABLE[ModuleKind.TEMPLATE]
 
@@ -219,3 +219,106 @@ def test_mixed_batches_in_any_row_order_match_each_module_alone(tiny_llama_path,
     assert not torch.allclose(engine.logits([(first, "t/a")])[0], engine.logits([(first, "t/b")])[0], atol=1e-3)
     assert not torch.allclose(engine.logits([(first, "t/a")])[0], engine.logits([(first, "t/c")])[0], atol=1e-3)
     engine.close()
+
+
+# --- selective modules: per-row norm and bias deltas --------------------------------------------------
+
+
+class _OnePlusWeightNorm(torch.nn.Module):
+    """An RMS norm that scales by (1 + weight), as Gemma's does: the engine must not assume y = w * n(x)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(width) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+def _layer_norm(width: int) -> torch.nn.Module:
+    norm = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.3 * torch.randn(width))
+        norm.bias.copy_(0.2 * torch.randn(width))
+    return norm
+
+
+def _llama_rms_norm(width: int) -> torch.nn.Module:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(width)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.3 * torch.randn(width))
+    return norm
+
+
+@pytest.mark.parametrize(
+    "make_norm", [_layer_norm, _llama_rms_norm, _OnePlusWeightNorm], ids=["layernorm", "rmsnorm", "one-plus-w"]
+)
+@pytest.mark.parametrize("shape", [(3, 5, 16), (3, 5, 2, 16)], ids=["tokens", "per-head"])
+def test_selective_rows_of_a_norm_equal_the_norm_with_their_own_tensors(make_norm, shape):
+    from tunehub.server.engine.layers import BatchState, build_plan, patch_norm_layers
+    from tunehub.server.engine.modules import LoadedModule
+
+    torch.manual_seed(0)
+    container = torch.nn.ModuleDict({"norm": make_norm(16)})
+    reference = {name: p.detach().clone() for name, p in container["norm"].named_parameters()}
+    state = BatchState()
+    norms = patch_norm_layers(container, state)
+    assert list(norms) == ["norm"]
+    materializer = ModuleMaterializer(SimpleNamespace(), {}, norm_layers=norms)
+    group = kinds.served_kind(ModuleKind.SELECTIVE)
+    modules, tensors = [], []
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        trained = {f"norm.{n}": v + 0.5 * torch.randn(v.shape, generator=generator) for n, v in reference.items()}
+        loaded = LoadedModule(key=f"t/s{seed}@1", kind=ModuleKind.SELECTIVE, manifest=None, served=group, uid=seed)
+        group.materialize(materializer, loaded, trained, f"t/s{seed}@1")
+        modules.append(loaded)
+        tensors.append(trained)
+    x = torch.randn(*shape)
+    state.layers = build_plan([modules[0], None, modules[1]], norms, "cpu", torch.float32)
+    mixed = container["norm"](x)
+    state.layers = {}
+    for row, trained in ((0, tensors[0]), (1, None), (2, tensors[1])):
+        expected_norm = copy.deepcopy(norms["norm"].base)
+        if trained is not None:
+            with torch.no_grad():
+                for name, value in trained.items():
+                    getattr(expected_norm, name.removeprefix("norm.")).copy_(value)
+        torch.testing.assert_close(mixed[row], expected_norm(x[row : row + 1])[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the deltas are visible
+
+
+def test_selective_module_refusals_name_the_tensor_and_what_to_do(tiny_biased_llama_path, tmp_path):
+    from tunehub.errors import IncompatibleBase
+    from tunehub.server.engine.modules import InvalidModuleWeights
+    from tunehub.trainer.testing import make_selective_module
+
+    store = LocalStore(tmp_path / "reg", cache_dir=tmp_path / "cache")
+    store.push(make_selective_module(tiny_biased_llama_path, tmp_path / "block", seed=1, layers=[1]), "t/block")
+    store.push(make_selective_module(tiny_biased_llama_path, tmp_path / "bitfit", seed=2, bitfit=True), "t/bitfit")
+    engine = Engine(load_base(tiny_biased_llama_path, quantization="none"), store)
+    try:
+        with pytest.raises(
+            UnsupportedModule, match=r"t/block@1: its tensor model\.layers\.1\..* is not a bias .*apply_selective"
+        ):
+            engine.pool.acquire("t/block")
+        loaded = engine.pool.acquire("t/bitfit")
+        # every linear layer of the blocks has a bias delta, and nothing else
+        assert set(loaded.layers) == set(engine.layers) and all(d.weight is None for d in loaded.layers.values())
+        engine.pool.release(loaded)
+        materializer = engine.materializer
+        group = kinds.served_kind(ModuleKind.SELECTIVE)
+        bias = "model.layers.0.mlp.up_proj.bias"
+        for weights, error, message in [
+            ({}, InvalidModuleWeights, "no tensors"),
+            ({bias: torch.zeros(7)}, IncompatibleBase, r"has shape \(7,\), this base's has \(128,\)"),
+            ({"lm_head.weight": torch.zeros(512, 64)}, UnsupportedModule, "lm_head.weight is not a bias"),
+            ({"model.layers.0.mlp.up_proj.lora_A": torch.zeros(128)}, UnsupportedModule, "not a bias"),
+        ]:
+            loaded = SimpleNamespace(layers={}, manifest=None)
+            with pytest.raises(error, match=message):
+                group.materialize(materializer, loaded, weights, "t/x@1")
+    finally:
+        engine.close()

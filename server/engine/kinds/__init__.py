@@ -30,7 +30,6 @@ from tunehub.registry.manifest import Manifest, ModuleKind
 if TYPE_CHECKING:
     import torch
 
-    from tunehub.server.engine.layers import AdaptedLinear
     from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
 
 
@@ -40,6 +39,8 @@ class ServedKind:
 
     name: str = ""
     kinds: tuple[ModuleKind, ...] = ()
+    #: when only some modules of the group's kinds can be mixed, which (e.g. "biases, norms only")
+    mixes_only: str = ""
 
     def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
         """Fill ``loaded.layers`` (layer name -> this group's delta) and/or ``loaded.data`` from
@@ -49,8 +50,10 @@ class ServedKind:
         the module; any other error torch raises on the tensors becomes InvalidModuleWeights."""
         raise NotImplementedError
 
-    def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> Any | None:
-        """This group's part of one layer's plan, or None. ``deltas[i]``: row i's delta at this
+    def plan_layer(self, deltas: list[Any], layer: Any, shared: bool, device: Any, dtype: Any) -> Any | None:
+        """This group's part of one layer's plan, or None. ``layer``: the patched layer, an
+        :class:`~tunehub.server.engine.layers.AdaptedLinear` (or an ``AdaptedNorm``, for a group
+        whose modules name normalisation layers). ``deltas[i]``: row i's delta at this
         layer when row i's module is of this group, else None (at least one is not None).
         ``shared``: every row of the batch uses one module. The part has ``before`` and/or
         ``after`` callables (None when unused)."""
@@ -69,8 +72,6 @@ class ServedKind:
 #: kinds no group serves yet, and what to do with such a module instead (the one place)
 NOT_SERVABLE: dict[ModuleKind, str] = {
     ModuleKind.FULL: "it is a whole model: serve it as the base (tunehub serve --base REF)",
-    ModuleKind.SELECTIVE: "load its tensors into the base (tunehub.trainer.methods.selective.apply_selective), save that"
-    " model and serve it as the base (tunehub serve --base DIR)",
     ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
     ModuleKind.TEMPLATE: "a template is applied to the prompt by tunehub serve (model=TEMPLATE_REF with the slot values),"
     " not by the engine",
