@@ -21,6 +21,9 @@ state or resident memory):
    biases and LayerNorm weights), 9 rows, against 9 rows on one LoRA (``all_kinds_vs_single_lora``).
    BitFit needs biases, which the Llama presets lack: the base of parts 1-3 is built with a bias
    on every linear layer of its blocks (``build_base(..., biases=True)``; both sides run on it).
+   Composed: 8 rows that each apply two modules at once (a LoRA with another LoRA, a DoRA, IA3, a
+   prompt, BitFit+norms, a bottleneck or a prefix; a DoRA with an IA3), a request's
+   ``module="a+b"``, against the 8 rows on 8 single LoRAs of part 1 (``composed_vs_single``).
 3. cold activation: ``pool.acquire`` of a never-seen version (resolve, the registry's blobs read
    once and hashed, manifest checks, materialise) against a bare ``safetensors.torch.load_file``
    of the same weights file, both from a warm page cache. The pool is full (it holds two such
@@ -81,6 +84,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "mixed_vs_peft_sequential": (">=", 4.0),
     "mixed_kinds_vs_single_lora": (">=", 0.75),
     "all_kinds_vs_single_lora": (">=", 0.7),
+    "composed_vs_single": (">=", 0.75),
     "cold_load_vs_safetensors": ("<=", 2.0),
     "cold_load_signed_vs_unsigned": ("<=", 1.3),
 }
@@ -155,6 +159,17 @@ QUICK = Sizes(
 KIND_ROWS = ("lora-0", "lora-1", "dora-0", "dora-1", "ia3-0", "ia3-1", "prompt-0", "prefix-0")
 #: the rows of the all-kinds batch: one module of every kind the engine mixes
 ALL_KIND_ROWS = ("lora-0", "dora-0", "adalora-0", "ia3-0", "bottleneck-0", "prompt-0", "ptuning-0", "prefix-0", "bitfit-norms-0")
+#: the rows of the composed batch: each row applies two modules at once (per-request composition)
+COMPOSED_ROWS = (
+    "lora-0+lora-1",
+    "lora-2+dora-0",
+    "lora-3+ia3-0",
+    "lora-4+prompt-0",
+    "lora-5+bitfit-norms-0",
+    "lora-6+bottleneck-0",
+    "lora-7+prefix-0",
+    "dora-1+ia3-1",
+)
 NAMESPACE = "bench"
 
 
@@ -423,6 +438,9 @@ def worker_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         "tunehub_mixed_kinds": lambda: run_engine(engine, prompts, [ref(m) for m in KIND_ROWS], n),
         "tunehub_all_kinds": lambda: run_engine(engine, all_kinds_prompts, [ref(m) for m in ALL_KIND_ROWS], n),
         "tunehub_single_all_kinds_rows": lambda: run_engine(engine, all_kinds_prompts, [ref(loras[0])] * len(ALL_KIND_ROWS), n),
+        "tunehub_composed": lambda: run_engine(
+            engine, prompts, ["+".join(ref(part) for part in row.split("+")) for row in COMPOSED_ROWS], n
+        ),
         "peft_single": peft_single,
         "peft_adapter_names": lambda: run_peft(peft, prompts, n, pad_id, adapter_names=loras),
         "peft_sequential": lambda: run_peft_sequential(peft, prompts, loras, n, pad_id),
@@ -1104,6 +1122,7 @@ def summarize(
         "all_kinds_vs_single_lora": ratio_entry(
             "all_kinds_vs_single_lora", tps["tunehub_all_kinds"] / tps["tunehub_single_all_kinds_rows"]
         ),
+        "composed_vs_single": ratio_entry("composed_vs_single", tps["tunehub_composed"] / tps["tunehub_mixed"]),
         "cold_load_vs_safetensors": ratio_entry(
             "cold_load_vs_safetensors", cold["pool_median_ms"] / cold["safetensors_median_ms"]
         ),
@@ -1136,6 +1155,7 @@ def summarize(
             "mixed_vs_peft_sequential": round(p25["tunehub_mixed"] / p25["peft_sequential"], 4),
             "mixed_kinds_vs_single_lora": round(p25["tunehub_mixed_kinds"] / p25["tunehub_single"], 4),
             "all_kinds_vs_single_lora": round(p25["tunehub_all_kinds"] / p25["tunehub_single_all_kinds_rows"], 4),
+            "composed_vs_single": round(p25["tunehub_composed"] / p25["tunehub_mixed"], 4),
         },
         "prefill_plus_decode_tokens_per_s": {k: round(s["total_tps"], 2) for k, s in thr["sides"].items()},
         "decode_tokens_per_s_runs": {k: s["decode_tps_runs"] for k, s in thr["sides"].items()},
@@ -1143,6 +1163,7 @@ def summarize(
         "same_greedy_tokens_share": thr["same_tokens"],
         "kinds_batch_rows": list(KIND_ROWS),
         "all_kinds_batch_rows": list(ALL_KIND_ROWS),
+        "composed_batch_rows": list(COMPOSED_ROWS),
         "torch_threads": thr["torch_threads"],
         "tunehub_base_linear": thr["tunehub_base_linear"],
         "split_batches_retried": thr["split_batches_retried"],
@@ -1181,6 +1202,7 @@ def print_report(report: dict[str, Any], profiles: dict[str, str] | None, cold_p
         "tunehub_mixed_kinds": "LoRA+DoRA+IA3+prompt+prefix",
         "tunehub_all_kinds": "one of each: LoRA DoRA AdaLoRA IA3 bottleneck prompt P-tuning prefix BitFit+norms",
         "tunehub_single_all_kinds_rows": f"{len(ALL_KIND_ROWS)} rows, one LoRA",
+        "tunehub_composed": "8 rows, each two modules at once (LoRA + another kind)",
         "peft_single": "one adapter, batch 8",
         "peft_adapter_names": "adapter_names, 8 adapters",
         "peft_sequential": "set_adapter, 8 x batch 1",

@@ -586,6 +586,7 @@ class HubStore(ModuleStore):
             pushed_by=current_actor(),
         )
         self._require_online("push")
+        self.check_parent(manifest)
         for attempt in range(_MAX_ATTEMPTS):
             try:
                 snap = self._online_snapshot(repo_id)
@@ -736,12 +737,29 @@ class HubStore(ModuleStore):
         kind_value = kind.value if isinstance(kind, ModuleKind) else kind
         if namespace is not None and namespace != self.namespace.lower():
             return []
-        self._require_online("listing modules")
         filters = Filters(base=base, kind=kind_value, task=task)
-        wanted = [LIST_TAG] + ([kind_value] if kind_value else [])
-        with self._errors("list"):
-            repo_ids = sorted(m.id for m in self.api.list_models(author=self.namespace, filter=wanted))
         found = []
+        for ref, snap, state in self._modules([kind_value] if kind_value else []):
+            latest = state.latest_usable()
+            if latest is None:
+                continue
+            info = self._info(ref, latest, snap)
+            if filters.match(info):
+                found.append(info)
+        return found
+
+    def all_versions(self) -> builtins.list[VersionInfo]:
+        return [self._info(ref, v, snap) for ref, snap, state in self._modules() for v in sorted(state.live)]
+
+    def repo_name(self, ref: str | ModuleRef) -> str:
+        return self._public_repo(self._repo(ref)[0])
+
+    def _modules(self, tags: builtins.list[str] | None = None) -> Iterator[tuple[ModuleRef, _Snapshot, RegistryState]]:
+        """Every module of the namespace with a live version (and these card tags), as the Hub
+        lists them; a repo whose tunehub state is damaged is skipped."""
+        self._require_online("listing modules")
+        with self._errors("list"):
+            repo_ids = sorted(m.id for m in self.api.list_models(author=self.namespace, filter=[LIST_TAG, *(tags or [])]))
         for repo_id in repo_ids:
             owner, _, name = repo_id.partition("/")
             if owner != self.namespace:
@@ -755,13 +773,7 @@ class HubStore(ModuleStore):
                 state = self._require_module(ref, snap)
             except (ModuleNotFound, IntegrityError):
                 continue
-            latest = state.latest_usable()
-            if latest is None:
-                continue
-            info = self._info(ref, latest, snap)
-            if filters.match(info):
-                found.append(info)
-        return found
+            yield ref, snap, state
 
     def versions(self, ref: str | ModuleRef, *, include_yanked: bool = True) -> builtins.list[VersionInfo]:
         ref, repo_id = self._repo(ref)
@@ -813,11 +825,13 @@ class HubStore(ModuleStore):
         self._sync_latest(repo_id)
         return move
 
-    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+    def yank(self, ref: str | ModuleRef, reason: str = "", *, force: bool = False) -> VersionInfo:
         ref, repo_id = self._repo(ref)
         version = ref.version
         if version is None:
             raise Conflict(f"yank takes an exact version (name@N), got {ref}")
+        if not force:
+            self.check_no_children(ref, [version], "yank")
 
         def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, None, str]:
             new_state, _ = registry_state.yank(state, version, self._public_repo(ref), reason, by=current_actor(), at=_now())
@@ -843,6 +857,9 @@ class HubStore(ModuleStore):
         ref, repo_id = self._repo(ref)
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
+        if not force:
+            live = self._require_module(ref, self._read_snapshot(repo_id)).live if ref.version is None else set()
+            self.check_no_children(ref, [ref.version] if ref.version is not None else sorted(live), "delete")
 
         def change(state: RegistryState, snap: _Snapshot) -> tuple[RegistryState, list[int], str]:
             # the numbers stay taken: they are never handed out again

@@ -46,6 +46,7 @@ from tunehub.errors import (
     Conflict,
     IntegrityError,
     InvalidReference,
+    ManifestError,
     StoreError,
     VersionNotFound,
 )
@@ -255,6 +256,7 @@ class LocalStore(ModuleStore):
         if ref.version is not None or ref.alias is not None:
             raise Conflict(f"push takes a name without @version: versions are assigned by the registry (got {ref})")
         module = check_module_for_push(folder)
+        self.check_parent(module.manifest)
         manifest_sha = sha256_file(module.path / MANIFEST_FILE)
         files = dict(module.manifest.files)
         files[MANIFEST_FILE] = manifest_sha
@@ -428,6 +430,22 @@ class LocalStore(ModuleStore):
         infos = [version_info(state, self._record(module_dir, v), ref.repo) for v in sorted(state.live)]
         return [i for i in infos if include_yanked or not i.yanked]
 
+    def all_versions(self) -> builtins.list[VersionInfo]:
+        """Every live version of every module; a damaged state or record is skipped (pull and
+        list refuse that version anyway, so it is no one's usable child)."""
+        found = []
+        for repo, module_dir in self._iter_modules():
+            try:
+                state = self._state(module_dir)
+            except (IntegrityError, ManifestError):
+                continue
+            for version in sorted(state.live):
+                try:
+                    found.append(version_info(state, self._record(module_dir, version), repo))
+                except (IntegrityError, ManifestError, VersionNotFound):  # VersionNotFound: deleted meanwhile
+                    continue
+        return found
+
     def aliases(self, ref: str | ModuleRef) -> dict[str, int]:
         ref = parse_ref(ref)
         return self._require_module(ref)[1].alias_map
@@ -451,11 +469,13 @@ class LocalStore(ModuleStore):
             ref, lambda state: registry_state.rollback(state, alias, ref.repo, by=current_actor(), at=_now())
         )
 
-    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+    def yank(self, ref: str | ModuleRef, reason: str = "", *, force: bool = False) -> VersionInfo:
         ref = parse_ref(ref)
         version = ref.version
         if version is None:
             raise Conflict(f"yank takes an exact version (name@N), got {ref}")
+        if not force:
+            self.check_no_children(ref, [version], "yank")
         self._change_state(
             ref, lambda state: registry_state.yank(state, version, ref.repo, reason, by=current_actor(), at=_now())
         )
@@ -475,6 +495,9 @@ class LocalStore(ModuleStore):
         ref = parse_ref(ref)
         if ref.alias is not None:
             raise Conflict(f"delete takes name@N or a bare name, not an alias ({ref})")
+        if not force:
+            targets = [ref.version] if ref.version is not None else sorted(self._require_module(ref)[1].live)
+            self.check_no_children(ref, targets, "delete")
         versions_dir = self._module_dir(ref) / "versions"
 
         def tombstone(_: RegistryState, targets: list[int]) -> None:

@@ -7,11 +7,20 @@ import getpass
 import io
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tunehub.errors import ConfigError, IntegrityError
+from tunehub.errors import (
+    ConfigError,
+    Conflict,
+    IncompatibleBase,
+    IntegrityError,
+    InvalidReference,
+    ModuleNotFound,
+    VersionNotFound,
+)
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
 from tunehub.registry.module import (
     LocalModule,
@@ -19,7 +28,7 @@ from tunehub.registry.module import (
     check_content,
     read_verified,
 )
-from tunehub.registry.refs import ModuleRef
+from tunehub.registry.refs import ModuleRef, parse_ref
 from tunehub.registry.signing import Provenance, SignatureEntry, Signer, TrustPolicy
 
 # AliasMove and the rollback helpers live with the state machine; they stay importable from here
@@ -134,7 +143,8 @@ class ModuleStore(ABC):
 
     @abstractmethod
     def push(self, folder: str | Path, ref: str | ModuleRef) -> VersionInfo:
-        """Verify the module in ``folder`` and store it as the next version of ``ref``'s name."""
+        """Verify the module in ``folder`` and store it as the next version of ``ref``'s name; a
+        module with a parent must pass :meth:`check_parent` (an exact, live version on its base)."""
 
     @abstractmethod
     def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
@@ -221,17 +231,154 @@ class ModuleStore(ABC):
         """Point ``alias`` back at the target it had before its last move."""
 
     @abstractmethod
-    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
-        """Hide a version from resolution; its record and files stay."""
+    def yank(self, ref: str | ModuleRef, reason: str = "", *, force: bool = False) -> VersionInfo:
+        """Hide a version from resolution; its record and files stay. A version that modules not
+        yanked name as their parent is refused (:meth:`check_no_children`) unless ``force``."""
 
     @abstractmethod
     def delete(self, ref: str | ModuleRef, *, force: bool = False) -> builtins.list[int]:
-        """Delete one version (``name@N``) or every version of a module; returns the versions deleted."""
+        """Delete one version (``name@N``) or every version of a module; returns the versions deleted.
+        Aliases pointing at them, or modules not yanked naming them as parent, refuse it unless ``force``."""
 
     def gc(self) -> dict[str, builtins.list[str]]:
         """Remove stored content no version references and what killed writers left behind;
         returns what was removed by category. Stores that keep no such content refuse."""
         raise ConfigError(f"{self.uri} has nothing to collect: gc works on file:// registries")
+
+    # --- lineage: modules trained on top of one another (manifest.parent) ------------------------
+    def repo_name(self, ref: str | ModuleRef) -> str:
+        """The module ``ref`` names, spelled as this store spells :attr:`VersionInfo.repo`."""
+        return parse_ref(ref).repo
+
+    def all_versions(self) -> builtins.list[VersionInfo]:
+        """Every live version of every module, yanked ones included: what :meth:`children`
+        scans. This default sees the modules :meth:`list` returns; the stores override it to
+        also see modules whose every version is yanked."""
+        return [info for latest in self.list() for info in self.versions(latest.repo)]
+
+    def lineage(self, ref: str | ModuleRef) -> builtins.list[VersionInfo]:
+        """The version ``ref`` resolves to, then its parent, grandparent... (``manifest.parent``,
+        as recorded at push), each by its exact version. A yanked ancestor is listed (its
+        ``yanked`` says so); :func:`usable_lineage` refuses it.
+
+        Raises:
+            InvalidReference: an ancestor is named by an alias or a bare name (it could move).
+            ModuleNotFound: an ancestor is not in this store (never pushed here, or deleted).
+            IncompatibleBase: an ancestor was trained on another base than the module above it.
+            IntegrityError: the parents loop (a version record was altered).
+            Conflict: the chain holds more than 32 modules.
+            and what :meth:`resolve` raises for ``ref``.
+        """
+        chain = [self.resolve(ref)]
+        while chain[-1].parent:
+            child = chain[-1]
+            if len(chain) >= _LINEAGE_DEPTH:
+                raise Conflict(
+                    f"the lineage of {chain[0].ref} holds more than {_LINEAGE_DEPTH} modules, the most tunehub follows"
+                )
+            parent = self._parent_version(str(child.parent), child.ref)
+            _check_same_base(parent, child.base_fingerprint, child.base_model_id, child.ref)
+            if any(member.ref == parent.ref for member in chain):
+                raise IntegrityError(f"the lineage of {chain[0].ref} loops back to {parent.ref}: a version record was altered")
+            chain.append(parent)
+        return chain
+
+    def children(self, ref: str | ModuleRef) -> builtins.list[VersionInfo]:
+        """The live versions (yanked ones included) whose recorded parent is exactly the version
+        ``ref`` names (an exact ``name@N`` may be yanked; an alias or a bare name is resolved).
+        Scans every version record of the store: meant for rare admin operations."""
+        target = self._live_version(parse_ref(ref))
+        return self._children_of({target.ref})[target.ref]
+
+    def check_parent(self, manifest: Manifest) -> builtins.list[VersionInfo]:
+        """What a push of a module with a parent requires; returns the parent's lineage ([]
+        without a parent). Every store's push calls it before it stores anything.
+
+        Raises:
+            InvalidReference: the parent names no exact version (``name@N``).
+            ModuleNotFound: the parent is not in this store: push it first.
+            VersionNotFound: the parent, or one of its ancestors, is yanked.
+            IncompatibleBase: the parent was trained on another base.
+            Conflict: the chain would hold more than 32 modules.
+            and what :meth:`lineage` raises for the parent's own ancestors.
+        """
+        if not manifest.parent:
+            return []
+        child = "this module"
+        parent = self._parent_version(manifest.parent, child, advice=": push the parent first")
+        if parent.yanked:
+            raise VersionNotFound(
+                f"parent {parent.ref} of {child} is yanked ({parent.yank_reason or 'no reason given'}):"
+                " nothing is pushed on top of a yanked version"
+            )
+        _check_same_base(parent, manifest.base.fingerprint, manifest.base.model_id, child)
+        chain = usable_lineage(self, parent.ref)
+        if len(chain) >= _LINEAGE_DEPTH:
+            raise Conflict(
+                f"parent {parent.ref} of {child} ends a chain of {len(chain)} modules; tunehub follows at most {_LINEAGE_DEPTH}"
+            )
+        return chain
+
+    def check_no_children(self, ref: str | ModuleRef, versions: Iterable[int], action: str) -> None:
+        """Refuse (``Conflict``) to ``action`` ("delete", "yank") these versions of ``ref``'s
+        module while a version outside them that is not yanked names one of them as parent:
+        its lineage would break. The stores call it unless their caller passes ``force``."""
+        repo = self.repo_name(ref)
+        targets = {f"{repo}@{version}" for version in versions}
+        found = self._children_of(targets)
+        broken = {target: sorted(c.ref for c in kids if c.ref not in targets and not c.yanked) for target, kids in found.items()}
+        named = "; ".join(f"{target} is the parent of {', '.join(kids)}" for target, kids in sorted(broken.items()) if kids)
+        if named:
+            raise Conflict(
+                f"cannot {action} {ref}: {named} (their lineage would break); yank or delete them first,"
+                f" or pass --force (force=True) to {action} anyway"
+            )
+
+    def _live_version(self, ref: ModuleRef) -> VersionInfo:
+        """``resolve(ref)``, except that an exact ``name@N`` that is yanked is found too."""
+        try:
+            return self.resolve(ref)
+        except VersionNotFound:
+            if ref.version is not None:
+                for info in self.versions(ref):
+                    if info.version == ref.version:
+                        return info
+            raise
+
+    def _parent_version(self, text: str, child: str, advice: str = "") -> VersionInfo:
+        """The live version (maybe yanked) that parent reference ``text`` of ``child`` names."""
+        try:
+            ref = parse_ref(text)
+        except InvalidReference as exc:
+            raise InvalidReference(f"parent {text!r} of {child} is not a module reference ({exc}); a parent is name@N") from None
+        if ref.version is None:
+            try:
+                now = f" ({text} is {self.resolve(ref).ref} now)"
+            except (ModuleNotFound, InvalidReference):
+                now = ""
+            raise InvalidReference(
+                f"parent {text} of {child} names no exact version{now}: lineage must be immutable, so a parent is"
+                " name@N, never an alias or a bare name"
+            )
+        try:
+            return self._live_version(ref)
+        except (ModuleNotFound, InvalidReference) as exc:  # InvalidReference: another hf:// namespace
+            raise ModuleNotFound(f"parent {ref} of {child} is not in this registry ({exc}){advice}") from None
+
+    def _children_of(self, targets: set[str]) -> dict[str, builtins.list[VersionInfo]]:
+        """Exact ref (as :attr:`VersionInfo.ref` spells it) -> the live versions whose parent it is."""
+        found: dict[str, builtins.list[VersionInfo]] = {target: [] for target in targets}
+        for info in self.all_versions():
+            if not info.parent:
+                continue
+            try:
+                parent = parse_ref(info.parent)
+                key = f"{self.repo_name(parent)}@{parent.version}" if parent.version is not None else None
+            except InvalidReference:
+                continue  # no exact version of this store: the child of nothing here
+            if key in found:
+                found[key].append(info)
+        return found
 
 
 def version_info(state: RegistryState, record: VersionRecord, repo: str, commit: str | None = None) -> VersionInfo:
@@ -261,6 +408,65 @@ def version_info(state: RegistryState, record: VersionRecord, repo: str, commit:
 
 
 _LINEAGE_DEPTH = 32  # a parent chain longer than this is cut (and a cycle cannot loop)
+
+
+def _check_same_base(parent: VersionInfo, fingerprint: str, model_id: str, child: str) -> None:
+    """``IncompatibleBase`` unless ``parent`` was trained on the base ``child`` was trained on."""
+    if parent.base_fingerprint != fingerprint:
+        raise IncompatibleBase(
+            f"parent {parent.ref} of {child} was trained on another base: {parent.base_model_id}"
+            f" (fingerprint {parent.base_fingerprint[:12]}), {child} on {model_id} (fingerprint {fingerprint[:12]})"
+        )
+
+
+def usable_lineage(store: ModuleStore, ref: str | ModuleRef) -> list[VersionInfo]:
+    """:meth:`ModuleStore.lineage` of ``ref``, refused (``VersionNotFound``) when an ancestor
+    is yanked: what pull requires of a module's chain, and push of a parent's."""
+    chain = store.lineage(ref)
+    for ancestor in chain[1:]:
+        if ancestor.yanked:
+            raise VersionNotFound(
+                f"{ancestor.ref}, in the lineage of {chain[0].ref}, is yanked ({ancestor.yank_reason or 'no reason given'}):"
+                " a chain with a yanked module is neither pulled nor pushed onto"
+            )
+    return chain
+
+
+@dataclass(frozen=True)
+class PulledModule(LocalModule):
+    """A pulled module and, when it was pulled with its parents, theirs: parent first."""
+
+    parents: tuple[LocalModule, ...] = ()
+
+
+def parents_folder(dest: str | Path) -> Path:
+    """Where a pull into ``dest`` with its parents puts them: ``DEST.parents/<name>@<N>/``,
+    beside ``dest``, never inside it (a pulled folder holds exactly its module's files, so that
+    pulling it again, verifying it or pushing it keeps working)."""
+    path = Path(os.path.abspath(dest))
+    return path.with_name(f"{path.name}.parents")
+
+
+def pull_lineage(
+    store: ModuleStore,
+    ref: str | ModuleRef,
+    dest: str | Path | None = None,
+    *,
+    force: bool = False,
+    with_parents: bool = False,
+) -> PulledModule:
+    """Pull ``ref`` once its lineage resolves (every ancestor an exact, live, not yanked version
+    on the same base: :func:`usable_lineage`); with ``with_parents``, every ancestor too, into
+    :func:`parents_folder` of ``dest`` (each in its own cache folder when ``dest`` is None).
+    ``force`` is :meth:`ModuleStore.pull`'s, for every folder written."""
+    chain = usable_lineage(store, ref)
+    module = store.pull(chain[0].ref, dest, force=force)  # the exact version the chain was checked for
+    parents: list[LocalModule] = []
+    if with_parents:
+        folder = parents_folder(dest) if dest is not None else None
+        for ancestor in chain[1:]:
+            parents.append(store.pull(ancestor.ref, folder / ancestor.ref if folder is not None else None, force=force))
+    return PulledModule(module.path, module.manifest, module.ref, module.version, parents=tuple(parents))
 
 
 def provenance_with_lineage(store: ModuleStore, ref: str | ModuleRef, policy: TrustPolicy | None = None) -> dict[str, Any]:

@@ -146,6 +146,9 @@ def pull(
     force: bool = typer.Option(
         False, "--force", help="write the module's files into a --dest folder that holds other files (those are left alone)"
     ),
+    with_parents: bool = typer.Option(
+        False, "--with-parents", help="also pull every ancestor (manifest.parent), into DEST.parents/NAME@N beside --dest"
+    ),
     trust: list[Path] = TrustOption,
     require_signed: bool = RequireSignedOption,
     registry: Optional[str] = RegistryOption,
@@ -153,9 +156,12 @@ def pull(
     """Fetch a module into a local folder; every file is checked against its sha256.
 
     Nothing the pull did not write is ever deleted or overwritten without --force. With --trust,
-    signatures by those keys are verified before anything is fetched."""
-    module = _registry(registry, trust, require_signed).pull(ref, dest, force=force)
+    signatures by those keys are verified before anything is fetched. A module trained on top of
+    another is pulled only when its whole lineage resolves (see `tunehub lineage`)."""
+    module = _registry(registry, trust, require_signed).pull(ref, dest, force=force, with_parents=with_parents)
     typer.echo(f"pulled {module.ref} to {module.path}")
+    for parent in module.parents:
+        typer.echo(f"pulled parent {parent.ref} to {parent.path}")
 
 
 @app.command("ls")
@@ -231,17 +237,22 @@ def history(
 def yank(
     ref: str = typer.Argument(..., help="name@version"),
     reason: str = typer.Option("", "--reason", help="why, shown to whoever asks for it"),
+    force: bool = typer.Option(False, "--force", help="yank it even though modules trained on top of it are not yanked"),
     registry: Optional[str] = RegistryOption,
 ) -> None:
     """Hide a version from resolution; its record and files stay."""
-    info = _registry(registry).yank(ref, reason)
+    info = _registry(registry).yank(ref, reason, force=force)
     typer.echo(f"yanked {info.ref}")
 
 
 @app.command("rm")
 def remove(
     ref: str = typer.Argument(..., help="name@version, or a bare name for every version"),
-    force: bool = typer.Option(False, "--force", help="also drop aliases pointing at what is deleted"),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="also drop aliases pointing at what is deleted, and delete it even though modules trained on top of it are not yanked",
+    ),
     registry: Optional[str] = RegistryOption,
 ) -> None:
     """Delete a version, or a whole module. Version numbers are never reused."""
@@ -281,6 +292,123 @@ def show(
     payload["_registry"] = {"ref": info.ref, "aliases": list(info.aliases), "yanked": info.yanked, "uri": reg.uri}
     payload["_provenance"] = reg.provenance(info.ref, trust or None)
     _echo_json(payload)
+
+
+@app.command()
+def export(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias], or a module folder (./path)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write: new or empty (never overwritten)"),
+    base: str = typer.Option(..., "--base", help="the base model folder the module was trained on"),
+    merge: bool = typer.Option(False, "--merge", help="write a standalone transformers model with the module merged in"),
+    as_lora: bool = typer.Option(False, "--as-lora", help="write a plain PEFT LoRA module (SVD of the exact weight deltas)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--as-lora: the LoRA's rank (default: the module's own, else 16)"),
+    trust: list[Path] = TrustOption,
+    require_signed: bool = RequireSignedOption,
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Export a module for servers that read plain models and LoRA adapters only (vLLM, LoRAX, TGI)."""
+    from tunehub.sdk.export import export_as_lora, export_merged
+    from tunehub.sdk.registry import trust_policy
+
+    if merge == as_lora:
+        raise typer.BadParameter("choose one of --merge and --as-lora")
+    if merge and rank is not None:
+        raise typer.BadParameter("--rank goes with --as-lora (a merge is exact)", param_hint="--rank")
+    policy = trust_policy(trust or None, require_signed)
+    if merge:
+        report = export_merged(ref, out, base, registry=registry, trust=policy)
+    else:
+        report = export_as_lora(ref, out, base, rank=rank, registry=registry, trust=policy)
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    if report.mode == "merge":
+        typer.echo(f"merged {' -> '.join(report.chain)} into {report.base}: {report.dtype} transformers model in {report.out}")
+        typer.echo(
+            f"check: logits max |difference| vs the unmerged module {report.max_logit_diff:.3g}"
+            f" (tolerance {report.tolerance:.3g}) on {sum(map(len, report.token_ids))} token ids"
+        )
+    elif not report.layer_errors:
+        typer.echo(f"{report.module} is a LoRA module: copied as it is to {report.out}")
+    else:
+        worst = sorted(report.layer_errors.items(), key=lambda item: -item[1])
+        typer.echo(f"wrote a rank-{report.rank} LoRA of {report.module} ({report.kind}) to {report.out}")
+        typer.echo(
+            f"error ||dW - BA|| / ||dW||: max {report.max_error:.3g}, mean {report.mean_error:.3g} over {len(worst)} layers"
+        )
+        for name, error in worst[:10]:
+            typer.echo(f"  {name}  {error:.3g}")
+        if len(worst) > 10:
+            typer.echo(f"  ... {len(worst) - 10} more layers (--json lists them all)")
+        tokens = sum(map(len, report.token_ids))
+        typer.echo(f"logits: max |difference| vs the module {report.max_logit_diff:.3g} on {tokens} token ids")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+
+
+@app.command()
+def lineage(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias]"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show the chain a module was trained on, child first (ref, kind, task/objective, base,
+    created), and the modules trained on top of it (used by)."""
+    reg = _registry(registry)
+    chain = reg.lineage(ref)
+    used_by = reg.children(chain[0].ref)
+    if as_json:
+        _echo_json({"lineage": [i.to_dict() for i in chain], "used_by": [i.to_dict() for i in used_by]})
+        return
+    for info in chain:
+        note = f"  yanked: {info.yank_reason or 'no reason given'}" if info.yanked else ""
+        purpose = f"{info.task or '-'}/{info.objective or '-'}"
+        typer.echo(f"{info.ref}  {info.kind}  {purpose}  {info.base_model_id}  {info.created_at}{note}")
+    typer.echo(f"used by: {', '.join(i.ref + (' (yanked)' if i.yanked else '') for i in used_by) or 'none'}")
+
+
+@app.command("inspect")
+def inspect_command(
+    ref: str = typer.Argument(..., help="[namespace/]name[@version|@alias], or a module folder"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write each layer's singular value spectrum to this PNG"),
+    trust: list[Path] = TrustOption,
+    require_signed: bool = RequireSignedOption,
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object with everything"),
+) -> None:
+    """Show what a module is (manifest, lineage, parameters) and, for lora/dora/adalora, each
+    layer's singular values and effective rank: how much of its rank the delta uses.
+
+    A reference is pulled, verified, into the registry's cache (with --trust, its signatures are
+    checked first); a folder is verified in place. Nothing of yours is written but --plot."""
+    from tunehub.sdk.inspect import inspect_module, layer_table, plot_spectrum, rank_summary, summary_lines
+
+    report = inspect_module(ref, registry=registry, trust=trust or None, require_signed=require_signed)
+    written = plot_spectrum(report, plot) if plot is not None else None
+    if as_json:
+        _echo_json({**report.to_dict(), "plot": str(written) if written else None})
+        return
+    for line in summary_lines(report):
+        typer.echo(line)
+    header, rows = layer_table(report)
+    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
+        for row in [header, *rows]:
+            typer.echo("\t".join(row))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{report.label}: {'layers' if report.layers else 'tensors by layer kind'}")
+        for i, column in enumerate(header):
+            table.add_column(column, overflow="fold", justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    for line in filter(None, [rank_summary(report), *report.notes]):
+        typer.echo(line)
+    if written:
+        typer.echo(f"wrote the spectrum plot to {written}")
 
 
 @app.command()
@@ -395,6 +523,44 @@ def quickstart(
     from tunehub.sdk.quickstart import run_quickstart
 
     run_quickstart(workdir, fast=fast, keep=keep)
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = typer.Argument(None, help="comparison YAML: base, task, methods, steps, learning_rates, seed"),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="a built-in config instead: quick (every method, under 15 minutes on 2 CPU cores)"
+    ),
+    out: Path = typer.Option(Path("tunehub-compare"), "--out", help="where everything is written: a new or empty folder"),
+) -> None:
+    """Train every fine-tuning method on one base and task, and measure them side by side."""
+    from tunehub.errors import ConfigError
+    from tunehub.sdk.compare import load_compare_config, preset_config, run_comparison
+
+    if config is not None and preset is None:
+        cfg, source = load_compare_config(config), str(config)
+    elif preset is not None and config is None:
+        cfg, source = preset_config(preset), f"--preset {preset}"
+    else:
+        raise ConfigError("give a comparison YAML or --preset quick (one of them)")
+    report = run_comparison(
+        cfg, out, command=f"tunehub compare {source} --out {out}", progress=lambda text: typer.echo(f"> {text}", err=True)
+    )
+    header, rows = report.table()
+    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
+        for row in [header, *rows]:
+            typer.echo("\t".join(row))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"tunehub compare: {report.task}")
+        for i, column in enumerate(header):
+            table.add_column(column, overflow="fold", justify="left" if i < 2 or i == len(header) - 1 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    typer.echo(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png; the modules are in {out / 'runs'}")
 
 
 @base_app.command("init")

@@ -10,16 +10,17 @@ from typing import Any
 
 from tunehub.errors import IntegrityError
 from tunehub.registry.manifest import Manifest, ModuleKind
-from tunehub.registry.module import LocalModule
 from tunehub.registry.refs import ModuleRef
 from tunehub.registry.signing import Provenance, SignatureEntry, TrustPolicy, export_bundle, sign_digests, version_digests
 from tunehub.registry.store import (
     AliasMove,
     ModuleStore,
+    PulledModule,
     VersionInfo,
     current_actor,
     open_store,
     provenance_with_lineage,
+    pull_lineage,
     push_signed,
 )
 
@@ -101,6 +102,10 @@ class Registry:
         match the manifest's sha256, and every ``*.safetensors`` file must be readable with
         finite values; nothing is stored otherwise.
 
+        A module trained on top of another (``manifest.parent``) is stored only when its parent
+        is an exact version (``name@N``) of this registry, not deleted or yanked, trained on the
+        same base, whose own lineage resolves.
+
         Args:
             folder: a module folder (``manifest.json`` and the files it lists).
             name: ``[namespace/]name`` without ``@version``: the registry numbers versions.
@@ -109,7 +114,11 @@ class Registry:
             The new version (``info.ref`` is ``name@N``).
 
         Raises:
-            InvalidReference: ``name`` does not parse (or, ``hf://``, names another namespace).
+            InvalidReference: ``name`` does not parse (or, ``hf://``, names another namespace),
+                or the parent names no exact version.
+            ModuleNotFound: the parent is not in this registry (push it first).
+            VersionNotFound: the parent, or one of its ancestors, is yanked.
+            IncompatibleBase: the parent was trained on another base.
             Conflict: ``name`` carries ``@version`` or ``@alias``; ``hf://``: the repo holds
                 files of something else, or changed too often concurrently.
             ManifestError: ``folder`` is not a folder, or its manifest is missing or invalid
@@ -125,26 +134,36 @@ class Registry:
             return self.store.push(folder, name)
         return push_signed(self.store, folder, name, sign)
 
-    def pull(self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False) -> LocalModule:
+    def pull(
+        self, ref: str | ModuleRef, dest: str | Path | None = None, *, force: bool = False, with_parents: bool = False
+    ) -> PulledModule:
         """A verified local copy of ``ref`` (a cached copy is reused when it still verifies).
 
         ``dest`` must be new, empty, or hold exactly an earlier pull of this module, else
         :class:`~tunehub.errors.Conflict`; ``force=True`` writes the module's files into it
         anyway and leaves every other file alone. Nothing pull did not write is deleted.
 
+        A module trained on top of another (``manifest.parent``) is pulled only when its whole
+        lineage resolves: every ancestor an exact, live, not yanked version of this registry
+        on the same base (see :meth:`lineage`).
+
         Args:
             ref: ``[namespace/]name[@version|@alias]``; no selector means ``latest``.
             dest: the folder to write; None: the store's own cache folder.
             force: write into a ``dest`` that holds other files.
+            with_parents: pull every ancestor too, each into ``DEST.parents/<name>@<N>/``
+                beside ``dest`` (into its own cache folder when ``dest`` is None).
 
         Returns:
-            The local module: its folder, verified manifest, ``ref`` (``name@N``) and version.
+            The local module: its folder, verified manifest, ``ref`` (``name@N``) and version,
+            and ``parents``: the pulled ancestors, parent first (empty without ``with_parents``).
 
         Raises:
-            InvalidReference: ``ref`` does not parse.
-            ModuleNotFound: the registry has no such module.
+            InvalidReference: ``ref`` does not parse, or an ancestor names no exact version.
+            ModuleNotFound: the registry has no such module, or an ancestor is not in it.
+            IncompatibleBase: an ancestor was trained on another base.
             VersionNotFound: the version does not exist, was deleted or is yanked (or no
-                version is left for ``latest``).
+                version is left for ``latest``), or an ancestor is yanked.
             AliasNotFound: the module has no such alias.
             Conflict: ``dest`` is not a folder, or holds other files (without ``force``), or
                 a path the module needs is taken.
@@ -153,7 +172,33 @@ class Registry:
             StoreError: ``dest`` cannot be written beside; ``hf://``: the hub cannot be
                 reached and the local cache does not hold the module.
         """
-        return self.store.pull(ref, dest, force=force)
+        return pull_lineage(self.store, ref, dest, force=force, with_parents=with_parents)
+
+    def lineage(self, ref: str | ModuleRef) -> builtins.list[VersionInfo]:
+        """The version ``ref`` resolves to, then its parent, grandparent... (``manifest.parent``),
+        each by its exact version; a yanked ancestor is listed with its ``yanked`` set.
+
+        Raises:
+            InvalidReference: ``ref`` does not parse, or an ancestor names no exact version.
+            ModuleNotFound, VersionNotFound, AliasNotFound: as :meth:`resolve` for ``ref``;
+                ``ModuleNotFound`` also for an ancestor not in this registry (deleted or never
+                pushed here).
+            IncompatibleBase: an ancestor was trained on another base than the module above it.
+            IntegrityError: the parents loop (a record was altered), or a record is damaged.
+            Conflict: the chain holds more than 32 modules.
+        """
+        return self.store.lineage(ref)
+
+    def children(self, ref: str | ModuleRef) -> builtins.list[VersionInfo]:
+        """The live versions (yanked included) trained on top of the version ``ref`` names: those
+        whose recorded parent is exactly it. An exact ``name@N`` may be yanked. Scans every
+        version of the registry (``hf://``: every module repo of the namespace).
+
+        Raises:
+            InvalidReference, ModuleNotFound, VersionNotFound, AliasNotFound: as :meth:`resolve`.
+            StoreError: ``hf://``: offline, or the hub cannot be reached or refuses.
+        """
+        return self.store.children(ref)
 
     def resolve(self, ref: str | ModuleRef) -> VersionInfo:
         """The exact version ``ref`` points to now (aliases and ``latest`` resolved).
@@ -303,26 +348,29 @@ class Registry:
         """
         return self.store.rollback(name, alias)
 
-    def yank(self, ref: str | ModuleRef, reason: str = "") -> VersionInfo:
+    def yank(self, ref: str | ModuleRef, reason: str = "", *, force: bool = False) -> VersionInfo:
         """Hide a version from resolution: ``latest`` skips it, ``name@N`` and aliases that
         point at it are refused. Its record and files stay.
 
         Args:
             ref: the exact version, ``name@N``.
             reason: recorded with the yank and shown when the version is refused.
+            force: yank it even though modules that are not yanked name it as their parent
+                (their lineage then no longer resolves, so they cannot be pulled).
 
         Returns:
             The version, now yanked.
 
         Raises:
             InvalidReference: ``ref`` does not parse.
-            Conflict: ``ref`` names no exact version; ``hf://``: the repo changed too often
+            Conflict: ``ref`` names no exact version, or modules that are not yanked name it as
+                their parent (without ``force``); ``hf://``: the repo changed too often
                 concurrently.
             ModuleNotFound: the registry has no such module.
             VersionNotFound: the version does not exist.
             IntegrityError, ManifestError, StoreError: as :meth:`promote`.
         """
-        return self.store.yank(ref, reason)
+        return self.store.yank(ref, reason, force=force)
 
     def sign(self, ref: str | ModuleRef, key: str | Path) -> VersionInfo:
         """Sign the version ``ref`` resolves to with the elliptic private key ``key`` (PEM) and
@@ -395,15 +443,17 @@ class Registry:
 
         Args:
             ref: ``name@N`` or ``name``; not an alias.
-            force: also remove the aliases that point at what is deleted.
+            force: also remove the aliases that point at what is deleted, and delete it even
+                though modules that are not yanked name it as their parent.
 
         Returns:
             The versions deleted, in order.
 
         Raises:
             InvalidReference: ``ref`` does not parse.
-            Conflict: ``ref`` names an alias, or aliases point at what would be deleted (without
-                ``force``); ``hf://``: the repo changed too often concurrently.
+            Conflict: ``ref`` names an alias, or aliases point at what would be deleted or
+                modules that are not yanked name it as their parent (without ``force``);
+                ``hf://``: the repo changed too often concurrently.
             ModuleNotFound: the registry has no such module.
             VersionNotFound: the version is not live.
             IntegrityError, ManifestError, StoreError: as :meth:`promote`.

@@ -167,15 +167,16 @@ class TunehubAPI(ls.LitAPI):
         loop = asyncio.get_running_loop()
         request_id = str(request["request_id"])
         stream = bool(request.get("stream"))
-        module = None
-        template: tuple[str, Any] | None = None  # (repo@N, Template) when the model is a template
+        held: list[Any] = []  # the modules this request acquired, released when it ends
+        engine_parts: list[tuple[str, float]] = []  # (repo@N, weight) the engine applies together
+        template: tuple[str, Any] | None = None  # (repo@N, Template) when a part is a template
         cold = False
         handle = None
         finished = False
         try:
-            if request.get("model"):
-                ref = str(request["model"])
-                rules = rules_from_wire(request.get("require_signed_by"))
+            for part in request.get("parts") or []:
+                ref, weight = str(part["model"]), float(part.get("weight", 1.0))
+                rules = rules_from_wire(part.get("require_signed_by"))
                 signed: dict[str, str] | None = None
                 if rules:  # the tenant's rules, on the exact version this request will use
                     ref, signed = await self._check_signing(ref, rules)
@@ -184,10 +185,21 @@ class TunehubAPI(ls.LitAPI):
                 # version is taken at once; anything that may load or ask the registry goes to the
                 # load thread, off this event loop
                 module = self._acquire_resident(ref)
+                part_template = None
                 if module is None:
-                    module, cold, template = await loop.run_in_executor(self._loader, self._acquire_or_template, ref)
-                if signed is not None and module is not None:
-                    self.signing.confirm_loaded(rules, module.key, signed, module.manifest.files)
+                    module, part_cold, part_template = await loop.run_in_executor(self._loader, self._acquire_or_template, ref)
+                    cold = cold or part_cold
+                if module is not None:
+                    held.append(module)
+                    if signed is not None:
+                        self.signing.confirm_loaded(rules, module.key, signed, module.manifest.files)
+                    engine_parts.append((module.key, weight))
+                elif part_template is not None:
+                    if template is not None:
+                        raise InvalidRequest(f"{template[0]} and {part_template[0]} are both templates: a request takes one")
+                    if weight != 1.0:
+                        raise InvalidRequest(f"{part_template[0]} is a template: it takes no weight (1, not {weight:g})")
+                    template = part_template
             input_ids = request.get("input_ids")
             prompt = request.get("prompt")
             messages = request.get("messages")
@@ -207,7 +219,7 @@ class TunehubAPI(ls.LitAPI):
                 GenerationRequest(
                     prompt=prompt if input_ids is None else None,
                     input_ids=input_ids,
-                    module=module.key if module is not None else None,
+                    modules=list(engine_parts) if engine_parts else None,
                     params=params,
                     request_id=request_id,
                 )
@@ -231,7 +243,7 @@ class TunehubAPI(ls.LitAPI):
                     finished = True
                     yield error_message(final[1], request_id)
                     return
-                answered_by = template[0] if template is not None else handle.module_key
+                answered_by = _answered_by(template, handle.module_key)
                 if stream and not started and tokens:
                     started = True
                     yield {"type": "start", "module": answered_by, "cold_load": cold}
@@ -242,7 +254,7 @@ class TunehubAPI(ls.LitAPI):
                     result = final[1]
                     yield {
                         "type": "done",
-                        "module": template[0] if template is not None else result.module,
+                        "module": _answered_by(template, result.module),
                         "text": None if stream else result.text,
                         "finish_reason": result.finish_reason,
                         "prompt_tokens": result.prompt_tokens,
@@ -256,7 +268,7 @@ class TunehubAPI(ls.LitAPI):
             if handle is not None and not finished:
                 handle.cancel()  # the stream was abandoned: free the engine slot
             self._active.pop(request_id, None)
-            if module is not None:
+            for module in held:
                 self.engine.pool.release(module)
 
     async def _check_signing(self, ref: str, rules: list[Any]) -> tuple[str, dict[str, str]]:
@@ -400,6 +412,13 @@ class TunehubAPI(ls.LitAPI):
             "device": str(base.device),
             "chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
         }
+
+
+def _answered_by(template: tuple[str, Any] | None, engine_key: str | None) -> str | None:
+    """What answered: the template's version, then what the engine applied ('t@2+a@1')."""
+    if template is None:
+        return engine_key
+    return template[0] if engine_key is None else f"{template[0]}+{engine_key}"
 
 
 def _pump(handle: Any, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool) -> None:

@@ -22,7 +22,9 @@ from tunehub.registry.template import MAX_SLOTS
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters of one stop string (each is matched against the text every step)
-MAX_MODEL_LENGTH = 512  # a reference is at most ~200 characters; a base's name is a folder name
+MAX_MODEL_LENGTH = 2048  # a reference is at most ~200 characters, a composition joins up to MAX_MODULES
+MAX_MODULES = 8  # the engine's MAX_PARTS (tunehub.server.engine.compose; this module loads no torch)
+MAX_MODULE_WEIGHT = 10.0  # the engine's MAX_WEIGHT
 #: the largest max_tokens (the engine's own limit; generation stops at the context's end long before)
 MAX_TOKENS_LIMIT = 2**31 - 1
 #: seeds are what ``torch.Generator.manual_seed`` takes: 0 <= seed < 2**64
@@ -62,6 +64,9 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     slots: dict[str, str] | None = None  # a template module's slot values (tunehub's own field)
+    #: each part's weight when the request composed modules with ``modules`` (tunehub's own field);
+    #: ``model`` then joins their references with '+'
+    weights: list[float] | None = None
 
     def sampling(self, max_tokens: int) -> dict[str, Any]:
         """Keyword arguments of the engine's ``SamplingParams``."""
@@ -127,6 +132,34 @@ def _show(value: Any) -> str:
     return type(value).__name__
 
 
+def _parse_modules(raw: Any, problems: _Problems) -> list[tuple[str, float]] | None:
+    """``modules``: [{"model": REF, "weight": W}, ...], the parts of a weighted composition."""
+    if raw is None:
+        return None
+    shape = f'\'modules\' must be a list of 1 to {MAX_MODULES} objects like {{"model": "acme/a", "weight": 0.7}}'
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_MODULES:
+        problems.add("modules", shape)
+        return None
+    parts = []
+    for i, item in enumerate(raw):
+        ref = item.get("model") if isinstance(item, dict) else None
+        weight = item.get("weight", 1.0) if isinstance(item, dict) else None
+        if not isinstance(item, dict) or set(item) - {"model", "weight"}:
+            problems.add("modules", shape)
+            return None
+        if not isinstance(ref, str) or not ref or "+" in ref or len(ref) > MAX_MODEL_LENGTH or not _is_text(ref):
+            problems.add("modules", f"modules[{i}].model must be one module reference, got {_show(ref)}")
+            return None
+        if not isinstance(weight, (int, float)) or not _is_finite_number(weight) or abs(weight) > MAX_MODULE_WEIGHT:
+            problems.add(
+                "modules",
+                f"modules[{i}].weight must be a number from -{MAX_MODULE_WEIGHT:g} to {MAX_MODULE_WEIGHT:g}, got {_show(weight)}",
+            )
+            return None
+        parts.append((ref, float(weight)))
+    return parts
+
+
 class _Problems:
     """The problems of one request, each with the field it concerns (the first is the ``param``)."""
 
@@ -152,6 +185,12 @@ def parse_request(body: Any, *, chat: bool) -> ParsedRequest:
         raise InvalidRequest("the request body must be a JSON object")
     problems = _Problems()
     model = body.get("model")
+    composed = _parse_modules(body.get("modules"), problems)
+    if composed is not None:  # the composition names the model; a 'model' given too must agree
+        joined = "+".join(ref for ref, _ in composed)
+        if model is not None and model != joined:
+            problems.add("model", f"'model' must name the same modules as 'modules' ({_show(joined)}) or be left out")
+        model = joined
     if model is None:
         problems.add("model", "'model' is required: a module reference such as acme/summarize@prod, or the base model's name")
     elif not isinstance(model, str):
@@ -163,6 +202,8 @@ def parse_request(body: Any, *, chat: bool) -> ParsedRequest:
     elif not _is_text(model):
         problems.add("model", f"'model' is not valid Unicode text, got {_show(model)}")
     parsed = ParsedRequest(model=model if isinstance(model, str) else "", chat=chat)
+    if composed is not None:
+        parsed.weights = [weight for _, weight in composed]
 
     if chat:
         parsed.messages = _parse_messages(body.get("messages"), problems)

@@ -75,6 +75,7 @@ from tunehub.server.litserve_bridge import (
 from tunehub.server.metrics import AuditLog, CallRecord, ServerMetrics
 from tunehub.server.protocol import (
     MAX_MODEL_LENGTH,
+    MAX_MODULES,
     ParsedRequest,
     chunk_body,
     completion_body,
@@ -329,15 +330,22 @@ class TunehubSpec(LitSpec):
             call.model, call.stream = parsed.model, parsed.stream
             info = await self._base_info()
             call.base_fingerprint = info["base_fingerprint"]
-            module = self._module_for(parsed.model, tenant, info)
-            rules = tenant.signing_rules(parse_ref(module).repo) if module is not None else []
+            modules = self._modules_for(parsed.model, tenant, info)
+            weights = parsed.weights or [1.0] * len(modules)
+            parts = []
+            for ref, weight in zip(modules, weights, strict=True):
+                part: dict[str, Any] = {"model": ref, "weight": weight}
+                rules = tenant.signing_rules(parse_ref(ref).repo)
+                if rules:  # the worker checks them on the exact version it resolves the module to
+                    part["require_signed_by"] = [rule.to_wire() for rule in rules]
+                parts.append(part)
             max_tokens = self._max_tokens(parsed, tenant)
             admission = self.tenants.admit(tenant, max_tokens)
             payload = {
                 "op": "generate",
                 "request_id": call.request_id,
                 "tenant": tenant.name,
-                "model": module,
+                "parts": parts,  # the modules to apply together, each with its weight and signing rules
                 "prompt": parsed.prompt,
                 "input_ids": parsed.input_ids,
                 "messages": parsed.messages,
@@ -345,8 +353,6 @@ class TunehubSpec(LitSpec):
                 "stream": parsed.stream,
                 "params": parsed.sampling(max_tokens),
             }
-            if rules:  # the worker checks them on the exact version it resolves the module to
-                payload["require_signed_by"] = [rule.to_wire() for rule in rules]
             worker = WorkerCall(self, payload)
             try:
                 first = await self._next(worker, request)
@@ -731,20 +737,29 @@ class TunehubSpec(LitSpec):
             self._info = await self._worker_result({"op": "info"})
         return self._info
 
-    def _module_for(self, model: str, tenant: Tenant, info: dict[str, Any]) -> str | None:
-        """The module reference to run (None: the base alone); 404 for names the tenant lacks."""
+    def _modules_for(self, model: str, tenant: Tenant, info: dict[str, Any]) -> list[str]:
+        """The module references to apply together ([]: the base alone): ``model`` is one
+        reference or several joined by '+'; 404 (for the whole model) when the tenant may not use
+        one of them, so a refusal says nothing about which part exists."""
         if model == info["base"]:
             if not tenant.may_use_base(model):
                 raise not_found(model)
-            return None
-        try:
-            ref = parse_ref(model)
-        except InvalidReference as exc:  # a 400 that names the field at fault
-            exc.param = "model"  # type: ignore[attr-defined]
-            raise
-        if not tenant.may_use_module(ref.repo, info["base"]):  # a grant of the base's name is not one
-            raise not_found(model)
-        return str(ref)
+            return []
+        refs = []
+        for part in model.split("+"):
+            if part == info["base"]:
+                raise InvalidRequest(f"{part!r} is the base model: a composition names modules only (the base is always applied)")
+            try:
+                ref = parse_ref(part)
+            except InvalidReference as exc:  # a 400 that names the field at fault
+                exc.param = "model"  # type: ignore[attr-defined]
+                raise
+            if not tenant.may_use_module(ref.repo, info["base"]):  # a grant of the base's name is not one
+                raise not_found(model)
+            refs.append(str(ref))
+        if len(refs) > MAX_MODULES:
+            raise InvalidRequest(f"a request may compose at most {MAX_MODULES} modules, got {len(refs)}")
+        return refs
 
     @staticmethod
     def _max_tokens(parsed: ParsedRequest, tenant: Tenant) -> int:

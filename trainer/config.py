@@ -15,8 +15,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator
 
 from tunehub.errors import ConfigError
+from tunehub.registry.manifest import PEFT_TYPES
 from tunehub.registry.refs import ModuleRef
 from tunehub.trainer.methods import MethodConfig, get_method, method_config_classes, method_names, not_trainable_message
+
+#: PEFT types whose adapters PEFT runs together when several are active (LoRA sums the deltas,
+#: IA3 multiplies the scales): the ones a child adapter is trained on top of, frozen, in one PeftModel
+STACKING_PEFT_TYPES = frozenset({"LORA", "IA3"})
+#: what init.parent supports, for messages
+CHAIN_COMBINATIONS = (
+    "lora, dora or adalora parents under a lora or dora child; ia3 parents under an ia3 child;"
+    " selective parents (base.quantization: none) under any method"
+)
+
+
+def stacks_on_adapters(method_name: str) -> bool:
+    """Whether ``method_name`` trains an adapter PEFT can stack on parent adapters (lora, dora, ia3)."""
+    return PEFT_TYPES.get(get_method(method_name).kind) in STACKING_PEFT_TYPES
 
 
 class _Section(BaseModel):
@@ -89,15 +104,31 @@ class TrainingConfig(_Section):
     seed: int = 0
 
 
+class InitConfig(_Section):
+    """What the run starts from besides the base."""
+
+    parent: str | None = Field(
+        default=None,
+        description="registry reference of a module (and its own parents) applied, frozen, under the trained one;"
+        " the manifest records its exact version as the parent",
+    )
+
+    @field_validator("parent")
+    @classmethod
+    def _valid_ref(cls, value: str | None) -> str | None:
+        if value is not None:
+            ModuleRef.parse(value)
+        return value
+
+
 class OutputConfig(_Section):
     dir: str
     task: str | None = None
     description: str | None = None
-    parent: str | None = Field(default=None, description="reference of the module this run continues")
     push: str | None = Field(default=None, description="push the result to this name ([namespace/]name)")
-    registry: str | None = None
+    registry: str | None = Field(default=None, description="registry of output.push and init.parent (default: TUNEHUB_REGISTRY)")
 
-    @field_validator("push", "parent")
+    @field_validator("push")
     @classmethod
     def _valid_ref(cls, value: str | None) -> str | None:
         if value is not None:
@@ -116,6 +147,7 @@ class RunConfig(_Section):
     objective: ObjectiveConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
     output: OutputConfig
 
     def resolved(self) -> dict[str, Any]:
@@ -143,6 +175,10 @@ def run_config_class() -> type[RunConfig]:
     return cls
 
 
+#: what a config that still names output.parent is told (it only recorded a name; init.parent applies the module)
+OUTPUT_PARENT_MOVED = "moved to init.parent: the parent module is now applied, frozen, while training"
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     tags = method_names()
     problems = []
@@ -152,6 +188,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
             del loc[1]  # the union's branch: "method.r", as the YAML spells it
         where = ".".join(str(p) for p in loc)
         message = err["msg"]
+        if err["type"] == "extra_forbidden" and loc == ["output", "parent"]:
+            problems.append(f"output.parent {OUTPUT_PARENT_MOVED}")
+            continue
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         elif err["type"] == "union_tag_invalid":
@@ -192,7 +231,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
 def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     """Validate a raw mapping; all problems at once, as one ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must be a mapping of sections (base, method, objective, data, training, output)")
+        raise ConfigError(f"{source} must be a mapping of sections (base, method, objective, data, training, init, output)")
     try:
         config = run_config_class().model_validate(raw)
     except ValidationError as exc:
@@ -221,6 +260,12 @@ def combination_problems(config: RunConfig) -> list[str]:
     if config.training.optimizer.startswith("paged") and config.base.quantization == "none":
         problems.append("training.optimizer: paged optimizers are for quantized (nf4/int8) bases; use adamw_torch")
     problems += [f"method: {p}" for p in get_method(config.method.name).check(config.method, config)]
+    if config.init.parent and config.base.quantization != "none" and not stacks_on_adapters(config.method.name):
+        # a quantized base takes no selective parent, and only these methods stack on adapter parents
+        problems.append(
+            f"init.parent: on a {config.base.quantization} base a chain stacks adapters only ({CHAIN_COMBINATIONS});"
+            f" {config.method.name} cannot be trained on a parent there"
+        )
     for key in ("train", "eval"):
         for source in getattr(config.data, key) or []:
             if not Path(source).exists():

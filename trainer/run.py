@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from tunehub.bases import resolve_base_folder
 from tunehub.devices import device_type, load_quantized, use_lean_cpu_allocator
-from tunehub.errors import ConfigError
+from tunehub.errors import ConfigError, IncompatibleBase, IntegrityError, ManifestError
 from tunehub.quantization import bnb_config
-from tunehub.registry.manifest import Manifest
+from tunehub.registry.manifest import PEFT_TYPES, Manifest, ModuleKind
+from tunehub.registry.module import LocalModule
+from tunehub.registry.refs import ModuleRef
 from tunehub.registry.signing import TrustPolicy
-from tunehub.registry.store import VersionInfo
-from tunehub.trainer.config import RunConfig
+from tunehub.registry.store import ModuleStore, VersionInfo
+from tunehub.trainer.config import CHAIN_COMBINATIONS, STACKING_PEFT_TYPES, RunConfig
 
 if TYPE_CHECKING:
     from transformers import BertForPreTraining
@@ -315,6 +317,231 @@ def choose_optimizer(config: RunConfig) -> str:
     return wanted
 
 
+# --- parent chains (init.parent) ----------------------------------------------------------------
+#: the most modules a chain applies (a longer lineage is refused; a cycle cannot loop)
+CHAIN_DEPTH = 32
+#: the trained adapter's name; PEFT saves the "default" adapter flat, and Trainer's resume reloads it
+CHILD_ADAPTER = "default"
+
+
+def parent_adapter_name(index: int) -> str:
+    """The PEFT adapter name of the ``index``-th adapter parent, root first."""
+    return f"parent{index}"
+
+
+@dataclass(frozen=True)
+class ParentChain:
+    """What ``init.parent`` applies under the trained module, each pulled and verified, root first."""
+
+    ref: str  # the direct parent's exact version, name@N: what the manifest records
+    base_tensors: tuple[LocalModule, ...]  # selective modules, loaded into the base's own tensors
+    adapters: tuple[LocalModule, ...]  # lora/dora/adalora/ia3 modules, frozen adapters of one PeftModel
+
+
+def pull_parent_chain(config: RunConfig, base_dir: Path, store: ModuleStore) -> ParentChain:
+    """Resolve ``init.parent`` and its own parents (``manifest.parent``, each an exact version),
+    check every one against the run (base fingerprint, tokenizer, what can be stacked) from its
+    verified manifest, then pull them all under the store's trust policy. Nothing is loaded.
+
+    Raises:
+        IncompatibleBase: a module of the chain was trained on another base (or tokenizer).
+        ConfigError: a combination tunehub cannot train (see CHAIN_COMBINATIONS), a chain
+            longer than CHAIN_DEPTH.
+        ManifestError: a parent recorded by alias rather than exact version, or a cycle.
+        UntrustedModule, ModuleNotFound, IntegrityError: as the store's pull raises them.
+    """
+    from tunehub.trainer.export import base_info, tokenizer_info
+
+    if config.init.parent is None:
+        raise ConfigError("init.parent is not set: there is no parent chain to pull")
+    found: list[tuple[VersionInfo, Manifest]] = []  # the direct parent first
+    ref: str | None = config.init.parent
+    while ref is not None:
+        if len(found) == CHAIN_DEPTH:
+            raise ConfigError(f"init.parent: {config.init.parent} has more than {CHAIN_DEPTH} modules in its parent chain")
+        info = store.resolve(ref)
+        if any(info.ref == seen.ref for seen, _ in found):
+            raise ManifestError(f"the parent chain of {config.init.parent} loops back to {info.ref}")
+        store.check_trust(info)  # before its manifest is used (the pull below checks again)
+        manifest = store.manifest(info.ref)
+        found.append((info, manifest))
+        ref = manifest.parent
+        if ref is not None and ModuleRef.parse(ref).version is None:
+            raise ManifestError(
+                f"{info.ref} records its parent as {ref!r}, an alias, not an exact version (name@N): which"
+                " version it was trained on is unknown, so its chain cannot be applied"
+            )
+    run_base = base_info(base_dir, config.base.quantization)
+    run_tokenizer = tokenizer_info(base_dir)
+    for info, manifest in found:
+        if manifest.kind is ModuleKind.FULL:
+            pulled = store.pull(info.ref)
+            raise ConfigError(
+                f"init.parent: {info.ref} is a full model, a base of its own, not a module to apply:"
+                f" train on it with base.path: {pulled.path} (and no init.parent)"
+            )
+        _check_parent_base(info.ref, manifest, run_base, run_tokenizer)
+    found.reverse()  # root first
+    _check_stacking(config, [(info.ref, manifest) for info, manifest in found])
+    modules = [store.pull(info.ref) for info, _ in found]
+    return ParentChain(
+        ref=found[-1][0].ref,
+        base_tensors=tuple(m for m in modules if m.manifest.kind is ModuleKind.SELECTIVE),
+        adapters=tuple(m for m in modules if m.manifest.kind is not ModuleKind.SELECTIVE),
+    )
+
+
+def _check_parent_base(ref: str, manifest: Manifest, run_base: Any, run_tokenizer: Any) -> None:
+    from tunehub.registry.fingerprint import short_fingerprint
+
+    if manifest.base.fingerprint != run_base.fingerprint:
+        raise IncompatibleBase(
+            f"parent {ref} was trained on base {manifest.base.model_id} (fingerprint"
+            f" {short_fingerprint(manifest.base.fingerprint)}), this run trains on {run_base.model_id}"
+            f" ({short_fingerprint(run_base.fingerprint)}): train on its base, or pick a parent of this one"
+        )
+    tokenizer = manifest.tokenizer
+    if tokenizer is not None and run_tokenizer is not None and tokenizer.fingerprint != run_tokenizer.fingerprint:
+        raise IncompatibleBase(
+            f"parent {ref} was trained with another tokenizer (fingerprint {short_fingerprint(tokenizer.fingerprint)})"
+            f" than this run's base has ({short_fingerprint(run_tokenizer.fingerprint)})"
+        )
+
+
+def _stacking_type(kind: ModuleKind) -> str | None:
+    """The PEFT type a parent of ``kind`` is applied as (AdaLoRA as LoRA weights), or None."""
+    peft_type = "LORA" if kind is ModuleKind.ADALORA else PEFT_TYPES.get(kind)
+    return peft_type if peft_type in STACKING_PEFT_TYPES else None
+
+
+def _check_stacking(config: RunConfig, chain: list[tuple[str, Manifest]]) -> None:
+    """Refuse, before anything loads, a chain PEFT cannot train as one model."""
+    from tunehub.trainer.methods import get_method
+
+    method = config.method.name
+    child_type = PEFT_TYPES.get(get_method(method).kind)
+    task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
+    problems = []
+    for ref, manifest in chain:
+        kind = manifest.kind
+        if manifest.components:
+            problems.append(f"{ref} carries several components ({', '.join(c.kind.value for c in manifest.components)})")
+        elif kind is ModuleKind.SELECTIVE:
+            if config.base.quantization != "none":
+                problems.append(
+                    f"{ref} is a selective module: its tensors replace the base's, which a {config.base.quantization}"
+                    " base holds quantized (use base.quantization: none)"
+                )
+        elif _stacking_type(kind) is None:
+            problems.append(f"{ref} is a {kind.value} module, which PEFT cannot run under another adapter")
+        elif _stacking_type(kind) != child_type:
+            problems.append(f"{ref} is a {kind.value} module and method {method} cannot be stacked on it")
+        elif manifest.params.get("modules_to_save"):
+            problems.append(f"{ref} trains whole modules (modules_to_save), which PEFT cannot keep active under a child")
+        elif manifest.task_type != task_type:
+            problems.append(f"{ref} has task type {manifest.task_type}, this run {task_type} (objective {config.objective.name})")
+    adapters = [m for _, m in chain if m.kind is not ModuleKind.SELECTIVE]
+    if adapters and getattr(config.method, "modules_to_save", None):
+        problems.append("method.modules_to_save: a child on adapter parents trains adapters only (PEFT keeps one copy active)")
+    if problems:
+        raise ConfigError([f"init.parent: {p}" for p in problems] + [f"init.parent: supported chains are {CHAIN_COMBINATIONS}"])
+
+
+def _adalora_as_lora(module: LocalModule, folder: Path) -> Path:
+    """Write into ``folder`` the LoRA adapter that computes what the AdaLoRA ``module`` does:
+    per layer A' = diag(E) A and B' = B * alpha / (init_r + 1e-5) (PEFT's AdaLoRA scale: a pruned
+    layer keeps the ranknum it started with), zero-padded to the largest rank, with LoRA's own
+    scale alpha / r = 1. PEFT runs adapters of one type together only, and AdaLoRA is a type of
+    its own."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_FILE
+    from safetensors.torch import load_file, save_file
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(module.path / WEIGHTS_FILE)).items():
+        layer, _, param = key.rpartition(".")
+        if param not in ("lora_A", "lora_B", "lora_E"):
+            raise IntegrityError(f"{module.ref}: {key} is not an AdaLoRA tensor (lora_A, lora_B or lora_E)")
+        layers.setdefault(layer, {})[param] = tensor
+    alpha = float(module.manifest.params.get("lora_alpha", 8))
+    init_r = module.manifest.params.get("init_r")
+    deltas = {}
+    for layer, parts in sorted(layers.items()):
+        if len(parts) != 3:
+            raise IntegrityError(f"{module.ref}: AdaLoRA layer {layer} lacks one of lora_A, lora_B, lora_E")
+        a, b, e = parts["lora_A"].float(), parts["lora_B"].float(), parts["lora_E"].float().reshape(-1, 1)
+        rank = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank or e.shape[0] != rank:
+            raise IntegrityError(
+                f"{module.ref}: AdaLoRA layer {layer} has shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(e.shape)}"
+            )
+        if rank:  # a layer pruned to rank 0 adds nothing
+            ranknum = float(init_r) if isinstance(init_r, int) and init_r >= rank else float(rank)
+            deltas[layer] = (a * e, b * (alpha / (ranknum + 1e-5)))
+    width = max((a.shape[0] for a, _ in deltas.values()), default=0)
+    if not width:
+        raise ConfigError(f"init.parent: {module.ref} is an AdaLoRA module pruned to rank 0 everywhere: it changes nothing")
+    tensors = {}
+    for layer, (a, b) in deltas.items():
+        tensors[f"{layer}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, width - a.shape[0])).contiguous()
+        tensors[f"{layer}.lora_B.weight"] = torch.nn.functional.pad(b, (0, width - b.shape[1])).contiguous()
+    # saved keys are base_model.model.<module name>.lora_*: the module names are what LoRA targets
+    targets = sorted(layer.removeprefix("base_model.model.") for layer in deltas)
+    config = LoraConfig(r=width, lora_alpha=width, lora_dropout=0.0, target_modules=targets, task_type=module.manifest.task_type)
+    folder.mkdir(parents=True)
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def stack_on_parents(model: Any, parents: tuple[LocalModule, ...], child_config: Any, ctx: Any) -> Any:
+    """One PeftModel over ``model``: each parent a frozen adapter (``parent0`` the root), the new
+    ``default`` adapter trainable, all of them in the forward pass (PEFT sums LoRA deltas and
+    multiplies IA3 scales over the active adapters). Saving selects ``default`` alone."""
+    import tempfile
+
+    from peft import PeftModel
+
+    names = [parent_adapter_name(i) for i in range(len(parents))]
+    with tempfile.TemporaryDirectory(prefix="tunehub-parents-") as scratch, peft_deprecations_silenced():
+        folders = [
+            _adalora_as_lora(parent, Path(scratch) / name) if parent.manifest.kind is ModuleKind.ADALORA else parent.path
+            for name, parent in zip(names, parents)
+        ]
+        peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0], is_trainable=False)
+        for name, folder in zip(names[1:], folders[1:]):
+            peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        try:
+            peft_model.add_adapter(CHILD_ADAPTER, child_config)
+        except ValueError as exc:
+            raise _method_error(exc, ctx) from None
+    activate_chain(peft_model, len(parents))
+    return peft_model
+
+
+def activate_chain(peft_model: Any, num_parents: int) -> None:
+    """Put the child and its ``num_parents`` parent adapters in the forward pass, only the child trainable."""
+    parents = [parent_adapter_name(i) for i in range(num_parents)]
+    peft_model.set_adapter(CHILD_ADAPTER)  # the PeftModel's own adapter: its config is the active one, it is saved
+    # the child first: Trainer's resume reloads the first active adapter as the trainable one
+    peft_model.base_model.set_adapter([CHILD_ADAPTER, *parents])
+    peft_model.set_requires_grad(parents, requires_grad=False)
+
+
+def parents_kept_active(peft_model: Any, num_parents: int) -> Any:
+    """A callback that puts the parents back in the forward pass when training begins: Trainer's
+    resume reloads the adapters and leaves only the trained one active."""
+    from transformers import TrainerCallback
+
+    class ParentsActive(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            activate_chain(peft_model, num_parents)
+            return control
+
+    return ParentsActive()
+
+
 # --- the run ------------------------------------------------------------------------------------
 def train(
     config: RunConfig,
@@ -328,13 +555,9 @@ def train(
 ) -> TrainResult:
     """Train one module as ``config`` says; returns where it was written and what was measured.
 
-    ``trust``: ``output.parent`` must pass this policy (checked in the registry before anything
-    is loaded). ``sign``: sign the pushed version with this elliptic private key."""
-    if trust is not None and config.output.parent:
-        from tunehub.registry.store import open_store
-
-        parent_store = open_store(registry or config.output.registry, trust=trust)
-        parent_store.check_trust(parent_store.resolve(config.output.parent))
+    ``trust``: ``init.parent`` and its ancestors (and a method's ``init_from``) must pass this
+    policy (checked in the registry before anything is loaded). ``sign``: sign the pushed version
+    with this elliptic private key."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -363,6 +586,11 @@ def train(
 
         init_module = open_store(registry or config.output.registry, trust=trust).pull(init_ref)
     base_dir = resolve_base(config)
+    chain = None
+    if config.init.parent is not None:  # pulled, verified and checked against the base before it loads
+        from tunehub.registry.store import open_store
+
+        chain = pull_parent_chain(config, base_dir, open_store(registry or config.output.registry, trust=trust))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prepared = prepare_data(config, tokenizer)
 
@@ -383,8 +611,15 @@ def train(
         init_module=init_module,
         num_tasks=len({e["task_id"] for e in prepared.train}) if method.task_ids is not None else 1,
     )
+    if chain is not None:
+        from tunehub.trainer.methods.selective import apply_selective
+
+        for module in chain.base_tensors:  # root first: a later module's tensor replaces an earlier one's
+            apply_selective(model, module.path)
     if method.prepare_model is not None:  # the base's own tensors, not a PEFT adapter
         peft_model = method.prepare_model(method_cfg, model, ctx)
+    elif chain is not None and chain.adapters:
+        peft_model = stack_on_parents(model, chain.adapters, method.build_peft_config(method_cfg, ctx), ctx)
     else:
         peft_model = _wrap(model, method.build_peft_config(method_cfg, ctx), ctx)
 
@@ -422,6 +657,8 @@ def train(
         bf16=cuda and config.base.quantization != "none" and torch.cuda.is_bf16_supported(),
     )
     callbacks = [progress_callback(total_steps), *method.callbacks(method_cfg, peft_model), *(extra_callbacks or [])]
+    if chain is not None and chain.adapters:
+        callbacks.append(parents_kept_active(peft_model, len(chain.adapters)))
     if tcfg.save_steps is None and world == 1:
         # ranks would disagree on the clock, and a checkpoint only some ranks make deadlocks
         callbacks.append(checkpoint_pacing(tcfg.checkpoint_minutes))
@@ -468,8 +705,14 @@ def train(
     pushed = None
     if trainer.is_world_process_zero():
         method.before_save(method_cfg, peft_model)
-        parent = config.output.parent or (init_module.ref if init_module is not None else None)
-        manifest = _write_module(module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent)
+        # the exact version (name@N) applied, never an alias that may move. A module the run only
+        # started from (init_from) is no parent: nothing of it is applied when the module serves;
+        # the resolved config records its exact version instead
+        parent = chain.ref if chain is not None else None
+        started_from = init_module.ref if init_module is not None else None
+        manifest = _write_module(
+            module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent, started_from
+        )
         push = push or config.output.push
         if push:
             # the store directly, not tunehub.sdk: imports flow sdk -> trainer -> registry
@@ -514,13 +757,18 @@ def _wrap(model: Any, peft_config: Any, ctx: Any) -> Any:
         with peft_deprecations_silenced():
             return get_peft_model(model, peft_config)
     except ValueError as exc:
-        text = str(exc)
-        if "not found in the base model" in text or "Target modules" in text:
-            raise ConfigError(
-                f"method.target_modules matches no layer of the base ({text.splitlines()[0]}); "
-                f"its linear layers are: {', '.join(ctx.linear_module_names)}"
-            ) from None
-        raise ConfigError(f"method: {text}") from None
+        raise _method_error(exc, ctx) from None
+
+
+def _method_error(exc: ValueError, ctx: Any) -> ConfigError:
+    """PEFT's refusal of the method's config, as the config problem it is."""
+    text = str(exc)
+    if "not found in the base model" in text or "Target modules" in text:
+        return ConfigError(
+            f"method.target_modules matches no layer of the base ({text.splitlines()[0]}); "
+            f"its linear layers are: {', '.join(ctx.linear_module_names)}"
+        )
+    return ConfigError(f"method: {text}")
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:
@@ -549,6 +797,7 @@ def _write_module(
     metrics: dict[str, float],
     history: list[dict[str, Any]],
     parent: str | None,
+    started_from: str | None = None,
 ) -> Manifest:
     import shutil
 
@@ -571,6 +820,8 @@ def _write_module(
         "config": config.resolved(),
         "description": config.output.description,
     }
+    if started_from is not None:  # the exact version the run started from, not the alias it named
+        fields["config"]["method"]["init_from"] = started_from
     if method.save_module is not None:
         task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
         return method.save_module(config.method, peft_model, module_dir, task_type=task_type, **fields)

@@ -38,8 +38,10 @@ from tunehub.errors import (  # the engine's errors live in tunehub.errors; impo
     PromptTooLong,
     RequestCancelled,
     TunehubError,
+    UnsupportedModule,
 )
 from tunehub.server.engine.base import LoadedBase
+from tunehub.server.engine.compose import MAX_CHAIN, Composition, ModuleParts, composition_key, request_parts
 from tunehub.server.engine.layers import (
     AdaptedLinear,
     AdaptedNorm,
@@ -143,8 +145,11 @@ def _preview(values: list[Any], limit: int = 5) -> str:
 class GenerationRequest:
     prompt: str | None = None
     input_ids: list[int] | None = None
-    module: str | None = None  # a module reference, or None for the base alone
+    #: a module reference (several joined by '+' are applied together), or None for the base alone
+    module: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    #: instead of ``module``: references, or (reference, weight) pairs, applied together
+    modules: list[str | tuple[str, float]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -154,7 +159,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # stop | length | cancelled
-    module: str | None  # the exact "repo@version" that answered, None for the base
+    module: str | None  # the exact "repo@version" that answered ("a@1+b@2" for a composition), None for the base
     prompt_tokens: int
     completion_tokens: int
 
@@ -243,9 +248,17 @@ class RequestHandle:
 class _Row:
     """A request inside the running batch."""
 
-    def __init__(self, handle: RequestHandle, module: LoadedModule | None, prompt_ids: list[int], stop_ids: set[int]):
+    def __init__(
+        self,
+        handle: RequestHandle,
+        module: LoadedModule | Composition | None,
+        prompt_ids: list[int],
+        stop_ids: set[int],
+        acquired: list[LoadedModule] | None = None,
+    ):
         self.handle = handle
         self.module = module
+        self.acquired = acquired if acquired is not None else ([module] if isinstance(module, LoadedModule) else [])
         self.prompt_ids = prompt_ids
         self.params = handle.request.params
         self.stop_ids = stop_ids
@@ -339,6 +352,9 @@ class Engine:
         self._plan_layers: dict[str, AdaptedLinear | AdaptedNorm] = {**self.layers, **self.norms}
         self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank, norm_layers=self.norms)
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
+        # compositions by their members (uid, weight): one object per distinct composition, so
+        # that rows composing the same modules share plans (under the plans' lock)
+        self._compositions: OrderedDict[tuple, Composition] = OrderedDict()
         # the plans hold copies of their modules' tensors: a module that leaves the pool takes
         # its plans with it (the pool calls this from any thread, so the plans have their own lock)
         self._plans_lock = threading.Lock()
@@ -422,13 +438,14 @@ class Engine:
             self._thread.join(timeout=10)
 
     @torch.no_grad()
-    def logits(self, rows: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
+    def logits(self, rows: list[tuple[list[int], str | list[str | tuple[str, float]] | None]]) -> list[torch.Tensor]:
         """Prefill logits of each row's own tokens (virtual tokens excluded), all rows in one pass.
 
         Runs in the caller's thread (between decode steps of the loop), for tests and scoring.
 
         Args:
-            rows: (token ids, module reference or None for the base) per row.
+            rows: (token ids, modules) per row: a module reference (several joined by '+'), a list
+                of references or (reference, weight) pairs, or None for the base.
 
         Returns:
             Per row, float32 logits of shape (len(ids), the LM head's vocabulary).
@@ -439,8 +456,14 @@ class Engine:
             InvalidModuleWeights, IntegrityError, ManifestError, StoreError: a row's module
                 cannot be loaded (as for :meth:`submit`).
         """
-        modules = [self.pool.acquire(ref) if ref else None for _, ref in rows]
+        modules: list[LoadedModule | Composition | None] = []
+        acquired: list[LoadedModule] = []
         try:
+            for _, ref in rows:
+                parts = request_parts(None, ref) if isinstance(ref, list) else request_parts(ref or None, None)
+                module, held = self._acquire(parts)
+                modules.append(module)
+                acquired.extend(held)
             with self._lock:
                 out, layout, _ = self._prefill_forward([self._checked_ids(ids) for ids, _ in rows], modules, keep_all=True)
             result = []
@@ -449,9 +472,7 @@ class Engine:
                 result.append(out.logits[i, start : start + len(ids)].float().clone())
             return result
         finally:
-            for module in modules:
-                if module is not None:
-                    self.pool.release(module)
+            self._release_all(acquired)
 
     # --- the loop ------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -543,18 +564,103 @@ class Engine:
         else:
             raise InvalidRequest("a request needs a prompt (a string) or input_ids")
         ids = self._checked_ids(ids)  # the tokenizer's too: a tokenizer may know more ids than the embedding
-        module = self.pool.acquire(request.module) if request.module else None
+        module, acquired = self._acquire(request_parts(request.module, request.modules))
         handle.module_key = module.key if module else None
         virtual = module.num_virtual_tokens if module else 0
         if len(ids) + virtual >= self.base.max_positions:
-            if module is not None:
-                self.pool.release(module)
+            self._release_all(acquired)
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens{f' plus {virtual} virtual' if virtual else ''};"
                 f" the context holds {self.base.max_positions}"
             )
         stop_ids = set(request.params.stop_token_ids) if request.params.stop_token_ids is not None else set(self.default_stop_ids)
-        return _Row(handle, module, ids, stop_ids)
+        return _Row(handle, module, ids, stop_ids, acquired)
+
+    # --- modules of a row: one, a composition, a chain ---------------------------------------------
+    def _acquire(self, parts: ModuleParts) -> tuple[LoadedModule | Composition | None, list[LoadedModule]]:
+        """What a row applies for ``parts`` (see :func:`~tunehub.server.engine.compose.request_parts`),
+        and every module it acquired from the pool (to release when the row ends): None for the
+        base; the module itself when one module without a parent is named at weight 1; else a
+        :class:`Composition` of the named modules with their ancestors, ancestors first.
+
+        Raises what ``pool.acquire`` raises (the message names the child when a parent cannot be
+        loaded), UnsupportedModule for modules that cannot be applied together or a chain that
+        loops or is longer than MAX_CHAIN, InvalidRequest for a module named twice with two weights."""
+        if not parts:
+            return None, []
+        acquired: list[LoadedModule] = []
+        try:
+            members: list[tuple[LoadedModule, float]] = []
+            named: list[tuple[LoadedModule, float]] = []  # what the request named: the answer's key
+            for ref, weight in parts:
+                module = self.pool.acquire(ref)
+                acquired.append(module)
+                if any(m.key == module.key for m, _ in named):
+                    raise InvalidRequest(f"{module.key} is named twice in this request (give it one weight instead)")
+                named.append((module, weight))
+                for link in self._chain(module, acquired):
+                    link_weight = weight if link is module else 1.0  # ancestors apply as the child was trained on them
+                    same = [w for m, w in members if m.key == link.key]
+                    if same and same[0] != link_weight:  # a named module that is another's parent too
+                        raise InvalidRequest(
+                            f"{link.key} is applied twice in this request (named, and as a parent), with weights"
+                            f" {same[0]:g} and {link_weight:g}"
+                        )
+                    if not same:
+                        members.append((link, link_weight))
+            if len(members) == 1 and members[0][1] == 1.0:
+                return members[0][0], acquired
+            return self._composition(members, composition_key(named)), acquired
+        except BaseException:
+            self._release_all(acquired)
+            raise
+
+    def _chain(self, module: LoadedModule, acquired: list[LoadedModule]) -> list[LoadedModule]:
+        """``module`` and its ancestors (``manifest.parent``, each an exact version) in the order
+        the trainer ran them (``init.parent``): the module itself, then the root, ..., the direct
+        parent, as PEFT's active adapters were ordered (it matters for DoRA, whose gain scales
+        what came before it). Each ancestor is acquired (and appended to ``acquired``)."""
+        chain = [module]
+        parent = module.manifest.parent
+        while parent:
+            if len(chain) > MAX_CHAIN:
+                raise UnsupportedModule(f"{module.key}: its chain of parents is longer than {MAX_CHAIN}")
+            try:
+                ancestor = self.pool.acquire(parent)
+            except TunehubError as exc:  # the same error (and status), saying whose parent it is
+                try:
+                    named = type(exc)(f"{module.key} was trained on top of {parent}, which cannot be applied: {exc}")
+                except TypeError:  # an error class with other arguments: as it is
+                    raise exc from None
+                raise named from None
+            acquired.append(ancestor)
+            if any(link.key == ancestor.key for link in chain):
+                raise UnsupportedModule(f"{module.key}: its chain of parents loops at {ancestor.key}")
+            chain.append(ancestor)
+            parent = ancestor.manifest.parent
+        return [module, *chain[:0:-1]]
+
+    def _composition(self, members: list[tuple[LoadedModule, float]], answer_key: str) -> Composition:
+        """The composition of ``members`` (one object per distinct one; ``answer_key``: what
+        responses report, the modules the request named with their versions)."""
+        key = (answer_key, *((m.uid, w) for m, w in members))
+        with self._plans_lock:
+            found = self._compositions.get(key)
+            if found is not None:
+                self._compositions.move_to_end(key)
+                return found
+        composition = Composition(members, self.materializer.next_uid(), answer_key)
+        with self._plans_lock:
+            found = self._compositions.setdefault(key, composition)
+            self._compositions.move_to_end(key)
+            while len(self._compositions) > 64:
+                _, dropped = self._compositions.popitem(last=False)
+                self._drop_plans_with(dropped.uid)
+        return found
+
+    def _release_all(self, modules: list[LoadedModule]) -> None:
+        for module in modules:
+            self.pool.release(module)
 
     def _checked_ids(self, ids: Any) -> list[int]:
         """``ids`` if every one indexes the embedding; an id outside it would fail the shared
@@ -570,7 +676,7 @@ class Engine:
         return ids
 
     # --- forward passes ------------------------------------------------------------------------
-    def _plan_for(self, modules: list[LoadedModule | None]) -> dict:
+    def _plan_for(self, modules: list[LoadedModule | Composition | None]) -> dict:
         key = tuple(m.uid if m is not None else 0 for m in modules)
         with self._plans_lock:
             plan = self._plans.get(key)
@@ -586,16 +692,22 @@ class Engine:
         return plan
 
     def _forget_plans(self, module: LoadedModule) -> None:
-        """Drop every plan built with ``module``: it left the pool, and must leave no memory
-        behind (a plan holds copies or views of its tensors)."""
+        """Drop every plan and composition built with ``module``: it left the pool, and must
+        leave no memory behind (a plan holds copies or views of its tensors)."""
         with self._plans_lock:
-            for key in [k for k in self._plans if module.uid in k]:
-                del self._plans[key]
+            for key in [k for k, c in self._compositions.items() if module in c]:
+                self._drop_plans_with(self._compositions.pop(key).uid)
+            self._drop_plans_with(module.uid)
+
+    def _drop_plans_with(self, uid: int) -> None:
+        """Drop the plans of batches that had a row with ``uid`` (under the plans' lock)."""
+        for key in [k for k in self._plans if uid in k]:
+            del self._plans[key]
 
     def _prefill_forward(
         self,
         prompts: list[list[int]],
-        modules: list[LoadedModule | None],
+        modules: list[LoadedModule | Composition | None],
         *,
         keep_all: bool = False,
         rows: list[_Row] | None = None,
@@ -780,9 +892,9 @@ class Engine:
         self._cache = _growing_cache(kv, self._room())
 
     def _release(self, row: _Row) -> None:
-        if row.module is not None:
-            self.pool.release(row.module)
-            row.module = None
+        self._release_all(row.acquired)
+        row.acquired = []
+        row.module = None
 
     def _fail_row(self, row: _Row, error: BaseException, during: str | None = None) -> None:
         """End one row's request with ``error`` (the batch it leaves is the caller's business)."""

@@ -230,28 +230,32 @@ def _peft_name(name: str) -> str:
 def build_plan(
     rows: list[Any], layers: Mapping[str, AdaptedLinear | AdaptedNorm], device: Any, dtype: Any
 ) -> dict[str, LayerPlan]:
-    """Per-layer plans for a batch whose row i uses module ``rows[i]`` (a LoadedModule, or None
-    for the base alone): at each layer some module touches, every kind group present in the
-    batch contributes its part (``ServedKind.plan_layer``), groups in registration order."""
+    """Per-layer plans for a batch whose row i uses module ``rows[i]`` (a LoadedModule or a
+    Composition, or None for the base alone): at each layer some module touches, every kind
+    group present in the batch contributes its part (``ServedKind.plan_layer``), groups in
+    the order kinds.groups() gives (by order, then registration)."""
     from tunehub.server.engine import kinds
 
-    modules = [m for m in rows if m is not None]
-    if not modules:
+    # per row: group -> that group's per-layer deltas (a composition has several groups)
+    row_groups: list[dict[int, dict[str, Any]]] = [
+        {} if m is None else {id(group): group_layers for group, group_layers in m.group_layers} for m in rows
+    ]
+    if not any(row_groups):
         return {}
     touched: set[str] = set()
-    for module in modules:
-        touched.update(module.layers)
+    for groups in row_groups:
+        for group_layers in groups.values():
+            touched.update(group_layers)
     shared = len({id(m) for m in rows}) == 1  # every row on one module
-    present = {id(m.served) for m in modules}
+    present = {key for groups in row_groups for key in groups}
     batch_groups = [g for g in kinds.groups() if id(g) in present]
-    # each group sees only its own rows' deltas; other rows (other groups, the base) get None
-    row_groups = [None if m is None else m.served for m in rows]
     plans: dict[str, LayerPlan] = {}
     for name in touched:
         layer = layers[name]
         parts: dict[str, Any] = {}
         for group in batch_groups:
-            deltas = [m.layers.get(name) if g is group else None for m, g in zip(rows, row_groups, strict=True)]
+            # each group sees only its own rows' deltas; other rows (other groups, the base) get None
+            deltas = [groups[id(group)].get(name) if id(group) in groups else None for groups in row_groups]
             if all(d is None for d in deltas):
                 continue
             part = group.plan_layer(deltas, layer, shared, device, dtype)

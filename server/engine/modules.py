@@ -50,6 +50,12 @@ class LoadedModule:
     uid: int = 0  # distinguishes a reload of the same key in plan caches
     served: kinds.ServedKind | None = None  # the group that materialised it and applies it
 
+    @property
+    def group_layers(self) -> list[tuple[kinds.ServedKind, dict[str, Any]]]:
+        """(kind group, its per-layer deltas) for each group the module uses: its own group (a
+        :class:`~tunehub.server.engine.compose.Composition` may have several)."""
+        return [] if self.served is None else [(self.served, self.layers)]
+
     def virtual_embeddings(self) -> Any:
         """(n, hidden) embeddings the prefill puts before the row's tokens, or None."""
         return None if self.served is None else self.served.virtual_embeddings(self)
@@ -314,8 +320,7 @@ class ModuleMaterializer:
             raise UnsupportedModule(kinds.refusal(kind, name))
         weights = _load_weights(module, name)
         check_finite(weights, name)
-        self._uid += 1
-        loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self._uid, served=group)
+        loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self.next_uid(), served=group)
         try:
             group.materialize(self, loaded, weights, name)
         except TunehubError:
@@ -326,6 +331,11 @@ class ModuleMaterializer:
             raise InvalidModuleWeights(f"{name}: its tensors do not form a {kind.value} module for this base ({exc})") from None
         loaded.nbytes = _tensor_bytes(loaded.layers) + _tensor_bytes(loaded.data)
         return loaded
+
+    def next_uid(self) -> int:
+        """A number no loaded module or composition has had (plans are cached by it)."""
+        self._uid += 1
+        return self._uid
 
     def check_virtual_tokens(self, count: int, name: str) -> None:
         """Refuse (UnsupportedModule) a count of virtual tokens the base's context cannot hold."""

@@ -3,6 +3,7 @@ batching, isolation, and bad input that fails one request only."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -166,6 +167,34 @@ def test_bitfit_and_norm_rows_mix_with_lora_and_match_the_trained_model(quantiza
         assert result.token_ids == _peft_greedy(model, None, ids, 6), ref
         if name is not None:  # the module changes the answer: a row served as the base could not pass
             assert (expected - _peft_logits(base_model, None, ids)).abs().max() > 1e-2, ref
+
+
+def test_a_pruned_adalora_module_matches_peft(tiny_llama_path, tmp_path):
+    """Training prunes AdaLoRA layers below their initial rank; PEFT keeps scaling them by
+    alpha / init_r (its ranknum), not by the rank that is left."""
+    from tunehub.trainer.export import save_peft_module
+    from tunehub.trainer.testing import make_peft_model
+
+    model = make_peft_model(tiny_llama_path, "adalora", seed=3, r=4)
+    names = [n.removeprefix("base_model.model.") for n, _ in model.named_parameters() if n.endswith("lora_E.default")]
+    # what RankAllocator leaves: some layers keep 2 of 4 ranks, the others all 4
+    model.peft_config["default"].rank_pattern = {
+        n: [True, False, True, False] if i % 2 else [True] * 4 for i, n in enumerate(names)
+    }
+    save_peft_module(model, tmp_path / "pruned", base_path=tiny_llama_path, kind="adalora")
+    store = LocalStore(tmp_path / "reg", cache_dir=tmp_path / "cache")
+    store.push(tmp_path / "pruned", "t/pruned")
+    engine = Engine(load_base(tiny_llama_path, quantization="none"), store)
+    try:
+        loaded = engine.pool.acquire("t/pruned")
+        assert sorted({d.rank for d in loaded.layers.values()}) == [2, 4]
+        engine.pool.release(loaded)
+        ids = engine.tokenizer("the river runs")["input_ids"]
+        [got] = engine.logits([(ids, "t/pruned")])
+    finally:
+        engine.close()
+    expected = _peft_logits(_peft_model(tiny_llama_path, SimpleNamespace(module_root=tmp_path), "pruned", "none"), None, ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_each_kind_alone_matches_its_mixed_row(tiny_llama_path, store):

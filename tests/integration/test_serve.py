@@ -883,6 +883,63 @@ def test_a_template_module_is_rendered_with_the_slots_and_runs_on_the_base(serve
     assert complete({"model": "acme/sum@1", "prompt": "still serving"}).status_code == 200
 
 
+def test_a_request_composes_modules_with_weights_and_a_template_and_tenant_rules_hold_for_every_part(server, world):
+    from tunehub.server.engine import Engine, GenerationRequest, SamplingParams, load_base
+
+    def complete(body, key=KEYS["acme"]):
+        return _post(server, "/v1/completions", {"max_tokens": 6, "temperature": 0, "ignore_eos": True, **body}, key=key)
+
+    engine = Engine(load_base(world["base"], quantization="none"), world["store"])
+    try:
+
+        def expected(prompt, **modules):
+            request = GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=6, stop_token_ids=[]), **modules)
+            return engine.generate([request])[0].text
+
+        cases = [
+            ({"model": "acme/sum@1+acme/qa", "prompt": "the river"}, "acme/sum@1+acme/qa@1", {"module": "acme/sum@1+acme/qa@1"}),
+            (
+                {"modules": [{"model": "acme/sum@1", "weight": 0.7}, {"model": "acme/sum@2", "weight": 0.3}], "prompt": "seven"},
+                "acme/sum@1*0.7+acme/sum@2*0.3",
+                {"modules": [("acme/sum@1", 0.7), ("acme/sum@2", 0.3)]},
+            ),
+        ]
+        for body, answered_by, modules in cases:
+            answer = complete(body)
+            assert answer.status_code == 200, answer.text[:300]
+            assert answer.headers["x-tunehub-module"] == answered_by and answer.json()["model"] == answered_by
+            assert answer.json()["choices"][0]["text"] == expected(body["prompt"], **modules)
+        # a template with a module: the template renders the prompt, the module answers it
+        templated = complete({"model": "acme/reverse-template+acme/sum@1", "prompt": "apple pear"})
+        assert templated.status_code == 200, templated.text[:300]
+        assert templated.headers["x-tunehub-module"] == "acme/reverse-template@1+acme/sum@1"
+        assert templated.json()["choices"][0]["text"] == expected("Reverse: apple pear\nAnswer:", module="acme/sum@1")
+    finally:
+        engine.close()
+
+    # every part passes the tenant's rules, and a refusal names none of them
+    for body, key in [
+        ({"model": "acme/sum@1+other/secret", "prompt": "x"}, KEYS["acme"]),
+        ({"model": "other/secret+acme/sum@1", "prompt": "x"}, KEYS["other"]),
+        ({"modules": [{"model": "other/secret"}, {"model": "acme/qa"}], "prompt": "x"}, KEYS["other"]),
+    ]:
+        refused = complete(body, key=key)
+        assert refused.status_code == 404 and "does not exist or this API key may not use it" in _error_of(refused)["message"]
+    for body, message in [
+        ({"model": "acme/sum+acme/sum@9", "prompt": "x"}, "does not exist or this API key may not use it"),
+        ({"model": "acme/qa+acme/qa@1", "prompt": "x"}, "named twice"),
+        ({"model": f"{BASE_NAME}+acme/sum", "prompt": "x"}, "is the base model"),
+        ({"model": "acme/sum", "modules": [{"model": "acme/qa"}], "prompt": "x"}, "'model' must name the same modules"),
+        ({"modules": [{"model": "acme/sum", "weight": "heavy"}], "prompt": "x"}, "modules[0].weight must be a number"),
+        ({"modules": [{"model": "acme/sum+acme/qa"}], "prompt": "x"}, "modules[0].model must be one module reference"),
+        ({"modules": [], "prompt": "x"}, "'modules' must be a list of 1 to 8"),
+        ({"model": "acme/reverse-template+acme/chat-template", "prompt": "x"}, "both templates"),
+    ]:
+        refused = complete(body)
+        assert 400 <= refused.status_code < 500 and message in _error_of(refused)["message"], (body, refused.text[:300])
+    assert complete({"model": "acme/sum@1", "prompt": "still serving"}).status_code == 200
+
+
 # --- open mode, nf4, SIGTERM -------------------------------------------------------------------
 
 

@@ -259,7 +259,9 @@ def test_multitask_prompt_target_runs_start_from_the_source_and_get_there_sooner
     # reloads in plain PEFT and serves in the engine with PEFT's logits
     adapter_config = json.loads((target.module_dir / "adapter_config.json").read_text())
     assert adapter_config["prompt_tuning_init"] == "RANDOM" and adapter_config["prompt_tuning_init_state_dict_path"] is None
-    assert target.manifest.parent == "t/mpt-source@1" and target.manifest.params["num_tasks"] == 1
+    # started from the source, not trained on top of it: no parent for the server to apply
+    assert target.manifest.parent is None and target.manifest.config["method"]["init_from"] == "t/mpt-source@1"
+    assert target.manifest.params["num_tasks"] == 1
     ids = torch.tensor([[1, 17, 33, 60, 101, 7, 45, 2]])
     with torch.no_grad():
         expected = target.model.eval()(input_ids=ids, task_ids=torch.tensor([0])).logits.float()

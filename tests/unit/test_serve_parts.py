@@ -215,7 +215,7 @@ def test_bad_completion_requests(body, needle):
         ("prompt", [2**70], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
         ("prompt", [], "'prompt' must be a string or a non-empty list of token ids (integers >= 0)"),
         ("prompt", "\ud800", "'prompt' is not valid Unicode text (it holds a lone surrogate escape)"),
-        ("model", "x" * 600, "'model' is longer than 512 characters"),
+        ("model", "x" * 2100, "'model' is longer than 2048 characters"),
         ("model", "acme/\udfff", "'model' is not valid Unicode text, got 'acme/\\udfff'"),
         ("stream", "yes", "'stream' must be true or false"),
     ],
@@ -514,3 +514,15 @@ def test_sdk_reads_retry_after_seconds():
 
     body = json.dumps({"error": {"message": "slow down", "type": "rate_limited"}})
     assert error_from_response(429, body, httpx.Headers({"Retry-After": "12"})).retry_after == 12
+
+
+def test_the_http_layer_limits_compositions_as_the_engine_does():
+    # the HTTP process checks compositions without loading torch; its limits must be the engine's
+    from tunehub.server import protocol
+    from tunehub.server.engine import compose
+
+    assert (protocol.MAX_MODULES, protocol.MAX_MODULE_WEIGHT) == (compose.MAX_PARTS, compose.MAX_WEIGHT)
+    parsed = protocol.parse_request(
+        {"modules": [{"model": "acme/a", "weight": 0.7}, {"model": "acme/b@2"}], "prompt": "x"}, chat=False
+    )
+    assert parsed.model == "acme/a+acme/b@2" and parsed.weights == [0.7, 1.0]

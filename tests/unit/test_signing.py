@@ -190,7 +190,7 @@ def test_lineage_shows_each_ancestor_with_its_signers(registry, keys, tmp_path):
     assert provenance["signed"] is False
     [parent] = provenance["lineage"]
     assert parent["resolved"] == "acme/dapt@1" and parent["verified_by"] == [load_trusted_keys([keys["team.pub"]])[0].key_id]
-    reg.delete("acme/dapt@1")
+    reg.delete("acme/dapt@1", force=True)  # its child stays, with a broken lineage
     assert "error" in reg.provenance("acme/sum")["lineage"][0]
 
 
@@ -315,7 +315,8 @@ def test_training_on_a_parent_refuses_one_the_policy_refuses_before_loading_anyt
         "method": {"name": "lora", "r": 4},
         "objective": {"name": "sft"},
         "data": {"train": str(tmp_path / "x.jsonl")},
-        "output": {"dir": str(tmp_path / "out"), "parent": "acme/dapt@1", "registry": registry},
+        "init": {"parent": "acme/dapt@1"},
+        "output": {"dir": str(tmp_path / "out"), "registry": registry},
     }
     config = validate_run_config(raw)
     with pytest.raises(UnsignedModule, match="acme/dapt@1: refused"):

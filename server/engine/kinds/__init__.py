@@ -41,6 +41,9 @@ class ServedKind:
     kinds: tuple[ModuleKind, ...] = ()
     #: when only some modules of the group's kinds can be mixed, which (e.g. "biases, norms only")
     mixes_only: str = ""
+    #: where the group's part applies at a layer among the others' (lower first; registration
+    #: order breaks ties): it decides what a row composing several groups' modules computes
+    order: int = 0
 
     def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
         """Fill ``loaded.layers`` (layer name -> this group's delta) and/or ``loaded.data`` from
@@ -58,6 +61,22 @@ class ServedKind:
         ``shared``: every row of the batch uses one module. The part has ``before`` and/or
         ``after`` callables (None when unused)."""
         return None
+
+    def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
+        """Per-layer deltas (as in ``LoadedModule.layers``) that apply ``members`` (modules of this
+        group, each with its weight) together in one row: a composition or a chain (``name``
+        names it in errors). The default takes one module at weight 1 and refuses the rest with
+        UnsupportedModule; groups whose deltas add up override it."""
+        from tunehub.errors import UnsupportedModule
+
+        if len(members) > 1:
+            raise UnsupportedModule(
+                f"{name}: {len(members)} modules of the {self.name} group cannot be applied together; a composition takes one"
+            )
+        module, weight = members[0]
+        if weight != 1.0:
+            raise UnsupportedModule(f"{name}: {module.key} ({module.kind.value}) takes no weight: it must be 1, not {weight:g}")
+        return module.layers
 
     def virtual_embeddings(self, module: LoadedModule) -> torch.Tensor | None:
         """(n, hidden) embeddings prefilled before the row's own tokens, or None."""
@@ -128,10 +147,12 @@ def served_kind(kind: ModuleKind) -> ServedKind | None:
 
 
 def groups() -> list[ServedKind]:
-    """The registered groups, in registration order."""
+    """The registered groups in the order their parts apply at a layer: by ``order``, then
+    registration."""
     discover()
     with _LOCK:
-        return list(_GROUPS.values())
+        registered = list(_GROUPS.values())
+    return sorted(registered, key=lambda group: group.order)  # stable: registration breaks ties
 
 
 def stacked_row_vectors(deltas: list[Any], attr: str, width: int, device: Any, dtype: Any) -> Any:

@@ -68,6 +68,9 @@ def _matches(names: set[str], layer: str) -> bool:
 class IA3(ServedKind):
     name = "ia3"
     kinds = (ModuleKind.IA3,)
+    # last: composed with other kinds in one row, IA3 rescales the whole adapted layer (its input
+    # before every group, its output after every other delta), as when it is trained on top of them
+    order = 10
 
     def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
         feedforward = set(loaded.manifest.params.get("feedforward_modules") or [])
@@ -92,6 +95,21 @@ class IA3(ServedKind):
                         f"{name}: IA3 vector at {layer} has {vector.numel()} entries, the layer gives {target.out_features}"
                     )
                 loaded.layers[layer] = IA3Delta(out_scale=vector.contiguous())
+
+    def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
+        # PEFT multiplies the vectors of active IA3 adapters; a weight w scales a vector's
+        # departure from identity (1 + w (l - 1)): w = 1 is the module, w = 0 no change
+        combined: dict[str, IA3Delta] = {}
+        for module, weight in members:
+            for layer, delta in module.layers.items():
+                entry = combined.setdefault(layer, IA3Delta())
+                for attr in ("in_scale", "out_scale"):
+                    vector = getattr(delta, attr)
+                    if vector is not None:
+                        scaled = 1 + weight * (vector - 1)
+                        previous = getattr(entry, attr)
+                        setattr(entry, attr, scaled if previous is None else previous * scaled)
+        return combined
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> IA3Part | None:
         in_scale = stacked_row_vectors(deltas, "in_scale", layer.in_features, device, dtype)

@@ -2,13 +2,18 @@
 
 At load, per layer ``A`` (r x in), ``B`` (out x r) and a scale; AdaLoRA's ``E`` is folded into
 ``A``; DoRA's per-output magnitude over the row norm of ``W + s B A`` is precomputed as
-``dora_gain`` (PEFT detaches that norm, so it is a constant at inference).
+``dora_gain`` (PEFT detaches that norm, so it is a constant at inference) and folded into ``B``'s rows.
 
 In a batch, for row i with module m_i (PEFT's equations, batched):
 
     d_i  = s_i * B_i A_i x_i                                  one bmm over rows
     out  = y_i + d_i                                          LoRA, AdaLoRA
-    out  = y_i + (g_i - 1) (y_i - bias) + g_i d_i             DoRA, g_i = m_i / ||W + s_i B_i A_i||
+    out  = y_i + (g_i - 1) (y_i - bias) + d_i                 DoRA, g_i = m_i / ||W + s_i B_i A_i||, B_i = g_i B
+
+A composition of several low-rank modules in one row (weights w_k) is one delta of their ranks
+side by side, as PEFT applies active adapters one after the other: A = [A_1; A_2],
+B = [w_1 s_1 B_1, w_2 s_2 B_2], s = 1; a DoRA among them scales the base and the deltas before
+it by 1 + w_k (g_k - 1) (see ``combine``).
 
 Rows without a delta at a layer get zero matrices (ranks are zero-padded to the batch's
 largest), so one bmm serves modules of different ranks and target layers.
@@ -44,7 +49,7 @@ class LayerDelta:
     lora_a: Any = None  # (r, in)
     lora_b: Any = None  # (out, r)
     scale: float = 0.0
-    dora_gain: Any = None  # (out,): magnitude / ||W + s B A||_row
+    dora_gain: Any = None  # (out,): magnitude / ||W + s B A||_row, already folded into lora_b
 
     @property
     def rank(self) -> int:
@@ -72,7 +77,7 @@ class LowRankPart:
             return y + delta
         bias = getattr(layer.base, "bias", None)
         plain = y if bias is None else y - bias
-        return y + (self.dora_gain - 1) * plain + self.dora_gain * delta
+        return y + (self.dora_gain - 1) * plain + delta  # the gain is in B already
 
 
 def dora_norms(layer: AdaptedLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -141,7 +146,9 @@ class LowRank(ServedKind):
                 if e.numel() != rank:
                     raise IncompatibleBase(f"{name}: {layer}.lora_E has shape {tuple(e.shape)}, the layer's rank is {rank}")
                 a = a * e.float().reshape(rank, 1)  # fold the singular values into A
-                scale = alpha / (float(rank) + 1e-5)  # PEFT divides by the live rank (ranknum)
+                # PEFT divides by ranknum, which stays the initial rank when training prunes a layer
+                # (a loaded module's layers are built at init_r, then cut to the saved rank)
+                scale = alpha / (float(params.get("init_r") or rank) + 1e-5)
             else:
                 # the tensor's own rank is the layer's rank (rank_pattern is already applied to it)
                 layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
@@ -159,10 +166,34 @@ class LowRank(ServedKind):
                 with torch.no_grad():
                     norm = dora_norms(target, a, b, scale)
                 delta.dora_gain = (magnitude.float().reshape(-1) / norm).contiguous()
+                delta.lora_b = (delta.dora_gain.unsqueeze(1) * b).contiguous()
             loaded.layers[layer] = delta
         # what load computed from finite weights can still overflow (DoRA's gain over a zero norm)
         for layer, delta in loaded.layers.items():
             check_finite({"dora_gain": delta.dora_gain}, name, f"the computed {layer}")
+
+    def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
+        # as PEFT applies active adapters, in order: a LoRA adds its delta; a DoRA (gain g, weight
+        # w) scales everything before it, base and earlier deltas, by f = 1 + w (g - 1), then adds
+        # its own. So the gains multiply, and earlier deltas' rows are rescaled by later gains.
+        combined: dict[str, LayerDelta] = {}
+        for layer in dict.fromkeys(layer for module, _ in members for layer in module.layers):
+            lora_a: list[torch.Tensor] = []
+            lora_b: list[torch.Tensor] = []
+            gain: torch.Tensor | None = None
+            for module, weight in members:
+                delta = module.layers.get(layer)
+                if delta is None or not delta.rank:
+                    continue
+                if delta.dora_gain is not None:
+                    factor = 1 + weight * (delta.dora_gain - 1)
+                    lora_b = [factor.unsqueeze(1) * b for b in lora_b]
+                    gain = factor if gain is None else gain * factor
+                lora_a.append(delta.lora_a)
+                lora_b.append(delta.lora_b * (weight * delta.scale))
+            if lora_a:
+                combined[layer] = LayerDelta(lora_a=torch.cat(lora_a), lora_b=torch.cat(lora_b, dim=1), scale=1.0, dora_gain=gain)
+        return combined
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> LowRankPart | None:
         batch = len(deltas)

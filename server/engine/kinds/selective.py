@@ -111,6 +111,18 @@ class Selective(ServedKind):
             entry = loaded.layers.setdefault(layer, VectorDelta())
             setattr(entry, "weight" if param == "weight" else "bias", delta.contiguous())
 
+    def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
+        combined: dict[str, VectorDelta] = {}
+        for module, weight in members:
+            for layer, delta in module.layers.items():
+                entry = combined.setdefault(layer, VectorDelta())
+                for attr in ("bias", "weight"):
+                    vector = getattr(delta, attr)
+                    if vector is not None:
+                        previous = getattr(entry, attr)
+                        setattr(entry, attr, weight * vector if previous is None else previous + weight * vector)
+        return combined
+
     def plan_layer(self, deltas: list[Any], layer: Any, shared: bool, device: Any, dtype: Any) -> SelectivePart | None:
         bias = _stacked(deltas, "bias", layer.out_features, device, dtype)
         weight = _stacked(deltas, "weight", layer.out_features, device, dtype)

@@ -6,8 +6,9 @@ average of its tasks, or one of them) instead of from scratch.
 - Source run: every ``data.train`` source is one task (its index is the task id); no
   ``init_from``.
 - Target run: ``init_from: acme/mpt-source@1`` (a registry reference; pulled and verified, under
-  the run's trust policy) and one task; the source becomes the module's ``parent`` unless
-  ``output.parent`` says otherwise.
+  the run's trust policy) and one task; the manifest's config records the source's exact version
+  (``method.init_from``). The source is no ``parent``: the target starts from its prompt but is
+  served alone.
 
 The saved module stands alone: its PEFT config says ``RANDOM`` init (the weights are in the
 file), so loading it needs neither the source nor the path it was pulled to.
