@@ -183,7 +183,7 @@ def _lineage(source: _Source, modules: _Modules) -> list[_Source]:
             raise ConfigError(
                 f"{child} records its parent as {parent!r}, which names no exact version (an alias or latest"
                 " moves, so which version it was trained on is unknown); export merges exact versions only:"
-                " record the parent as NAME@N (output.parent) and train it again"
+                " record the parent as NAME@N (init.parent) and train it again"
             )
         if len(chain) >= MAX_CHAIN:
             raise ConfigError(f"{source.name}: its parent chain is longer than {MAX_CHAIN} modules; export stops there")
