@@ -653,6 +653,7 @@ def profile_decode(
         "tunehub_mixed": engine_batch([f"{NAMESPACE}/{m}" for m in loras]),
         "tunehub_mixed_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in KIND_ROWS]),
         "tunehub_all_kinds": engine_batch([f"{NAMESPACE}/{m}" for m in ALL_KIND_ROWS], all_kinds_prompts),
+        "tunehub_composed": engine_batch(["+".join(f"{NAMESPACE}/{part}" for part in row.split("+")) for row in COMPOSED_ROWS]),
         "peft_single": peft_batch(prompts, loras[0]),
         "peft_adapter_names": peft_batch(prompts, None, loras),
         "peft_one_row (a step of peft_sequential)": peft_batch(prompts[:1], loras[1]),

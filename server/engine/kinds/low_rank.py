@@ -57,27 +57,33 @@ class LayerDelta:
 
 
 class LowRankPart:
-    """A batch's low-rank deltas at one layer: added after the base."""
+    """A batch's low-rank deltas at one layer: added after the base. Built once per batch
+    composition, so what does not depend on x is folded in here: each row's scale into its B,
+    DoRA's gain minus one and that times the bias (the step then costs two bmm and three
+    in-place element-wise ops)."""
 
-    __slots__ = ("lora_a", "lora_b", "row_scale", "dora_gain")
+    __slots__ = ("lora_a", "lora_b", "gain_minus_one", "gain_bias")
 
-    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, row_scale: torch.Tensor, dora_gain: torch.Tensor | None):
+    def __init__(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, gain_minus_one: torch.Tensor | None, gain_bias: torch.Tensor | None
+    ):
         self.lora_a = lora_a  # (B, in, R), or (in, R) when every row shares one module
-        self.lora_b = lora_b  # (B, R, out), or (R, out)
-        self.row_scale = row_scale  # (B, 1, 1): s_i, 0 for rows without a delta here
-        self.dora_gain = dora_gain  # (B, 1, out): 1 for rows that are not DoRA
+        self.lora_b = lora_b  # (B, R, out), or (R, out): scaled by each row's s_i (0 for rows without a delta)
+        self.gain_minus_one = gain_minus_one  # (B, 1, out): DoRA's g_i - 1, 0 for rows that are not DoRA
+        self.gain_bias = gain_bias  # (B, 1, out): (g_i - 1) * bias, None when the layer has no bias
 
     def after(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.lora_a.dim() == 2:  # one module for every row: plain matmuls
             delta = (x @ self.lora_a) @ self.lora_b
         else:
             delta = torch.bmm(torch.bmm(x, self.lora_a), self.lora_b)
-        delta = delta * self.row_scale
-        if self.dora_gain is None:
-            return y + delta
-        bias = getattr(layer.base, "bias", None)
-        plain = y if bias is None else y - bias
-        return y + (self.dora_gain - 1) * plain + delta  # the gain is in B already
+        if delta.dtype != y.dtype:  # the steps below write into delta, a tensor of this call's own
+            delta = delta.to(y.dtype)
+        if self.gain_minus_one is not None:  # DoRA: y + (g - 1)(y - bias) + d, the gain being in B already
+            delta.addcmul_(self.gain_minus_one, y)
+            if self.gain_bias is not None:
+                delta.sub_(self.gain_bias)
+        return delta.add_(y)
 
 
 def dora_norms(layer: AdaptedLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -201,24 +207,29 @@ class LowRank(ServedKind):
         max_rank = max(ranks)
         if not max_rank:
             return None
+        scales = [d.scale if d is not None and d.rank else 0.0 for d in deltas]
         if shared:
             d = deltas[0]
             lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
-            lora_b = d.lora_b.t().contiguous().to(device=device, dtype=dtype)
+            lora_b = (d.lora_b.t() * scales[0]).contiguous().to(device=device, dtype=dtype)
         else:
             a = torch.zeros(batch, layer.in_features, max_rank)
             b = torch.zeros(batch, max_rank, layer.out_features)
             for i, d in enumerate(deltas):
                 if d is not None and d.rank:
                     a[i, :, : d.rank] = d.lora_a.t()
-                    b[i, : d.rank, :] = d.lora_b.t()
+                    b[i, : d.rank, :] = d.lora_b.t() * scales[i]
             lora_a = a.to(device=device, dtype=dtype)
             lora_b = b.to(device=device, dtype=dtype)
-        row_scale = torch.tensor([d.scale if d is not None and d.rank else 0.0 for d in deltas], dtype=dtype, device=device).view(
-            batch, 1, 1
-        )
-        dora_gain = stacked_row_vectors(deltas, "dora_gain", layer.out_features, device, dtype)
-        return LowRankPart(lora_a, lora_b, row_scale, dora_gain)
+        gain = stacked_row_vectors(deltas, "dora_gain", layer.out_features, device, torch.float32)
+        gain_minus_one = gain_bias = None
+        if gain is not None:
+            gain_minus_one = gain - 1
+            bias = getattr(layer.base, "bias", None)
+            if bias is not None:
+                gain_bias = (gain_minus_one * bias.detach().to(device=device, dtype=torch.float32)).to(dtype)
+            gain_minus_one = gain_minus_one.to(dtype)
+        return LowRankPart(lora_a, lora_b, gain_minus_one, gain_bias)
 
 
 register_kind(LowRank())
