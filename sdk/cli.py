@@ -484,7 +484,7 @@ def train(
     check: bool = typer.Option(False, "--check", help="validate the config and stop"),
     list_methods: bool = typer.Option(False, "--list-methods", help="list the training methods and stop"),
 ) -> None:
-    """Train a task module as the run YAML says. With --trust, output.parent must pass the policy."""
+    """Train a task module as the run YAML says. With --trust, init.parent (and its chain) must pass the policy."""
     from tunehub.sdk.registry import trust_policy
     from tunehub.trainer.config import load_run_config
 
