@@ -108,7 +108,6 @@ class Composition:
                 " (prompt, P-tuning, multitask prompt or prefix)"
             )
         self._virtual = virtual[0] if virtual else None
-        self.layers = {layer: True for _, layers in self.group_layers for layer in layers}  # the layers it touches
 
     def virtual_embeddings(self) -> Any:
         return None if self._virtual is None else self._virtual.virtual_embeddings()
