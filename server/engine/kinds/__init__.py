@@ -170,6 +170,20 @@ def stacked_row_vectors(deltas: list[Any], attr: str, width: int, device: Any, d
     return stacked.to(device=device, dtype=dtype)
 
 
+def combine_vectors(members: list[tuple[LoadedModule, float]], make: Any, attrs: tuple[str, ...], fold: Any) -> dict[str, Any]:
+    """Per layer, one ``make()`` delta whose ``attrs`` fold every member's vector in turn:
+    ``fold(so_far or None, vector, weight)``; how vector kinds (IA3, selective) compose."""
+    combined: dict[str, Any] = {}
+    for module, weight in members:
+        for layer, delta in module.layers.items():
+            entry = combined.setdefault(layer, make())
+            for attr in attrs:
+                vector = getattr(delta, attr)
+                if vector is not None:
+                    setattr(entry, attr, fold(getattr(entry, attr), vector, weight))
+    return combined
+
+
 def carries_tokenizer(manifest: Manifest) -> bool:
     """Whether ``manifest``'s module (or one of its components) brings its own tokenizer, so the
     base's tokenizer fingerprint need not match the one it was trained with."""
@@ -187,6 +201,7 @@ __all__ = [
     "NOT_SERVABLE",
     "ServedKind",
     "carries_tokenizer",
+    "combine_vectors",
     "discover",
     "groups",
     "refusal",

@@ -16,7 +16,7 @@ import torch
 
 from tunehub.errors import IncompatibleBase
 from tunehub.registry.manifest import ModuleKind
-from tunehub.server.engine.kinds import ServedKind, register_kind, stacked_row_vectors
+from tunehub.server.engine.kinds import ServedKind, combine_vectors, register_kind, stacked_row_vectors
 from tunehub.server.engine.layers import AdaptedLinear
 from tunehub.server.engine.modules import (
     InvalidModuleWeights,
@@ -99,17 +99,11 @@ class IA3(ServedKind):
     def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
         # PEFT multiplies the vectors of active IA3 adapters; a weight w scales a vector's
         # departure from identity (1 + w (l - 1)): w = 1 is the module, w = 0 no change
-        combined: dict[str, IA3Delta] = {}
-        for module, weight in members:
-            for layer, delta in module.layers.items():
-                entry = combined.setdefault(layer, IA3Delta())
-                for attr in ("in_scale", "out_scale"):
-                    vector = getattr(delta, attr)
-                    if vector is not None:
-                        scaled = 1 + weight * (vector - 1)
-                        previous = getattr(entry, attr)
-                        setattr(entry, attr, scaled if previous is None else previous * scaled)
-        return combined
+        def fold(so_far: Any, vector: Any, weight: float) -> Any:
+            scaled = 1 + weight * (vector - 1)
+            return scaled if so_far is None else so_far * scaled
+
+        return combine_vectors(members, IA3Delta, ("in_scale", "out_scale"), fold)
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> IA3Part | None:
         in_scale = stacked_row_vectors(deltas, "in_scale", layer.in_features, device, dtype)

@@ -20,7 +20,7 @@ import torch
 
 from tunehub.errors import IncompatibleBase
 from tunehub.registry.manifest import ModuleKind
-from tunehub.server.engine.kinds import ServedKind, register_kind
+from tunehub.server.engine.kinds import ServedKind, combine_vectors, register_kind
 from tunehub.server.engine.modules import InvalidModuleWeights, LoadedModule, ModuleMaterializer, UnsupportedModule
 
 #: what to do with a selective module whose tensors the engine cannot mix (the one place)
@@ -112,16 +112,10 @@ class Selective(ServedKind):
             setattr(entry, "weight" if param == "weight" else "bias", delta.contiguous())
 
     def combine(self, members: list[tuple[LoadedModule, float]], name: str) -> dict[str, Any]:
-        combined: dict[str, VectorDelta] = {}
-        for module, weight in members:
-            for layer, delta in module.layers.items():
-                entry = combined.setdefault(layer, VectorDelta())
-                for attr in ("bias", "weight"):
-                    vector = getattr(delta, attr)
-                    if vector is not None:
-                        previous = getattr(entry, attr)
-                        setattr(entry, attr, weight * vector if previous is None else previous + weight * vector)
-        return combined
+        def fold(so_far: Any, vector: Any, weight: float) -> Any:  # deltas add up, each weighted
+            return weight * vector if so_far is None else so_far + weight * vector
+
+        return combine_vectors(members, VectorDelta, ("bias", "weight"), fold)
 
     def plan_layer(self, deltas: list[Any], layer: Any, shared: bool, device: Any, dtype: Any) -> SelectivePart | None:
         bias = _stacked(deltas, "bias", layer.out_features, device, dtype)
