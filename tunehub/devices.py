@@ -54,6 +54,8 @@ def load_quantized(model_cls: Any, path: str | Path, **kwargs: Any) -> Any:
     """``model_cls.from_pretrained(path, **kwargs)`` for a 4-bit/8-bit load, reading each tensor
     with ``pread`` as it is quantized instead of memory-mapping the checkpoint.
 
+    Its 4-bit layers keep the layout that dequantizing reads (:func:`tunehub.quantization.keep_4bit_layout`).
+
     transformers maps every safetensors file for the whole load and keeps the pages it touched
     resident, so a quantizing load peaks at the full-precision checkpoint's size next to the
     quantized copy: more than the 4-bit model will ever need. Reading tensor by tensor keeps
@@ -61,16 +63,22 @@ def load_quantized(model_cls: Any, path: str | Path, **kwargs: Any) -> Any:
     (no local safetensors files, an older safetensors without the pread backend)."""
     from transformers import AutoConfig
 
+    from tunehub.quantization import keep_4bit_layout
+
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files or kwargs.get("state_dict") is not None:
-        return model_cls.from_pretrained(path, **kwargs)
+        model = model_cls.from_pretrained(path, **kwargs)
+        keep_4bit_layout(model)
+        return model
     try:
         from safetensors import safe_open
 
         handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
     except TypeError:  # safetensors without the backend argument
-        return model_cls.from_pretrained(path, **kwargs)
+        model = model_cls.from_pretrained(path, **kwargs)
+        keep_4bit_layout(model)
+        return model
     config = kwargs.pop("config", None)
     state_dict = {}
     for handle in handles:
@@ -92,6 +100,7 @@ def load_quantized(model_cls: Any, path: str | Path, **kwargs: Any) -> Any:
     # looking for the base's config on the Hub, a warning offline)
     model.config.name_or_path = str(path)
     model.name_or_path = str(path)
+    keep_4bit_layout(model)  # dequantizing must stay right after the first forward
     return model
 
 

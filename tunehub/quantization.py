@@ -42,4 +42,22 @@ def bnb_config(quantization: str, compute_dtype: ComputeDtype = "auto", device: 
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-__all__ = ["QUANTIZATIONS", "Quantization", "bnb_config"]
+def keep_4bit_layout(model: Any) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the layout ``dequantize_4bit`` reads;
+    returns how many layers it set.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 on) repacks a ``Linear4bit``'s weight for its
+    CPU kernel on the first forward in eval mode, and changes the quantization state with it.
+    Everything that dequantizes the weight afterwards (PEFT's DoRA norms and merges, the
+    engine's DoRA gains, ``export --merge``) then reads the repacked bytes as if they were NF4
+    and gets wrong values. Turning that repacking off (the layer's own switch) keeps one layout
+    for the layer's whole life; its matmuls compute as on any other CPU."""
+    count = 0
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+__all__ = ["QUANTIZATIONS", "Quantization", "bnb_config", "keep_4bit_layout"]

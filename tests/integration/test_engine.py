@@ -11,6 +11,7 @@ import torch
 from tests.unit.test_engine_isolation import push_unchecked
 from tunehub.devices import resolve_compute_dtype
 from tunehub.errors import IncompatibleBase, ModuleNotFound
+from tunehub.quantization import keep_4bit_layout
 from tunehub.registry.local import LocalStore
 from tunehub.server.engine import (
     Engine,
@@ -78,6 +79,7 @@ def _peft_model(base_path, store, kind, quantization):
             "device_map": {"": "cpu"},
         }
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).eval()
+    keep_4bit_layout(model)  # PEFT's DoRA dequantizes the base: the layout it reads (as tunehub loads it)
     if kind is None:
         return model
     return PeftModel.from_pretrained(model, store.module_root / kind).eval()
@@ -154,6 +156,11 @@ def test_bitfit_and_norm_rows_mix_with_lora_and_match_the_trained_model(quantiza
         ]
     )
     engine.close()
+    # nf4 or not, one kernel and one order of operations; but where nf4 computes in bf16, the
+    # trained model's bias is rounded to bf16 inside the 4-bit matmul while the engine adds the
+    # row's bias delta after it in fp32 (about 1.5e-3 apart on these logits)
+    bf16 = quantization == "nf4" and resolve_compute_dtype("auto") == torch.bfloat16
+    tolerance = 4e-3 if bf16 else 1e-4
     base_model = _peft_model(base_path, None, None, quantization)
     for (ids, ref), got, result in zip(rows, logits, results, strict=True):
         model = _peft_model(base_path, None, None, quantization)  # the trained model: the base with the module's tensors
@@ -163,7 +170,7 @@ def test_bitfit_and_norm_rows_mix_with_lora_and_match_the_trained_model(quantiza
         elif name is not None:
             apply_selective(model, tmp_path / name)
         expected = _peft_logits(model, None, ids)
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)  # nf4 or not: one kernel, one order of operations
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
         assert result.token_ids == _peft_greedy(model, None, ids, 6), ref
         if name is not None:  # the module changes the answer: a row served as the base could not pass
             assert (expected - _peft_logits(base_model, None, ids)).abs().max() > 1e-2, ref

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tunehub.devices import resolve_compute_dtype
+from tunehub.quantization import keep_4bit_layout
 from tunehub.registry.module import verify_module
 from tunehub.trainer.config import validate_run_config
 from tunehub.trainer.run import train
@@ -61,7 +62,9 @@ def _load_base(path, objective, quantization):
             bnb_4bit_compute_dtype=resolve_compute_dtype("auto"),  # as the trainer chose it here
         )
         kwargs["device_map"] = {"": "cpu"}
-    return _loader(objective).from_pretrained(path, **kwargs)
+    model = _loader(objective).from_pretrained(path, **kwargs)
+    keep_4bit_layout(model)  # PEFT's DoRA dequantizes the base: the layout it reads (as tunehub loads it)
+    return model
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

@@ -78,12 +78,15 @@ def test_reusing_allocator_keeps_freed_blocks_for_the_next_ones():
 def test_quantizing_load_reads_tensor_by_tensor_and_equals_the_plain_load(tiny_llama_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tunehub.quantization import keep_4bit_layout
+
     def nf4():
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
         )
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
+    keep_4bit_layout(plain)  # as load_quantized keeps its layers (bitsandbytes' CPU repacking computes otherwise)
     lean = devices.load_quantized(AutoModelForCausalLM, tiny_llama_path, quantization_config=nf4(), device_map={"": "cpu"})
     assert type(lean) is type(plain) and type(lean.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ids = torch.arange(4, 30)[None]

@@ -73,3 +73,25 @@ def test_no_quantization_is_no_config_and_an_unknown_one_is_refused():
     assert bnb_config("none") is None
     with pytest.raises(ConfigError, match="nf4, int8, none"):
         bnb_config("fp8")
+
+
+def test_a_loaded_4bit_base_still_dequantizes_right_after_a_forward(tiny_llama_path):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel on the first eval forward where the CPU
+    has AVX512-BF16, after which dequantizing (PEFT's DoRA norms, merges, the engine's DoRA gains)
+    read the wrong bytes; tunehub's loads keep the dequantizable layout. (On a CPU without
+    AVX512-BF16 bitsandbytes never repacks, and this holds either way.)"""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers import AutoModelForCausalLM
+
+    from tunehub.devices import load_quantized
+
+    model = load_quantized(AutoModelForCausalLM, tiny_llama_path, quantization_config=bnb_config("nf4"), device_map={"": "cpu"})
+    model.eval()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.support_avx512bf16_for_cpu is False
+    before = dequantize_module_weight(layer).float().clone()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 13]]))
+    after = dequantize_module_weight(layer).float()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -4,9 +4,11 @@
     y_i' = y_i + f_i(y_i D_i + d_i) U_i + u_i      D_i: (out, m_i), U_i: (m_i, out), f_i the module's non-linearity
 
 In a batch the down and up projections are gathered per row, zero-padded to the batch's widest
-bottleneck (one bmm each for all rows); rows without a block at the layer get zero matrices and
-zero biases, so their delta is exactly zero. Rows of different non-linearities get each their own
-(relu, gelu, silu and tanh all map 0 to 0, so a padded column stays 0 through any of them).
+bottleneck (one bmm each for the rows that have a block). When only some rows have one (a
+bottleneck composed into one row of a batch), only those rows are computed: their outputs are
+gathered, and the blocks' outputs added back at their rows; the other rows pass unchanged. Rows of
+different non-linearities get each their own (relu, gelu, silu and tanh all map 0 to 0, so a padded
+column stays 0 through any of them).
 """
 
 from __future__ import annotations
@@ -58,17 +60,33 @@ class BottleneckDelta:
 class BottleneckPart:
     """A batch's bottleneck blocks at one layer, added after the base."""
 
-    __slots__ = ("down", "down_bias", "up", "up_bias", "activations")
+    __slots__ = ("down", "down_bias", "up", "up_bias", "activations", "rows")
 
-    def __init__(self, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor, activations: Any):
-        self.down = down  # (B, out, M), or (out, M) when every row shares one module
-        self.down_bias = down_bias  # (B, 1, M), or (M,)
-        self.up = up  # (B, M, out), or (M, out)
-        self.up_bias = up_bias  # (B, 1, out), or (out,)
-        # one name for the whole batch, or (name, (B, 1, 1) bool mask of its rows) per non-linearity
+    def __init__(
+        self,
+        down: torch.Tensor,
+        down_bias: torch.Tensor,
+        up: torch.Tensor,
+        up_bias: torch.Tensor,
+        activations: Any,
+        rows: torch.Tensor | None = None,
+    ):
+        self.down = down  # (K, out, M) for the K rows with a block, or (out, M) when every row shares one module
+        self.down_bias = down_bias  # (K, 1, M), or (M,)
+        self.up = up  # (K, M, out), or (M, out)
+        self.up_bias = up_bias  # (K, 1, out), or (out,)
+        # one name for the whole batch, or (name, (K, 1, 1) bool mask of its rows) per non-linearity
         self.activations = activations
+        self.rows = rows  # (K,) batch indices of the rows with a block; None when every row has one
 
     def after(self, layer: AdaptedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return y + self._blocks(y)
+        # a block costs its weights' bytes per row: rows without one skip it
+        return y.index_add(0, self.rows, self._blocks(y.index_select(0, self.rows)))
+
+    def _blocks(self, y: torch.Tensor) -> torch.Tensor:
+        """f(y D + d) U + u for the rows of ``y``, which are this part's rows."""
         if self.down.dim() == 2:  # one module for every row: plain matmuls
             h = y @ self.down + self.down_bias
         else:
@@ -81,8 +99,8 @@ class BottleneckPart:
                 mixed = torch.where(rows, NON_LINEARITIES[name](h), mixed)
             h = mixed
         if self.up.dim() == 2:
-            return y + (h @ self.up + self.up_bias)
-        return y + torch.baddbmm(self.up_bias, h, self.up)
+            return h @ self.up + self.up_bias
+        return torch.baddbmm(self.up_bias, h, self.up)
 
 
 class Bottleneck(ServedKind):
@@ -146,30 +164,33 @@ class Bottleneck(ServedKind):
                 d.up_bias.to(device=device, dtype=dtype),
                 d.non_linearity,
             )
-        batch, width = len(deltas), max(d.width for d in present)
-        down = torch.zeros(batch, out, width)
-        down_bias = torch.zeros(batch, 1, width)
-        up = torch.zeros(batch, width, out)
-        up_bias = torch.zeros(batch, 1, out)
-        for i, d in enumerate(deltas):
-            if d is not None:
-                down[i, :, : d.width] = d.down.t()
-                down_bias[i, 0, : d.width] = d.down_bias
-                up[i, : d.width, :] = d.up.t()
-                up_bias[i, 0] = d.up_bias
+        count, width = len(present), max(d.width for d in present)
+        down = torch.zeros(count, out, width)
+        down_bias = torch.zeros(count, 1, width)
+        up = torch.zeros(count, width, out)
+        up_bias = torch.zeros(count, 1, out)
+        for i, d in enumerate(present):
+            down[i, :, : d.width] = d.down.t()
+            down_bias[i, 0, : d.width] = d.down_bias
+            up[i, : d.width, :] = d.up.t()
+            up_bias[i, 0] = d.up_bias
         names = sorted({d.non_linearity for d in present})
         activations: Any = names[0]
-        if len(names) > 1:  # rows without a block take the first: their up projection is zero
-            row_names = [d.non_linearity if d is not None else names[0] for d in deltas]
+        if len(names) > 1:
             activations = [
-                (name, torch.tensor([row == name for row in row_names], device=device).view(batch, 1, 1)) for name in names
+                (name, torch.tensor([d.non_linearity == name for d in present], device=device).view(count, 1, 1))
+                for name in names
             ]
+        rows = None
+        if count < len(deltas):
+            rows = torch.tensor([i for i, d in enumerate(deltas) if d is not None], device=device)
         return BottleneckPart(
             down.to(device=device, dtype=dtype),
             down_bias.to(device=device, dtype=dtype),
             up.to(device=device, dtype=dtype),
             up_bias.to(device=device, dtype=dtype),
             activations,
+            rows,
         )
 
 
