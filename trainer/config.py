@@ -102,6 +102,12 @@ class TrainingConfig(_Section):
         " auto: lean for nf4/int8 bases (QLoRA is for memory), default otherwise",
     )
     seed: int = 0
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="several processes (accelerate launch, torchrun): ddp keeps the whole base on each; fsdp shards"
+        " the base's weights across them (transformers' FSDP2, full-precision bases), the trained adapter stays whole"
+        " on each; ignored by one process",
+    )
 
 
 class InitConfig(_Section):
@@ -260,6 +266,17 @@ def combination_problems(config: RunConfig) -> list[str]:
     if config.training.optimizer.startswith("paged") and config.base.quantization == "none":
         problems.append("training.optimizer: paged optimizers are for quantized (nf4/int8) bases; use adamw_torch")
     problems += [f"method: {p}" for p in get_method(config.method.name).check(config.method, config)]
+    if config.training.distributed == "fsdp":
+        if config.base.quantization != "none":
+            problems.append(
+                f"training.distributed: fsdp shards full-precision weights; a {config.base.quantization} base's"
+                " bitsandbytes weights cannot be sharded (use ddp, or base.quantization: none)"
+            )
+        if get_method(config.method.name).prepare_model is not None:
+            problems.append(
+                f"training.distributed: fsdp trains adapters on a sharded base; {config.method.name} trains the"
+                " base's own tensors (use ddp)"
+            )
     if config.init.parent and config.base.quantization != "none" and not stacks_on_adapters(config.method.name):
         # a quantized base takes no selective parent, and only these methods stack on adapter parents
         problems.append(

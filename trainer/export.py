@@ -166,13 +166,13 @@ def _check_kind(kind: ModuleKind, peft_config: Any) -> None:
         raise ConfigError("this LoraConfig has use_dora=True: save it as kind 'dora', not 'lora'")
 
 
-def _save_adapter_files(peft_model: PeftModel, adapter: str, out_dir: Path) -> None:
+def _save_adapter_files(peft_model: PeftModel, adapter: str, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
     # PEFT writes a non-default adapter into a subfolder named after it; save aside and move the
     # files up so every module has one flat layout whatever the adapter was called
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".peft-save-", dir=out_dir.parent))
     try:
-        peft_model.save_pretrained(str(staging), safe_serialization=True, selected_adapters=[adapter])
+        peft_model.save_pretrained(str(staging), safe_serialization=True, selected_adapters=[adapter], state_dict=state_dict)
         source = staging if adapter == "default" else staging / adapter
         for item in source.iterdir():
             if item.name == _PEFT_README or item.is_dir():
@@ -199,11 +199,14 @@ def save_peft_module(
     adapter_name: str | None = None,
     base_model_id: str | None = None,
     tokenizer_path: str | Path | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Manifest:
     """Save the active (or ``adapter_name``) adapter of ``peft_model`` as a module in ``out_dir``.
 
     The folder then passes ``verify_module`` and loads with ``peft.PeftModel.from_pretrained``.
     ``tokenizer_path`` (default: ``base_path``) is the tokenizer the module was trained with.
+    ``state_dict``: the model's full state (as ``peft_model.state_dict()`` keys it) to take the
+    adapter's tensors from, for a model whose own tensors are sharded (FSDP).
     Returns the written manifest (with ``files`` filled in).
     """
     try:
@@ -219,7 +222,7 @@ def save_peft_module(
     task_type = _json_safe(peft_config.task_type, "task_type")
 
     out_dir = Path(out_dir)
-    _save_adapter_files(peft_model, adapter, out_dir)
+    _save_adapter_files(peft_model, adapter, out_dir, state_dict)
     return save_module_files(
         out_dir,
         kind=kind,

@@ -1,5 +1,5 @@
 """The training run: base + data + method -> a module folder, with transformers' ``Trainer``
-as the loop (accumulation, schedules, eval, checkpoints, resume, DDP under ``accelerate launch``).
+as the loop (accumulation, schedules, eval, checkpoints, resume; DDP or FSDP under ``accelerate launch``).
 
 Layout of ``output.dir``::
 
@@ -50,6 +50,33 @@ class TrainResult:
 
 
 # --- base model -------------------------------------------------------------------------------
+def world_size() -> int:
+    """How many processes train together (set by ``accelerate launch`` / ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shards_base(config: RunConfig) -> bool:
+    """Whether this run shards the base's weights across its processes (``training.distributed: fsdp``
+    under a launcher that started several)."""
+    return config.training.distributed == "fsdp" and world_size() > 1
+
+
+def check_launch(config: RunConfig, *, resume: bool = False) -> None:
+    """Refuse launches that would not do what they say, before anything loads."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate shards only on accelerators: on the CPU `--use_fsdp` would silently train DDP,
+        # and tunehub's sharding (at load time) and accelerate's would not compose on a GPU either
+        raise ConfigError(
+            "accelerate launch --use_fsdp: tunehub shards the base itself; launch without --use_fsdp"
+            " and set training.distributed: fsdp"
+        )
+    if resume and shards_base(config):
+        raise ConfigError(
+            "--resume: a training.distributed: fsdp run's checkpoints hold no optimizer state"
+            " (transformers cannot checkpoint it for a base sharded at load time); start the run again"
+        )
+
+
 def resolve_base(config: RunConfig) -> Path:
     """A local folder for ``base.path``: the folder itself, or a Hub snapshot when it is a hub id.
 
@@ -81,6 +108,12 @@ def load_base_model(base_dir: Path, config: RunConfig) -> Any:
         kwargs["device_map"] = {"": local_rank if device_type() == "cuda" else "cpu"}
     else:
         kwargs["dtype"] = getattr(torch, config.base.dtype)
+    if shards_base(config):
+        from transformers import DistributedConfig
+
+        # FSDP2 applied as the weights load, by the architecture's sharding plan in transformers;
+        # transformers starts the process group (gloo on the CPU) if nothing has yet
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=world_size())
     try:
         if quantization != "none":
             model = load_quantized(model_cls, base_dir, **kwargs)
@@ -570,6 +603,7 @@ def train(
     from tunehub.trainer.methods import BuildContext, get_method
 
     started = time.perf_counter()
+    check_launch(config, resume=resume)
     set_seed(config.training.seed)
     out_dir = Path(config.output.dir)
     checkpoints = out_dir / "checkpoints"
@@ -597,7 +631,8 @@ def train(
     tcfg = config.training
     if tcfg.cpu_allocator == "lean" and device_type() == "cpu":
         use_lean_cpu_allocator()  # before the model loads: the load's buffers are large too
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
+    sharded = shards_base(config)
     steps_per_epoch = max(1, math.ceil(len(prepared.train) / (tcfg.batch_size * tcfg.gradient_accumulation_steps * world)))
     total_steps = tcfg.max_steps or max(1, math.ceil(steps_per_epoch * tcfg.epochs))
 
@@ -611,6 +646,11 @@ def train(
         init_module=init_module,
         num_tasks=len({e["task_id"] for e in prepared.train}) if method.task_ids is not None else 1,
     )
+    if chain is not None and chain.base_tensors and sharded:
+        raise ConfigError(
+            "init.parent: a selective parent is loaded into the base's own tensors, which"
+            " training.distributed: fsdp shards; use ddp"
+        )
     if chain is not None:
         from tunehub.trainer.methods.selective import apply_selective
 
@@ -644,6 +684,8 @@ def train(
         save_strategy="steps",
         save_steps=tcfg.save_steps or eval_steps,
         save_total_limit=tcfg.save_total_limit,
+        # transformers checkpoints no optimizer state for a base sharded at load time (no --resume)
+        save_only_model=sharded,
         logging_steps=tcfg.logging_steps,
         seed=tcfg.seed,
         data_seed=tcfg.seed,
@@ -703,6 +745,7 @@ def train(
 
     manifest = None
     pushed = None
+    state_dict = full_state_dict(peft_model) if sharded else None  # every rank takes part
     if trainer.is_world_process_zero():
         method.before_save(method_cfg, peft_model)
         # the exact version (name@N) applied, never an alias that may move. A module the run only
@@ -711,7 +754,7 @@ def train(
         parent = chain.ref if chain is not None else None
         started_from = init_module.ref if init_module is not None else None
         manifest = _write_module(
-            module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent, started_from
+            module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent, started_from, state_dict
         )
         push = push or config.output.push
         if push:
@@ -723,6 +766,16 @@ def train(
     return TrainResult(
         module_dir=module_dir, manifest=manifest, metrics=metrics, pushed=pushed, log_history=history, model=peft_model
     )
+
+
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """The whole state of a model whose weights FSDP sharded, as plain CPU tensors on rank 0 (an
+    empty dict elsewhere). A collective: every rank must call it. The module is then written from
+    this, exactly as a one-process run writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: gathered tensor by tensor into rank 0's memory, never whole on an accelerator
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def checkpoint_pacing(minutes: float) -> Any:
@@ -798,6 +851,7 @@ def _write_module(
     history: list[dict[str, Any]],
     parent: str | None,
     started_from: str | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Manifest:
     import shutil
 
@@ -822,7 +876,7 @@ def _write_module(
     }
     if started_from is not None:  # the exact version the run started from, not the alias it named
         fields["config"]["method"]["init_from"] = started_from
-    if method.save_module is not None:
+    if method.save_module is not None:  # never with a sharded base (refused by the config)
         task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
         return method.save_module(config.method, peft_model, module_dir, task_type=task_type, **fields)
-    return save_peft_module(peft_model, module_dir, kind=method.kind, **fields)
+    return save_peft_module(peft_model, module_dir, kind=method.kind, state_dict=state_dict, **fields)

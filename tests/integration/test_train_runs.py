@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,20 +161,72 @@ def test_bad_input_is_one_clear_error(case, message, tiny_llama_path, tmp_path, 
     assert not (tmp_path / "out" / "module").exists()
 
 
-def test_two_process_cpu_training_with_accelerate(tiny_llama_path, tmp_path):
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_losses(out):
+    """Per-step training losses as the run logged them (logging_steps=1): HF's trainer_state.json
+    of the checkpoint at the last step. Under several processes each is the mean of the ranks'
+    losses, which transformers scales to the global batch's per-token mean (below)."""
+    (checkpoint,) = (out / "checkpoints").glob("checkpoint-4")
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def _comparable(base, out, batch_size):
+    # dropout 0: each rank would draw its own masks, and one process other ones. No eval: the
+    # comparison is of training steps. save_steps=4 keeps the last step's trainer_state.json.
+    raw = _raw(base, out, max_steps=4, batch_size=batch_size, save_steps=4, eval_steps=None)
+    raw["method"]["dropout"] = 0.0
+    raw["data"]["eval_fraction"] = 0.0
+    return raw
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_llama_path, tmp_path_factory):
+    """The reference: one process, batch 4 (the global batch of 2 processes x 2)."""
+    out = tmp_path_factory.mktemp("one-process")
+    config = out / "run.yaml"
+    config.write_text(yaml.safe_dump(_comparable(tiny_llama_path, out / "run", batch_size=4)))
+    proc = _cli("train", config, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "run"
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_cpu_processes_take_the_steps_one_process_takes(distributed, one_process_run, tiny_llama_path, tmp_path):
+    """2 processes (gloo) x batch 2 against 1 process x batch 4: the same per-step losses and the
+    same module. The same global batches: both draw from accelerate's seeded sampler (data_seed =
+    training.seed), the same permutation in every process; with 2 processes its consecutive
+    batches of 2 go to rank 0 and rank 1, so step k covers the same 4 packed rows as the one
+    process's step k. The loss is the per-token mean over the global batch both ways:
+    transformers counts the label tokens of all ranks (average_tokens_across_devices) and scales
+    each rank's sum by the world size before DDP/FSDP average the gradients. A mean of per-rank
+    means (21 and 24 label tokens at step 1) would be 5e-4 off, 8e-5 relative, which rtol 1e-4
+    would let through; what is left is fp32 summation order (<= 1e-7 relative measured), hence
+    rtol 1e-5.
+    A silent fallback to one process (what `accelerate launch --cpu` does) fails too: batches of
+    2 give other losses."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate launcher not on PATH")
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_raw(tiny_llama_path, tmp_path / "ddp", max_steps=4)))
+    raw = _comparable(tiny_llama_path, tmp_path / "run", batch_size=2)
+    raw["training"]["distributed"] = distributed
+    config.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
         [
             "accelerate",
             "launch",
-            "--cpu",
+            "--multi_gpu",  # the torchrun launcher: with --cpu accelerate starts one process only
             "--num_processes",
             "2",
             "--num_machines",
             "1",
+            "--main_process_port",
+            str(_free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",
@@ -185,13 +238,24 @@ def test_two_process_cpu_training_with_accelerate(tiny_llama_path, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"},
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("module written to") == 1  # only the main process writes the module
-    manifest = json.loads((tmp_path / "ddp" / "module" / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == 4
+    assert _step_losses(tmp_path / "run") == pytest.approx(_step_losses(one_process_run), rel=1e-5, abs=1e-6)
+
+    # the same module, in the same format: the FSDP run's sharded tensors were gathered for it
+    one, two = one_process_run / "module", tmp_path / "run" / "module"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    a = load_file(one / "adapter_model.safetensors")
+    b = load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 4 and manifest["config"]["training"]["distributed"] == distributed
+    assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())
 
 
 def test_a_run_warns_nothing_and_records_no_local_path(tiny_llama_path, tmp_path):

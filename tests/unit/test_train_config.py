@@ -262,3 +262,36 @@ def test_prefix_tuning_leaves_gradient_checkpointing_off_on_a_4bit_base(fake_bas
     raw = _raw(fake_base, base=nf4, method={"name": "prefix"})
     assert validate_run_config(raw).training.gradient_checkpointing is False
     assert validate_run_config(_raw(fake_base, base=nf4, method={"name": "prompt"})).training.gradient_checkpointing is True
+
+
+def test_fsdp_is_refused_where_it_cannot_shard(fake_base):
+    """FSDP shards full-precision base weights under adapters: a bitsandbytes base and a method
+    that trains the base's own tensors are refused before anything loads; LoRA is accepted."""
+    fsdp = {"distributed": "fsdp"}
+    assert validate_run_config(_raw(fake_base, training=fsdp)).resolved()["training"]["distributed"] == "fsdp"
+    assert validate_run_config(_raw(fake_base)).resolved()["training"]["distributed"] == "ddp"
+    for quantization in ("nf4", "int8"):
+        raw = _raw(fake_base, base={"path": str(fake_base), "quantization": quantization}, training=fsdp)
+        with pytest.raises(ConfigError, match=f"fsdp shards full-precision weights; a {quantization} base"):
+            validate_run_config(raw)
+    with pytest.raises(ConfigError, match="selective trains the base's own tensors"):
+        validate_run_config(_raw(fake_base, method={"name": "selective", "layernorm": True}, training=fsdp))
+    with pytest.raises(ConfigError, match="training.distributed"):
+        validate_run_config(_raw(fake_base, training={"distributed": "zero3"}))
+
+
+def test_launches_that_would_not_shard_as_asked_are_refused(fake_base, monkeypatch):
+    from tunehub.trainer.run import check_launch
+
+    config = validate_run_config(_raw(fake_base, training={"distributed": "fsdp"}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(config)
+    # accelerate's own FSDP is GPU-only: on the CPU --use_fsdp would quietly train DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="launch without --use_fsdp and set training.distributed: fsdp"):
+        check_launch(config)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(ConfigError, match="--resume: a training.distributed: fsdp run's checkpoints hold no optimizer"):
+        check_launch(config, resume=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process shards nothing, so it resumes as any run
+    check_launch(config, resume=True)
