@@ -30,6 +30,8 @@ hub_app = typer.Typer(help="Run a private hub that speaks the Hugging Face Hub A
 app.add_typer(hub_app, name="hub")
 template_app = typer.Typer(help="Make hard-prompt template modules.", no_args_is_help=True)
 app.add_typer(template_app, name="template")
+tokenizer_app = typer.Typer(help="Train a domain tokenizer, or extend a base's with a domain's words.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
 
 RegistryOption = typer.Option(
     None,
@@ -569,13 +571,100 @@ def base_init(
     preset: str = typer.Option("tiny", help="tiny, tiny-bert, small, bench-100m, bench-300m"),
     seed: int = typer.Option(0, help="weights and tokenizer are a function of preset and seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="use this tokenizer folder (tunehub tokenizer train): the vocabulary size follows it"
+    ),
 ) -> None:
     """Build a small base model and its trained tokenizer from a preset (no download)."""
     from tunehub.registry.fingerprint import base_fingerprint
     from tunehub.trainer.base import build_base
 
-    out = build_base(path, preset, seed=seed, overwrite=overwrite)
-    typer.echo(f"built {preset} base in {out} (fingerprint {base_fingerprint(out)[:12]})")
+    out = build_base(path, preset, seed=seed, overwrite=overwrite, tokenizer=tokenizer)
+    vocab = ""
+    if tokenizer is not None:
+        vocab = f", tokenizer {tokenizer}, vocabulary {json.loads((out / 'config.json').read_text())['vocab_size']}"
+    typer.echo(f"built {preset} base in {out} (fingerprint {base_fingerprint(out)[:12]}{vocab})")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    corpus: list[Path] = typer.Option(
+        ..., "--corpus", help="UTF-8 text, one document per line (a file or folder); repeat for more"
+    ),
+    kind: str = typer.Option("bpe", "--type", help="bpe (byte-level), wordpiece (BERT) or unigram (SentencePiece-style)"),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="tokens in the vocabulary, special tokens included"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write: new or empty (never overwritten)"),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="bpe and wordpiece: merge pairs seen at least this often"),
+) -> None:
+    """Train a tokenizer for a new base (`tunehub base init --tokenizer DIR`), saved for transformers."""
+    from tunehub.trainer.tokenizers import train_tokenizer
+
+    result = train_tokenizer(corpus, kind, vocab_size, out, min_frequency=min_frequency)
+    typer.echo(
+        f"trained a {result.kind} tokenizer of {result.vocab_size} tokens on {result.lines} lines"
+        f" ({result.corpus_bytes / 1024:.1f} KiB) in {out}"
+    )
+
+
+@tokenizer_app.command("extend")
+def tokenizer_extend(
+    base: str = typer.Option(..., "--base", help="the tokenizer to extend: a tokenizer or base model folder, or a Hub id"),
+    corpus: list[Path] = typer.Option(
+        ..., "--corpus", help="domain text, one document per line (a file or folder); repeat for more"
+    ),
+    max_new: int = typer.Option(..., "--max-new", help="most tokens to add"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write: new or empty (never overwritten)"),
+    heldout: Optional[Path] = typer.Option(
+        None, "--heldout", help="held-out domain text to measure on (default: 10% of the corpus's lines, kept apart)"
+    ),
+    init: str = typer.Option(
+        "subword-mean",
+        "--init",
+        help="how a model's new rows start: subword-mean (mean of the token's old pieces) or mean (of all rows)",
+    ),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="only words seen at least this often"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Add the domain words the base tokenizer splits worst; report fertility before and after."""
+    from tunehub.trainer.tokenizers import EXTENSION_REPORT, extend_tokenizer
+
+    report = extend_tokenizer(
+        base, corpus, max_new, out, heldout=0.1 if heldout is None else heldout, init=init, min_frequency=min_frequency
+    )
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    before, after = report.before, report.after
+    rows = [
+        ("tokens per word (fertility)", f"{before.fertility:.3f}", f"{after.fertility:.3f}", f"{report.fertility_ratio:.3f}"),
+        (
+            "bytes per token",
+            f"{before.bytes_per_token:.3f}",
+            f"{after.bytes_per_token:.3f}",
+            f"{after.bytes_per_token / before.bytes_per_token:.3f}",
+        ),
+        ("tokens", str(before.tokens), str(after.tokens), f"{after.tokens / max(before.tokens, 1):.3f}"),
+        ("round trip exact", "yes" if before.roundtrip else "no", "yes" if after.roundtrip else "no", ""),
+    ]
+    header = ("held-out text", "base", "extended", "after/before")
+    typer.echo(
+        f"added {len(report.added)} tokens ({report.base_vocab_size} -> {report.vocab_size}); top: "
+        + ", ".join(repr(t.token) for t in report.added[:5])
+    )
+    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
+        for row in [header, *rows]:
+            typer.echo("\t".join(row))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{before.lines} held-out lines, {before.words} words")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    typer.echo(f"wrote the tokenizer and {EXTENSION_REPORT} to {out}")
 
 
 @template_app.command("init")

@@ -9,18 +9,18 @@ byte-identical weights and ``tokenizer.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from tunehub.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers is imported lazily: listing presets must stay cheap
-    from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 Architecture = Literal["llama", "bert"]
@@ -425,125 +425,52 @@ def model_config(
 # --- tokenizers ----------------------------------------------------------------------------------
 
 
-def _train_llama_tokenizer(spec: BasePreset, corpus: list[str]) -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    # byte-level BPE: every string round-trips, no text is ever <unk>
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.tokenizer_vocab,
-        min_frequency=2,
-        special_tokens=list(LLAMA_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            # Llama convention: <s> starts every encoded text (the chat template writes its own)
-            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", bos)]),
-        ]
-    )
-    return tokenizer
-
-
-_PRIVATE_USE = 0xF0000  # supplementary private-use plane: never produced by the normaliser below
-
-
-def _train_bert_tokenizer(spec: BasePreset, corpus: list[str]) -> Tokenizer:
-    # tokenizers' WordPieceTrainer is not deterministic (huggingface/tokenizers#1794): it numbers
-    # the "##x" pieces in hash-map order, and those ids break ties between merges. It is BPE
-    # training underneath, so train BPE instead with every word-internal character spelled as
-    # its own private-use character (BPE numbers its alphabet in sorted order, so the whole run
-    # is deterministic), then spell those pieces back as "##" WordPiece tokens.
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter = pre_tokenizers.BertPreTokenizer()
-    lines = [[word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))] for line in corpus]
-    inner = sorted({char for words in lines for word in words for char in word[1:]})
-    marked = {char: chr(_PRIVATE_USE + i) for i, char in enumerate(inner)}
-    unmarked = {mark: char for char, mark in marked.items()}
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.tokenizer_vocab,
-        min_frequency=2,
-        special_tokens=list(BERT_SPECIALS),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(
-        (" ".join(word[0] + "".join(marked[c] for c in word[1:]) for word in words) for words in lines),
-        trainer=trainer,
-    )
-
-    def wordpiece(token: str) -> str:
-        if token in BERT_SPECIALS:
-            return token
-        text = "".join(unmarked.get(char, char) for char in token)
-        return "##" + text if token[0] in unmarked else text
-
-    vocab = {wordpiece(token): index for token, index in bpe.get_vocab().items()}
-    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
-    tokenizer.add_special_tokens(list(BERT_SPECIALS))
-    tokenizer.normalizer = normalizer
-    tokenizer.pre_tokenizer = splitter
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    sep, cls = tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("[CLS]")
-    if sep is None or cls is None:  # cannot happen: both were added as special tokens above
-        raise RuntimeError("the wordpiece tokenizer lost its [SEP] or [CLS] token")
-    tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
-    return tokenizer
-
-
 def build_tokenizer(preset: str | BasePreset, *, seed: int = 0) -> PreTrainedTokenizerFast:
-    """Train the preset's tokenizer on ``synthetic_corpus`` and wrap it for transformers."""
-    from transformers import PreTrainedTokenizerFast
+    """Train the preset's tokenizer on ``synthetic_corpus`` and wrap it for transformers
+    (llama presets: byte-level BPE; bert presets: WordPiece; see ``trainer/tokenizers.py``)."""
+    from tunehub.trainer.tokenizers import train_backend, wrap_tokenizer
 
     spec = get_preset(preset) if isinstance(preset, str) else preset
     corpus = synthetic_corpus(spec.corpus_lines, seed=seed)
-    if spec.architecture == "llama":
-        backend = _train_llama_tokenizer(spec, corpus)
-        wrapped = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            bos_token="<s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            model_max_length=spec.max_position_embeddings,
-        )
-        wrapped.chat_template = CHAT_TEMPLATE
-    else:
-        backend = _train_bert_tokenizer(spec, corpus)
-        wrapped = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            pad_token="[PAD]",
-            unk_token="[UNK]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-            model_max_length=spec.max_position_embeddings,
-        )
+    kind = "bpe" if spec.architecture == "llama" else "wordpiece"
+    backend = train_backend(kind, lambda: corpus, spec.tokenizer_vocab)
+    wrapped = wrap_tokenizer(backend, kind, model_max_length=spec.max_position_embeddings)
     if len(wrapped) > spec.vocab_size:
         raise ConfigError(f"tokenizer has {len(wrapped)} tokens but the model vocabulary is {spec.vocab_size}")
     return wrapped
 
 
+#: the special tokens a base of each architecture needs from its tokenizer
+_NEEDED_SPECIALS: dict[str, tuple[str, ...]] = {
+    "llama": ("bos_token", "eos_token", "pad_token"),
+    "bert": ("pad_token", "cls_token", "sep_token", "mask_token"),
+}
+
+
+def load_base_tokenizer(folder: str | Path, spec: BasePreset) -> PreTrainedTokenizerFast:
+    """A tokenizer folder (``tunehub tokenizer train``'s, or any fast tokenizer's) checked for the
+    special tokens ``spec``'s architecture needs; a Llama base gets the presets' chat template
+    when the tokenizer has none. Raises ConfigError naming what is missing."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(folder).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"--tokenizer: {path} holds no tokenizer.json (make one with tunehub tokenizer train)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    missing = [name for name in _NEEDED_SPECIALS[spec.architecture] if getattr(tokenizer, name) is None]
+    if missing:
+        hint = "--type bpe or unigram" if spec.architecture == "llama" else "--type wordpiece"
+        raise ConfigError(
+            f"--tokenizer: {path} has no {', '.join(missing)}, which a {spec.architecture} base needs"
+            f" (tunehub tokenizer train {hint} makes one that has)"
+        )
+    tokenizer.model_max_length = spec.max_position_embeddings
+    if spec.architecture == "llama" and not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 # --- models --------------------------------------------------------------------------------------
-
-
-def _portable_tokenizer_class(folder: Path) -> None:
-    # transformers 5 records its internal class name ("TokenizersBackend"), which transformers 4
-    # cannot load; "PreTrainedTokenizerFast" names the same thing in both
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -574,10 +501,13 @@ def build_base(
     overwrite: bool = False,
     dtype: str = "float32",
     biases: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Build a base model folder (weights, config, tokenizer) from ``preset``; returns ``path``.
     ``biases``: give every linear layer of a Llama preset's blocks a bias, as some bases have
-    (Qwen2's attention; what BitFit trains); the Llama presets have none.
+    (Qwen2's attention; what BitFit trains); the Llama presets have none. ``tokenizer``: a
+    tokenizer folder to use instead of the preset's (``tunehub tokenizer train``): the model's
+    vocabulary size follows it, the rest of the shape is the preset's.
 
     Deterministic: the same preset and seed give identical ``model.safetensors`` and
     ``tokenizer.json``. Refuses a non-empty ``path`` unless ``overwrite``.
@@ -591,16 +521,22 @@ def build_base(
     import torch
     from transformers import GenerationConfig
 
-    tokenizer = build_tokenizer(spec, seed=seed)
+    from tunehub.trainer.tokenizers import save_tokenizer
+
+    if tokenizer is None:
+        wrapped = build_tokenizer(spec, seed=seed)
+    else:
+        wrapped = load_base_tokenizer(tokenizer, spec)
+        spec = replace(spec, vocab_size=len(wrapped), tokenizer_vocab=len(wrapped))
     if spec.architecture == "llama":
         ids = {
-            "bos": tokenizer.bos_token_id,
-            "eos": tokenizer.eos_token_id,
-            "pad": tokenizer.pad_token_id,
+            "bos": wrapped.bos_token_id,
+            "eos": wrapped.eos_token_id,
+            "pad": wrapped.pad_token_id,
         }
         config = model_config(spec, special_ids=ids, biases=biases)
     else:
-        config = model_config(spec, special_ids={"pad": tokenizer.pad_token_id})
+        config = model_config(spec, special_ids={"pad": wrapped.pad_token_id})
 
     # fork_rng: seeding must not disturb the caller's global RNG state
     with torch.random.fork_rng(devices=[]):
@@ -611,9 +547,9 @@ def build_base(
         model = model.to(getattr(torch, dtype))
     if spec.architecture == "llama":
         model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=wrapped.bos_token_id,
+            eos_token_id=wrapped.eos_token_id,
+            pad_token_id=wrapped.pad_token_id,
         )
 
     # build aside, then swap in: a crash never leaves a half-written base at ``path``
@@ -623,9 +559,11 @@ def build_base(
         shutil.rmtree(staging)
     try:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _portable_tokenizer_class(staging)
-        provenance = {"preset": preset, "seed": seed, "dtype": dtype, "biases": biases, "shape": asdict(spec)}
+        save_tokenizer(wrapped, staging)
+        provenance: dict[str, object] = {"preset": preset, "seed": seed, "dtype": dtype, "biases": biases, "shape": asdict(spec)}
+        if tokenizer is not None:  # absent otherwise: preset bases keep their exact provenance file
+            digest = hashlib.sha256((staging / "tokenizer.json").read_bytes()).hexdigest()
+            provenance["tokenizer"] = {"source": str(Path(tokenizer).expanduser().resolve()), "sha256": digest}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -648,6 +586,7 @@ __all__ = [
     "build_base",
     "build_tokenizer",
     "get_preset",
+    "load_base_tokenizer",
     "model_config",
     "synthetic_corpus",
 ]

@@ -44,6 +44,8 @@ def test_readme_blocks_are_found():
         "export",
         "keygen",
         "template init",
+        "tokenizer train",
+        "tokenizer extend",
         "sign",
         "verify",
         "ls",
@@ -68,6 +70,7 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     script = script.replace("--port 8000", f"--port {serve_port}")
     script = script.replace("127.0.0.1:8001", f"127.0.0.1:{signed_port}").replace("--port 8001", f"--port {signed_port}")
     script = script.replace("127.0.0.1:8787", f"127.0.0.1:{hub_port}").replace("--port 8787", f"--port {hub_port}")
+    script = script.replace("--main_process_port 29500", f"--main_process_port {_free_port()}")  # the FSDP run
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     # the set-up line's full quickstart takes minutes: its --fast twin stands in (same layout),
     # made from the walk-through's own run once that has made it
@@ -93,9 +96,17 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     # a template module is written, pushed and answered by the server as itself
     assert "wrote template module reverse-template (text; slots: words)" in out
     assert "pushed acme/reverse-template@1" in out and '"model":"acme/reverse-template@1"' in out.replace(" ", "")
+    # domain tokenizers: trained, a base built on one, and an extension that cuts held-out fertility
+    assert "trained a bpe tokenizer of 1000 tokens on 300 lines" in out
+    assert "tokenizer pharma-tokenizer, vocabulary 1000)" in out
+    assert "added 200 tokens (512 -> 712)" in out
+    fertility = re.search(r"^tokens per word \(fertility\)\t([\d.]+)\t([\d.]+)\t([\d.]+)$", out, flags=re.M)
+    assert fertility and float(fertility.group(3)) < 0.75, out[-3000:]
     # every method is listed, and the soft-prompt example trains end to end
     assert re.search(r"^ptuning\s+ptuning\s+4-bit base ok\s+mixed in batches", out, flags=re.M)
     assert "module written to out/reverse-prompt/module" in out
+    # the two-process FSDP run: one module, written by the main process only
+    assert out.count("module written to out/fsdp/module") == 1
     # signed versions: verified, pulled under --require-signed, and an unsigned one refused
     key_id = re.search(r"pushed acme/signed@1 \(.*, signed by ([0-9a-f]{16})\)", out).group(1)
     assert f"verified acme/signed@1: signed by {key_id}" in out
