@@ -5,7 +5,9 @@ kind brings virtual-token embeddings get them prepended, rows whose kind brings 
 prefix start with it in the cache, and the patched linear layers apply each row's per-layer
 deltas (see :mod:`tunehub.server.engine.kinds`); rows are left-padded with masked slots. New
 rows then join the running batch's cache between decode steps, and finished rows leave it, so
-requests come and go without waiting for each other.
+requests come and go without waiting for each other. A request whose module is not in the pool
+waits for it on its own: loader threads pull and materialise it while the batch keeps decoding,
+and the row joins when it is ready (a module's load is shared by every request waiting for it).
 
 One request fails only itself. Everything that can be checked is checked at admission (token
 ids, sampling parameters; the materialiser checks module tensors at load). A row that still
@@ -22,8 +24,9 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,7 +56,7 @@ from tunehub.server.engine.layers import (
     use_onednn_linears,
 )
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
-from tunehub.server.engine.pool import FolderSource, ModulePool, ModuleSource
+from tunehub.server.engine.pool import FolderSource, ModulePool, ModuleSource, NotResident
 
 log = logging.getLogger("tunehub.engine")
 
@@ -294,6 +297,7 @@ class Engine:
         gather_s: float = 0.002,
         cpu_allocator: Literal["auto", "reuse", "default"] = "default",
         cpu_linear: Literal["auto", "onednn", "default"] = "auto",
+        loader_threads: int = 2,
     ):
         """``gather_s``: when the engine is idle and a request arrives, how long it waits for
         more to start them in the same prefill (requests sent together then share batches).
@@ -306,6 +310,8 @@ class Engine:
         base's fp32 linear layers on the CPU (of a 4-bit base: its LM head) through oneDNN, each
         weight reordered once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
         torch's linear. Engines built on one loaded base share its layers: the first decides.
+        ``loader_threads``: how many modules load at once, off the decode loop (a request whose
+        module is in the pool never waits for them).
 
         Args:
             base: the loaded base model (:func:`~tunehub.server.engine.load_base`); its linear
@@ -318,12 +324,15 @@ class Engine:
             max_rank: the largest rank of a low-rank module (LoRA, DoRA, AdaLoRA) it serves.
             alias_ttl_s: how long an alias or ``latest`` stays resolved before it is looked up
                 again (a promotion takes effect after at most this).
-            gather_s, cpu_allocator, cpu_linear: as above.
+            gather_s, cpu_allocator, cpu_linear, loader_threads: as above.
 
         Raises:
-            ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values, or
-                ``cpu_linear="onednn"`` where this torch build has no working oneDNN linear.
+            ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values,
+                ``cpu_linear="onednn"`` where this torch build has no working oneDNN linear, or
+                ``loader_threads`` below 1.
         """
+        if loader_threads < 1:
+            raise ConfigError(f"loader_threads must be at least 1, not {loader_threads}")
         if cpu_allocator not in ("auto", "reuse", "default"):
             raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
         if cpu_linear not in ("auto", "onednn", "default"):
@@ -368,7 +377,15 @@ class Engine:
         )
         # ids must index the input embedding (the LM head may be padded wider)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        self._queue: queue.Queue[RequestHandle | None] = queue.Queue()  # None: wake the loop to stop
+        # submitted requests, the rows prepared for them (modules acquired) that wait for room in
+        # the batch, and how many the loaders are preparing; guarded by _wake, which the loop
+        # waits on when it has nothing to do
+        self._inbox: deque[RequestHandle] = deque()
+        self._ready: deque[_Row] = deque()
+        self._loading = 0
+        self._wake = threading.Condition()
+        self.loader_threads = loader_threads
+        self._loader: ThreadPoolExecutor | None = None
         self._rows: list[_Row] = []
         self._cache: Any = None  # the running batch's key/value cache (growing layers)
         self._mask: torch.Tensor | None = None
@@ -405,7 +422,9 @@ class Engine:
         """
         request.params.check(self.vocab_size)
         handle = RequestHandle(request)
-        self._queue.put(handle)
+        with self._wake:
+            self._inbox.append(handle)
+            self._wake.notify()
         self._ensure_thread()
         return handle
 
@@ -433,9 +452,14 @@ class Engine:
         Requests queued or running are not answered until a later :meth:`submit` starts the
         loop again."""
         self._stop.set()
-        self._queue.put(None)
+        with self._wake:
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        with self._thread_lock:
+            if self._loader is not None:  # a load under way finishes; its row waits for a later loop
+                self._loader.shutdown(wait=False)
+                self._loader = None
 
     @torch.no_grad()
     def logits(self, rows: list[tuple[list[int], str | list[str | tuple[str, float]] | None]]) -> list[torch.Tensor]:
@@ -477,6 +501,8 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         with self._thread_lock:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(self.loader_threads, thread_name_prefix="tunehub-loader")
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._loop, name="tunehub-engine", daemon=True)
@@ -484,11 +510,11 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            new = self._take_new(block=not self._rows)
+            new = self._take_rows(block=not self._rows)
             try:
                 with self._lock, torch.no_grad():
                     if new:
-                        self._admit(new)
+                        self._prefill_and_join(new)
                     if self._rows:
                         self._decode_step()
             except Exception as exc:
@@ -499,31 +525,84 @@ class Engine:
                     self._fail_row(row, exc)
                 self._rows, self._cache, self._mask = [], None, None
 
-    def _take_new(self, block: bool) -> list[RequestHandle]:
-        taken: list[RequestHandle] = []
-        room = self.max_batch - len(self._rows)
-        try:
+    @property
+    def waiting(self) -> dict[str, int]:
+        """Requests not yet in the batch: ``queued`` (not looked at yet), ``loading`` (their
+        modules are being loaded), ``ready`` (loaded, waiting for room in the batch)."""
+        with self._wake:
+            return {"queued": len(self._inbox), "loading": self._loading, "ready": len(self._ready)}
+
+    def _take_rows(self, block: bool) -> list[_Row]:
+        """Rows to prefill now, at most the batch's room. Requests whose modules are all in the
+        pool become rows here at once; the others go to the loaders and come back as rows
+        when their modules are loaded. ``block`` (nothing is running): wait for a first row,
+        then ``gather_s`` for more to start with it."""
+        with self._wake:
             if block:
-                item = self._queue.get()
-                if item is None:
-                    return []
-                taken.append(item)
+                while not (self._inbox or self._ready) and not self._stop.is_set():
+                    self._wake.wait()
                 deadline = time.monotonic() + self.gather_s
-                while len(taken) < room and (left := deadline - time.monotonic()) > 0:
-                    item = self._queue.get(timeout=left)
-                    if item is None:
-                        return taken
-                    taken.append(item)
-            while len(taken) < room:
-                item = self._queue.get_nowait()
-                if item is None:
-                    break
-                taken.append(item)
-        except queue.Empty:
-            pass
-        return taken
+                while (
+                    len(self._inbox) + len(self._ready) < self.max_batch
+                    and (left := deadline - time.monotonic()) > 0
+                    and not self._stop.is_set()
+                ):
+                    self._wake.wait(left)
+            # at most max_batch rows wait prepared (their modules held in the pool) beside the batch
+            look = max(0, min(len(self._inbox), self.max_batch - len(self._ready) - self._loading))
+            handles = [self._inbox.popleft() for _ in range(look)]
+        prepared = [row for row in (self._prepare(handle) for handle in handles) if row is not None]
+        room = self.max_batch - len(self._rows)
+        with self._wake:
+            self._ready.extend(prepared)
+            taken = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+        rows = []
+        for row in taken:
+            if row.handle.cancelled:
+                self._release(row)
+                row.handle._fail(RequestCancelled(f"request {row.handle.id} was cancelled"))
+            else:
+                rows.append(row)
+        return rows
+
+    def _prepare(self, handle: RequestHandle) -> _Row | None:
+        """The row for ``handle`` if its modules are in the pool; else None, and the loaders
+        prepare it (a request that cannot be served fails here, alone)."""
+        if handle.cancelled:
+            handle._fail(RequestCancelled(f"request {handle.id} was cancelled"))
+            return None
+        try:
+            return self._make_row(handle, load=False)
+        except NotResident:
+            with self._thread_lock, self._wake:
+                loader = self._loader
+                if loader is None:  # closed meanwhile: back to the queue, for the next loop
+                    self._inbox.appendleft(handle)
+                    return None
+                self._loading += 1
+                loader.submit(self._load_row, handle)
+        except Exception as exc:  # noqa: BLE001 - a bad module or prompt fails this request only
+            handle._fail(exc)
+        return None
+
+    def _load_row(self, handle: RequestHandle) -> None:
+        """On a loader thread: load ``handle``'s modules, and queue its row for the batch."""
+        row = None
+        try:
+            if handle.cancelled:
+                raise RequestCancelled(f"request {handle.id} was cancelled")
+            row = self._make_row(handle, load=True)
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, it is this request's
+            handle._fail(exc)
+        with self._wake:
+            self._loading -= 1
+            if row is not None:
+                self._ready.append(row)
+            self._wake.notify()
 
     def _admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill ``handles`` into the batch now, loading their modules in this thread (for
+        callers that hold the engine's lock and want the rows in, e.g. a profiler)."""
         rows: list[_Row] = []
         for handle in handles:
             if handle.cancelled:
@@ -555,7 +634,7 @@ class Engine:
         self._merge(rows, new_kv, mask)
         self._sample_and_emit(out.logits[:, -1, :], rows)
 
-    def _make_row(self, handle: RequestHandle) -> _Row:
+    def _make_row(self, handle: RequestHandle, load: bool = True) -> _Row:
         request = handle.request
         if request.input_ids is not None:
             ids = request.input_ids
@@ -564,7 +643,7 @@ class Engine:
         else:
             raise InvalidRequest("a request needs a prompt (a string) or input_ids")
         ids = self._checked_ids(ids)  # the tokenizer's too: a tokenizer may know more ids than the embedding
-        module, acquired = self._acquire(request_parts(request.module, request.modules))
+        module, acquired = self._acquire(request_parts(request.module, request.modules), load=load)
         handle.module_key = module.key if module else None
         virtual = module.num_virtual_tokens if module else 0
         if len(ids) + virtual >= self.base.max_positions:
@@ -577,7 +656,7 @@ class Engine:
         return _Row(handle, module, ids, stop_ids, acquired)
 
     # --- modules of a row: one, a composition, a chain ---------------------------------------------
-    def _acquire(self, parts: ModuleParts) -> tuple[LoadedModule | Composition | None, list[LoadedModule]]:
+    def _acquire(self, parts: ModuleParts, load: bool = True) -> tuple[LoadedModule | Composition | None, list[LoadedModule]]:
         """What a row applies for ``parts`` (see :func:`~tunehub.server.engine.compose.request_parts`),
         and every module it acquired from the pool (to release when the row ends): None for the
         base; the module itself when one module without a parent is named at weight 1; else a
@@ -585,7 +664,9 @@ class Engine:
 
         Raises what ``pool.acquire`` raises (the message names the child when a parent cannot be
         loaded), UnsupportedModule for modules that cannot be applied together or a chain that
-        loops or is longer than MAX_CHAIN, InvalidRequest for a module named twice with two weights."""
+        loops or is longer than MAX_CHAIN, InvalidRequest for a module named twice with two weights;
+        with ``load=False``, NotResident when a module or an ancestor is not in the pool (nothing
+        stays acquired then)."""
         if not parts:
             return None, []
         acquired: list[LoadedModule] = []
@@ -593,12 +674,12 @@ class Engine:
             members: list[tuple[LoadedModule, float]] = []
             named: list[tuple[LoadedModule, float]] = []  # what the request named: the answer's key
             for ref, weight in parts:
-                module = self.pool.acquire(ref)
+                module = self.pool.acquire(ref, load=load)
                 acquired.append(module)
                 if any(m.key == module.key for m, _ in named):
                     raise InvalidRequest(f"{module.key} is named twice in this request (give it one weight instead)")
                 named.append((module, weight))
-                for link in self._chain(module, acquired):
+                for link in self._chain(module, acquired, load):
                     link_weight = weight if link is module else 1.0  # ancestors apply as the child was trained on them
                     same = [w for m, w in members if m.key == link.key]
                     if same and same[0] != link_weight:  # a named module that is another's parent too
@@ -615,7 +696,7 @@ class Engine:
             self._release_all(acquired)
             raise
 
-    def _chain(self, module: LoadedModule, acquired: list[LoadedModule]) -> list[LoadedModule]:
+    def _chain(self, module: LoadedModule, acquired: list[LoadedModule], load: bool = True) -> list[LoadedModule]:
         """``module`` and its ancestors (``manifest.parent``, each an exact version) in the order
         the trainer ran them (``init.parent``): the module itself, then the root, ..., the direct
         parent, as PEFT's active adapters were ordered (it matters for DoRA, whose gain scales
@@ -626,7 +707,7 @@ class Engine:
             if len(chain) > MAX_CHAIN:
                 raise UnsupportedModule(f"{module.key}: its chain of parents is longer than {MAX_CHAIN}")
             try:
-                ancestor = self.pool.acquire(parent)
+                ancestor = self.pool.acquire(parent, load=load)
             except TunehubError as exc:  # the same error (and status), saying whose parent it is
                 try:
                     named = type(exc)(f"{module.key} was trained on top of {parent}, which cannot be applied: {exc}")

@@ -44,6 +44,11 @@ class FolderSource(Protocol):
     def pull(self, ref: str) -> LocalModule: ...
 
 
+class NotResident(LookupError):
+    """``acquire(ref, load=False)``: the module is not in the pool (or its alias is not resolved
+    yet); loading it is for a thread that may wait."""
+
+
 @dataclass
 class PoolEntry:
     module: LoadedModule
@@ -95,8 +100,11 @@ class ModulePool:
         self._loading: dict[str, threading.Event] = {}
 
     # --- resolution ----------------------------------------------------------------------------
-    def resolve_key(self, ref: str | ModuleRef) -> str:
-        """``repo@version`` for a reference (aliases resolved, cached for ``alias_ttl_s``)."""
+    def resolve_key(self, ref: str | ModuleRef, *, cached_only: bool = False) -> str:
+        """``repo@version`` for a reference (aliases resolved, cached for ``alias_ttl_s``).
+
+        ``cached_only``: raise :class:`NotResident` instead of asking the source (which may
+        read a disk or the network) when an alias's resolution is not cached."""
         parsed = parse_ref(ref)
         if parsed.version is not None:
             return str(parsed)
@@ -106,6 +114,8 @@ class ModulePool:
             cached = self._aliases.get(text)
             if cached and cached[1] > now:
                 return cached[0]
+        if cached_only:
+            raise NotResident(text)
         info = self.source.resolve(parsed)
         key = f"{info.repo}@{info.version}"
         with self._lock:
@@ -118,9 +128,14 @@ class ModulePool:
             self._aliases.clear()
 
     # --- acquire / release ---------------------------------------------------------------------
-    def acquire(self, ref: str | ModuleRef) -> LoadedModule:
-        """The loaded module for ``ref``, with its reference count raised; pair with release()."""
-        key = self.resolve_key(ref)
+    def acquire(self, ref: str | ModuleRef, *, load: bool = True) -> LoadedModule:
+        """The loaded module for ``ref``, with its reference count raised; pair with release().
+
+        ``load=False``: only a module already in the pool, without waiting for anything (a
+        decode loop asks so, and leaves the loading to a thread that may wait); else
+        :class:`NotResident`. A load is shared: threads that ask for a module being loaded
+        wait for that load."""
+        key = self.resolve_key(ref, cached_only=not load)
         while True:
             with self._lock:
                 entry = self._entries.get(key)
@@ -130,6 +145,8 @@ class ModulePool:
                     self.stats.hits += 1
                     self._entries.move_to_end(key)
                     return entry.module
+                if not load:
+                    raise NotResident(key)
                 waiter = self._loading.get(key)
                 if waiter is None:
                     self._loading[key] = threading.Event()
