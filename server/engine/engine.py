@@ -275,6 +275,7 @@ class _Row:
             )
         self.finish_reason: str | None = None
         self.final_text = ""  # the row's whole text so far (cut at a stop string), set per token
+        self.ready_at = time.monotonic()  # when it could join a batch (its modules in hand)
 
 
 class Engine:
@@ -295,6 +296,7 @@ class Engine:
         max_rank: int = 256,
         alias_ttl_s: float = 5.0,
         gather_s: float = 0.002,
+        join_wait_s: float = 0.05,
         cpu_allocator: Literal["auto", "reuse", "default"] = "default",
         cpu_linear: Literal["auto", "onednn", "default"] = "auto",
         loader_threads: int = 2,
@@ -310,6 +312,10 @@ class Engine:
         base's fp32 linear layers on the CPU (of a 4-bit base: its LM head) through oneDNN, each
         weight reordered once at load (:class:`~tunehub.server.engine.layers.OneDNNLinear`); "default" keeps
         torch's linear. Engines built on one loaded base share its layers: the first decides.
+        ``join_wait_s``: while a batch runs, rows ready to join it wait up to this long for
+        others to join with them, until a quarter of the batch (at least 2) can join at once:
+        a prefill reads every weight once, whether it is for one row or several, and every
+        running row waits for it. 0 joins each row as soon as it is ready.
         ``loader_threads``: how many modules load at once, off the decode loop (a request whose
         module is in the pool never waits for them).
 
@@ -324,7 +330,7 @@ class Engine:
             max_rank: the largest rank of a low-rank module (LoRA, DoRA, AdaLoRA) it serves.
             alias_ttl_s: how long an alias or ``latest`` stays resolved before it is looked up
                 again (a promotion takes effect after at most this).
-            gather_s, cpu_allocator, cpu_linear, loader_threads: as above.
+            gather_s, join_wait_s, cpu_allocator, cpu_linear, loader_threads: as above.
 
         Raises:
             ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values,
@@ -393,6 +399,7 @@ class Engine:
         self._thread_lock = threading.Lock()  # never held during a forward: submit() must not wait for one
         self._stop = threading.Event()
         self.gather_s = gather_s
+        self.join_wait_s = join_wait_s
         self.steps = 0
         eos = self.tokenizer.eos_token_id
         self.default_stop_ids = {eos} if eos is not None else set()
@@ -555,7 +562,13 @@ class Engine:
         room = self.max_batch - len(self._rows)
         with self._wake:
             self._ready.extend(prepared)
-            taken = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+            joining = min(room, len(self._ready))
+            if self._rows and joining and joining < max(2, self.max_batch // 4):
+                # a few rows only: they wait (join_wait_s at most) for more to join with, leaving
+                # a slot empty meanwhile: a row decodes one token per step, a prefill stalls all
+                if time.monotonic() - self._ready[0].ready_at < self.join_wait_s:
+                    joining = 0
+            taken = [self._ready.popleft() for _ in range(joining)]
         rows = []
         for row in taken:
             if row.handle.cancelled:

@@ -127,3 +127,43 @@ def test_a_failed_load_and_a_request_cancelled_while_loading_end_only_themselves
 def test_an_engine_needs_a_loader_thread(base, store):
     with pytest.raises(ConfigError, match="loader_threads"):
         Engine(base, store, loader_threads=0)
+
+
+@pytest.mark.parametrize("join_wait_s", [0.0, 30.0])
+def test_rows_ready_one_by_one_join_a_running_batch_together_within_join_wait(base, store, join_wait_s):
+    """A prefill reads every weight once however many rows it has, and the running rows wait for
+    it: rows that become ready one after another wait (join_wait_s at most) to join together."""
+    engine = Engine(base, store, max_batch=8, join_wait_s=join_wait_s)  # rows join 2 at a time
+    joined: list[int] = []
+    prefill = engine._prefill_and_join
+
+    def counted(rows):
+        joined.append(len(rows))
+        return prefill(rows)
+
+    engine._prefill_and_join = counted
+    try:
+        running = engine.submit(_request(None, 500))  # runs all along (the context holds 512)
+        next(iter(running))
+        late = [engine.submit(_request(None, 3))]
+        time.sleep(0.3)  # the first late row is ready long before the second arrives
+        late.append(engine.submit(_request(None, 3)))
+        assert [h.result(timeout=60).completion_tokens for h in late] == [3, 3]
+        assert joined == ([1, 1, 1] if join_wait_s == 0 else [1, 2])
+        assert not running._done.is_set()  # they joined a running batch
+        running.cancel()
+    finally:
+        engine.close()
+
+
+def test_a_lone_ready_row_joins_once_join_wait_is_over(base, store):
+    engine = Engine(base, store, join_wait_s=0.2)
+    try:
+        running = engine.submit(_request(None, 500))
+        next(iter(running))
+        started = time.monotonic()
+        assert engine.submit(_request(None, 2)).result(timeout=30).completion_tokens == 2
+        assert time.monotonic() - started >= 0.2  # it waited for company, then joined alone
+        running.cancel()
+    finally:
+        engine.close()
