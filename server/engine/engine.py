@@ -315,7 +315,8 @@ class Engine:
         ``join_wait_s``: while a batch runs, rows ready to join it wait up to this long for
         others to join with them, until a quarter of the batch (at least 2) can join at once:
         a prefill reads every weight once, whether it is for one row or several, and every
-        running row waits for it. 0 joins each row as soon as it is ready.
+        running row waits for it. When nothing runs, ready rows wait as long for rows whose
+        modules are loading, to start with them. 0 joins each row as soon as it is ready.
         ``loader_threads``: how many modules load at once, off the decode loop (a request whose
         module is in the pool never waits for them).
 
@@ -562,6 +563,13 @@ class Engine:
         room = self.max_batch - len(self._rows)
         with self._wake:
             self._ready.extend(prepared)
+            while not self._rows and self._loading and self._ready and len(self._ready) < room and not self._stop.is_set():
+                # nothing runs: rows whose modules are loading (or whose alias is looked up again)
+                # may be ready soon, and then start in the same prefill (join_wait_s at most)
+                left = self._ready[0].ready_at + self.join_wait_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
             joining = min(room, len(self._ready))
             if self._rows and joining and joining < max(2, self.max_batch // 4):
                 # a few rows only: they wait (join_wait_s at most) for more to join with, leaving

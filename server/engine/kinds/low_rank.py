@@ -42,17 +42,9 @@ from tunehub.server.engine.modules import (
 )
 
 
-def transposed_storage(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` as a view of a contiguous copy of its transpose: the same values, laid out as
-    a batch plan reads them (A as (in, r), B as (r, out)), so that building a plan copies
-    whole blocks (one ``torch.stack`` per layer) instead of transposing row by row."""
-    return matrix.t().contiguous().t()
-
-
 @dataclass
 class LayerDelta:
-    """What one low-rank module does to one linear layer. The pool keeps ``lora_a`` and
-    ``lora_b`` in :func:`transposed_storage`."""
+    """What one low-rank module does to one linear layer."""
 
     lora_a: Any = None  # (r, in)
     lora_b: Any = None  # (out, r)
@@ -168,7 +160,7 @@ class LowRank(ServedKind):
                 layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
                 # rank 0 (AdaLoRA-style pruning, or an empty layer): no delta, and no division by zero
                 scale = layer_alpha / (math.sqrt(rank) if rslora else rank) if rank else 0.0
-            delta = LayerDelta(lora_a=transposed_storage(a), lora_b=transposed_storage(b), scale=scale)
+            delta = LayerDelta(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
             magnitude = tensors.get("lora_magnitude_vector")
             if loaded.kind is ModuleKind.DORA:
                 if magnitude is None:
@@ -180,7 +172,7 @@ class LowRank(ServedKind):
                 with torch.no_grad():
                     norm = dora_norms(target, a, b, scale)
                 delta.dora_gain = (magnitude.float().reshape(-1) / norm).contiguous()
-                delta.lora_b = transposed_storage(delta.dora_gain.unsqueeze(1) * b)
+                delta.lora_b = (delta.dora_gain.unsqueeze(1) * b).contiguous()
             loaded.layers[layer] = delta
         # what load computed from finite weights can still overflow (DoRA's gain over a zero norm)
         for layer, delta in loaded.layers.items():
@@ -206,12 +198,7 @@ class LowRank(ServedKind):
                 lora_a.append(delta.lora_a)
                 lora_b.append(delta.lora_b * (weight * delta.scale))
             if lora_a:
-                combined[layer] = LayerDelta(
-                    lora_a=torch.cat([a.t() for a in lora_a], dim=1).t(),  # built in transposed storage
-                    lora_b=torch.cat([b.t() for b in lora_b]).t(),
-                    scale=1.0,
-                    dora_gain=gain,
-                )
+                combined[layer] = LayerDelta(lora_a=torch.cat(lora_a), lora_b=torch.cat(lora_b, dim=1), scale=1.0, dora_gain=gain)
         return combined
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> LowRankPart | None:
@@ -226,7 +213,7 @@ class LowRank(ServedKind):
             lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
             lora_b = (d.lora_b.t() * scales[0]).contiguous().to(device=device, dtype=dtype)
         elif all(rank == max_rank for rank in ranks):
-            # every row has a delta of one rank (a batch's usual case): one copy per matrix
+            # every row has a delta of one rank (a batch's usual case): one (transposing) copy per matrix
             lora_a = torch.stack([d.lora_a.t() for d in deltas]).to(device=device, dtype=dtype)
             lora_b = torch.stack([d.lora_b.t() for d in deltas]).to(device=device, dtype=dtype)
             lora_b.mul_(torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1))
