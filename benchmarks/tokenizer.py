@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Tokenizer benchmark: extending a base tokenizer with a domain's words, as ratios.
 
-    python benchmarks/tokenizer.py                 # bench-100m base, 40,000 + 4,000 lines (about 15 s on 2 cores)
-    python benchmarks/tokenizer.py --quick         # 'small' base, 6,000 + 600 lines (about 10 s)
+    python benchmarks/tokenizer.py                 # bench-100m base, 40,000 + 4,000 lines; bpb on 'small' (minutes on 2 cores)
+    python benchmarks/tokenizer.py --quick         # 'small' base, 6,000 + 600 lines (about 2 minutes on 2 cores)
     python benchmarks/tokenizer.py --write-corpus F --lines N   # write N lines of the domain corpus and stop
 
 The domain: pharmacology text generated here, offline: drug names composed from morphemes (a
@@ -21,8 +21,15 @@ tokens chosen on the selection text only. Measured on the held-out text:
 - ``decode_chars_per_s_vs_base``: characters per second decoding the held-out lines (one
   ``tokenizer.decode`` call per line, as a server detokenizes a response) with the extended
   tokenizer on its own ids / the base on its ids; best of 5 interleaved rounds. Reported, no target.
-- ``bpb_tokenizer_vs_lora_only``: not measured yet. It needs the tokenizer module kind (training
-  the new rows with PEFT's trainable tokens; issue #18 items 3-4): the place is kept below.
+- ``bpb_tokenizer_vs_lora_only``: held-out loss in bits per UTF-8 byte (total NLL in nats / ln 2
+  / the held-out text's bytes, each side with its own tokenizer, so the vocabularies compare) of
+  (a) a tokenizer module with a LoRA component (``tunehub train`` with ``tokenizer: {extend:
+  ...}``: at most ``bpb_max_new`` tokens chosen on the training text, their rows trained with the
+  LoRA) / (b) a LoRA-only module, both trained on the same text for the same steps, at the same
+  learning rate, with (b)'s rank raised until its trainable parameters match (a)'s LoRA plus
+  new rows (both counts are printed). Target < 1.0. The base is built here: a random model, so
+  this measures how much of the domain each budget learns from scratch, not a pretrained
+  model's transfer.
 
 The last stdout line is one line of JSON: ``{"benchmark": "tokenizer", "ratios": {...}, "figures": {...}}``.
 """
@@ -45,6 +52,7 @@ from typing import Any
 BENCHMARK = "tokenizer"
 MAX_NEW = 2000
 FERTILITY_TARGET = 0.75
+BPB_TARGET = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,18 @@ class Sizes:
     lines: int  # selection text
     heldout_lines: int
     decode_rounds: int
+    # bits per byte: the base trained on (built here), steps, and the tokenizer module's budget
+    bpb_preset: str
+    bpb_steps: int
+    bpb_max_new: int
+    bpb_rank: int  # the tokenizer module's LoRA rank; the LoRA-only module's is raised to match
+    bpb_batch: int = 8
+    bpb_max_length: int = 128
+    bpb_learning_rate: float = 3e-3
 
 
-FULL = Sizes("full", "bench-100m", 40000, 4000, 5)
-QUICK = Sizes("quick", "small", 6000, 600, 5)
+FULL = Sizes("full", "bench-100m", 40000, 4000, 5, bpb_preset="small", bpb_steps=600, bpb_max_new=2000, bpb_rank=8)
+QUICK = Sizes("quick", "small", 6000, 600, 5, bpb_preset="small", bpb_steps=150, bpb_max_new=1000, bpb_rank=8)
 
 # --- the domain corpus -------------------------------------------------------------------------------
 
@@ -167,7 +183,119 @@ def _decode_chars_per_s(tokenizer: Any, ids: list[list[int]], chars: int) -> flo
     return chars / (time.perf_counter() - start)
 
 
-def run(work: Path, sizes: Sizes) -> dict[str, Any]:
+def lora_params_per_rank(base: Path) -> int:
+    """Trainable parameters one unit of LoRA rank adds on ``base`` with target_modules all-linear
+    (PEFT leaves the output head out): the sum of in + out features of its linear layers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    head = model.get_output_embeddings()
+    return sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def bits_per_byte(model: Any, tokenizer: Any, lines: list[str], batch: int = 16) -> tuple[float, int]:
+    """Total next-token NLL of ``lines`` (each its own sequence, the first token given) in bits,
+    per UTF-8 byte of the lines; and how many tokens were predicted."""
+    import math
+
+    import torch
+
+    model.eval()
+    nats, predicted = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(lines), batch):
+            enc = tokenizer(lines[start : start + batch], return_tensors="pt", padding=True)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
+            labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+            nats += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+            predicted += int((labels != -100).sum())
+    total_bytes = sum(len(line.encode("utf-8")) for line in lines)
+    return nats / math.log(2) / total_bytes, predicted
+
+
+def run_bpb(work: Path, sizes: Sizes, corpus: Path, heldout: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(a) tokenizer module with a LoRA component vs (b) LoRA only, same steps and parameter budget."""
+    from transformers import AutoTokenizer
+
+    from tunehub.trainer.base import build_base
+    from tunehub.trainer.config import validate_run_config
+    from tunehub.trainer.run import train
+
+    base = work / f"base-{sizes.bpb_preset}"
+    if not base.exists():
+        build_base(base, sizes.bpb_preset)
+    hidden = json.loads((base / "config.json").read_text())["hidden_size"]
+    per_rank = lora_params_per_rank(base)
+
+    def config(name: str, rank: int, extend: bool) -> Any:
+        raw: dict[str, Any] = {
+            "base": {"path": str(base)},
+            "method": {"name": "lora", "r": rank, "alpha": 2 * rank, "dropout": 0.0},
+            "objective": {"name": "clm"},
+            "data": {"train": str(corpus), "eval_fraction": 0.02, "max_length": sizes.bpb_max_length},
+            "training": {
+                "max_steps": sizes.bpb_steps,
+                "batch_size": sizes.bpb_batch,
+                "learning_rate": sizes.bpb_learning_rate,
+                "lr_scheduler": "cosine",
+                "warmup_ratio": 0.05,
+                "logging_steps": 25,
+                "save_steps": 10 * sizes.bpb_steps,  # no checkpoint: nothing resumes here
+            },
+            "output": {"dir": str(work / name)},
+        }
+        if extend:  # words chosen on the training text only; the held-out file is where fertility is measured
+            raw["tokenizer"] = {"extend": {"corpus": str(corpus), "max_new": sizes.bpb_max_new, "heldout": str(heldout)}}
+        return validate_run_config(raw)
+
+    lines = heldout.read_text(encoding="utf-8").splitlines()
+    print(f"training (a) tokenizer module + LoRA r={sizes.bpb_rank}, {sizes.bpb_steps} steps ...", file=sys.stderr)
+    start = time.perf_counter()
+    with_vocab = train(config("bpb-tokenizer", sizes.bpb_rank, True))
+    seconds_a = time.perf_counter() - start
+    added = int(with_vocab.manifest.params["added"]) if with_vocab.manifest else 0
+    rows = added * hidden * (1 if with_vocab.manifest and with_vocab.manifest.params["tied_head"] else 2)
+    rank_b = max(1, round(sizes.bpb_rank + rows / per_rank))
+    print(f"training (b) LoRA-only r={rank_b} (same budget), {sizes.bpb_steps} steps ...", file=sys.stderr)
+    start = time.perf_counter()
+    lora_only = train(config("bpb-lora", rank_b, False))
+    seconds_b = time.perf_counter() - start
+    bpb_a, tokens_a = bits_per_byte(with_vocab.model, AutoTokenizer.from_pretrained(with_vocab.module_dir), lines)
+    bpb_b, tokens_b = bits_per_byte(lora_only.model, AutoTokenizer.from_pretrained(base), lines)
+    ratio = bpb_a / bpb_b
+    entry = {"value": round(ratio, 4), "target": f"< {BPB_TARGET}", "pass": ratio < BPB_TARGET}
+    figures = {
+        "base_preset": sizes.bpb_preset,
+        "steps": sizes.bpb_steps,
+        "batch": sizes.bpb_batch,
+        "max_length": sizes.bpb_max_length,
+        "learning_rate": sizes.bpb_learning_rate,
+        "added_tokens": added,
+        "trainable_params": {
+            "tokenizer_module": int(with_vocab.metrics["trainable_params"]),
+            "tokenizer_module_lora": sizes.bpb_rank * per_rank,
+            "tokenizer_module_rows": rows,
+            "lora_only": int(lora_only.metrics["trainable_params"]),
+        },
+        "lora_rank": {"tokenizer_module": sizes.bpb_rank, "lora_only": rank_b},
+        "heldout_bits_per_byte": {"tokenizer_module": round(bpb_a, 4), "lora_only": round(bpb_b, 4)},
+        "heldout_tokens_predicted": {"tokenizer_module": tokens_a, "lora_only": tokens_b},
+        "final_train_loss": {
+            "tokenizer_module": round(with_vocab.metrics.get("final_train_loss", float("nan")), 4),
+            "lora_only": round(lora_only.metrics.get("final_train_loss", float("nan")), 4),
+        },
+        "module_bytes": {
+            "tokenizer_module": sum(p.stat().st_size for p in with_vocab.module_dir.iterdir()),
+            "lora_only": sum(p.stat().st_size for p in lora_only.module_dir.iterdir()),
+        },
+        "seconds": {"tokenizer_module": round(seconds_a, 1), "lora_only": round(seconds_b, 1)},
+    }
+    return entry, figures
+
+
+def run(work: Path, sizes: Sizes, *, bpb: bool = True) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from tunehub.trainer.base import build_base
@@ -213,14 +341,14 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
             "target": "reported",
             "pass": None,
         },
-        # ---- not measured yet: needs the tokenizer module kind (issue #18 items 3-4) ----
-        "bpb_tokenizer_vs_lora_only": {
-            "value": None,
-            "target": "< 1.0",
-            "pass": None,
-            "note": "not measured yet: training the new rows (tokenizer module kind) is issue #18 items 3-4",
-        },
     }
+    bpb_figures = None
+    if bpb:
+        bpb_started = time.perf_counter()
+        ratios["bpb_tokenizer_vs_lora_only"], bpb_figures = run_bpb(work, sizes, corpus, heldout)
+        bpb_seconds = time.perf_counter() - bpb_started
+    else:
+        ratios["bpb_tokenizer_vs_lora_only"] = {"value": None, "target": f"< {BPB_TARGET}", "pass": None, "note": "--no-bpb"}
     figures = {
         "sizes": sizes.name,
         "base_preset": sizes.preset,
@@ -242,8 +370,10 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
         "seconds": {
             "build_base": round(built - started, 1),
             "extend": round(extended_s, 1),
+            "bpb": round(bpb_seconds, 1) if bpb else None,
             "total": round(time.perf_counter() - started, 1),
         },
+        "bpb": bpb_figures,
         "sizes_detail": asdict(sizes),
     }
     return {"benchmark": BENCHMARK, "ratios": ratios, "figures": figures}
@@ -288,12 +418,24 @@ def print_report(report: dict[str, Any]) -> None:
         result = "" if entry["pass"] is None else ("[green]PASS" if entry["pass"] else "[red]FAIL")
         verdicts.add_row(name, value, entry["target"], result)
     console.print(verdicts)
+    bpb = fig.get("bpb")
+    if bpb:
+        counts, ranks = bpb["trainable_params"], bpb["lora_rank"]
+        console.print(
+            f"bits per byte on held-out text after {bpb['steps']} steps: tokenizer module"
+            f" {bpb['heldout_bits_per_byte']['tokenizer_module']:.4f} (LoRA r={ranks['tokenizer_module']} +"
+            f" {bpb['added_tokens']} new rows, {counts['tokenizer_module']:,} trainable), LoRA only"
+            f" {bpb['heldout_bits_per_byte']['lora_only']:.4f} (r={ranks['lora_only']}, {counts['lora_only']:,} trainable)",
+            markup=False,
+            highlight=False,
+        )
     console.print("top added: " + ", ".join(repr(t["token"]) for t in fig["top_added"]), markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="'small' base, 6,000 + 600 lines (well under a minute)")
+    parser.add_argument("--quick", action="store_true", help="'small' base, 6,000 + 600 lines (about 2 minutes)")
+    parser.add_argument("--no-bpb", action="store_true", help="skip the two training runs of bpb_tokenizer_vs_lora_only")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (corpus, base, extended tokenizer)")
     parser.add_argument("--write-corpus", metavar="FILE", help="write the domain corpus to FILE and stop")
     parser.add_argument("--lines", type=int, default=400, help="--write-corpus: how many lines")
@@ -306,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tunehub-bench-tokenizer-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = run(work, sizes)
+        report = run(work, sizes, bpb=not args.no_bpb)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -190,18 +190,31 @@ class Manifest(_Strict):
     def peft_loadable(self) -> bool:
         return self.kind in PEFT_TYPES
 
+    def peft_component(self) -> Component | None:
+        """The one component PEFT loads from this module's ``adapter_config.json`` (a tokenizer
+        module's LoRA), for a kind PEFT has no type for; else None."""
+        if self.kind in PEFT_TYPES:
+            return None
+        parts = [part for part in self.components if part.kind in PEFT_TYPES]
+        return parts[0] if len(parts) == 1 else None
+
     def adapter_config(self) -> dict[str, Any] | None:
-        """PEFT's ``adapter_config.json`` for this module, or None where PEFT has no such kind."""
-        peft_type = PEFT_TYPES.get(self.kind)
+        """PEFT's ``adapter_config.json`` for this module (or for its PEFT component), or None
+        where PEFT has no such kind."""
+        kind, params = self.kind, self.params
+        component = self.peft_component()
+        if component is not None:
+            kind, params = component.kind, component.params
+        peft_type = PEFT_TYPES.get(kind)
         if peft_type is None:
             return None
-        config = dict(self.params)
+        config = dict(params)
         config["peft_type"] = peft_type
         config["task_type"] = self.task_type
         config["base_model_name_or_path"] = self.base.model_id
         config["revision"] = self.base.revision
         config["inference_mode"] = True
-        if self.kind is ModuleKind.DORA:
+        if kind is ModuleKind.DORA:
             config["use_dora"] = True
         return config
 

@@ -127,6 +127,30 @@ class InitConfig(_Section):
         return value
 
 
+class TokenizerExtendConfig(_Section):
+    """Extend the base's tokenizer with a domain's words before training (``tunehub tokenizer
+    extend``'s choice); the run then trains the new rows and writes a ``tokenizer`` module."""
+
+    corpus: list[str] = Field(description="UTF-8 domain text, one document per line: files or folders")
+    max_new: int = Field(gt=0, le=1_000_000, description="add at most this many tokens")
+    heldout: str | None = Field(
+        default=None, description="a file of held-out domain text to measure on; null: 10% of the corpus's lines"
+    )
+    init: Literal["subword-mean", "mean"] = Field(
+        default="subword-mean", description="new rows start as the mean of the token's old pieces' rows, or of all rows"
+    )
+    min_frequency: int = Field(default=2, ge=1, description="add only words seen at least this often")
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TokenizerConfig(_Section):
+    extend: TokenizerExtendConfig
+
+
 class OutputConfig(_Section):
     dir: str
     task: str | None = None
@@ -154,6 +178,9 @@ class RunConfig(_Section):
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     init: InitConfig = Field(default_factory=InitConfig)
+    tokenizer: TokenizerConfig | None = Field(
+        default=None, description="extend: {corpus, max_new, heldout, init}: a domain vocabulary trained with the method"
+    )
     output: OutputConfig
 
     def resolved(self) -> dict[str, Any]:
@@ -237,7 +264,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
 def validate_run_config(raw: Any, source: str = "config") -> RunConfig:
     """Validate a raw mapping; all problems at once, as one ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must be a mapping of sections (base, method, objective, data, training, init, output)")
+        raise ConfigError(
+            f"{source} must be a mapping of sections (base, method, objective, data, training, init, tokenizer, output)"
+        )
     try:
         config = run_config_class().model_validate(raw)
     except ValidationError as exc:
@@ -283,6 +312,7 @@ def combination_problems(config: RunConfig) -> list[str]:
             f"init.parent: on a {config.base.quantization} base a chain stacks adapters only ({CHAIN_COMBINATIONS});"
             f" {config.method.name} cannot be trained on a parent there"
         )
+    problems += _tokenizer_problems(config)
     for key in ("train", "eval"):
         for source in getattr(config.data, key) or []:
             if not Path(source).exists():
@@ -302,6 +332,38 @@ def combination_problems(config: RunConfig) -> list[str]:
                 problems.append("objective.nsp: next-sentence prediction needs a BERT-style base")
     elif base_dir.is_absolute() or config.base.path.startswith((".", "~")) or config.base.path.count("/") > 1:
         problems.append(f"base.path: {config.base.path} does not exist")
+    return problems
+
+
+def _tokenizer_problems(config: RunConfig) -> list[str]:
+    """A ``tokenizer`` section: what it combines with (the extended vocabulary is trained by
+    PEFT's trainable tokens beside the method's adapter, on a causal LM)."""
+    method = get_method(config.method.name)
+    if config.tokenizer is None:
+        if config.method.name == "tokenizer":
+            return ["method: tokenizer trains the rows of new tokens: add tokenizer: {extend: {corpus: PATH, max_new: N}}"]
+        return []
+    problems = []
+    able = sorted(name for name in method_names() if get_method(name).trainable_tokens)
+    if not method.trainable_tokens:
+        problems.append(
+            f"tokenizer: method {config.method.name} cannot train new tokens' rows beside its adapter;"
+            f" use one of {', '.join(able)} (tokenizer: the new rows alone)"
+        )
+    if config.objective.name not in ("clm", "sft"):
+        problems.append(
+            f"tokenizer: extending the vocabulary trains a causal LM's new rows (objective clm or sft), not {config.objective.name}"
+        )
+    if config.init.parent is not None:
+        problems.append(
+            "tokenizer: a run that extends the vocabulary cannot train on an init.parent chain (its parents know no new tokens)"
+        )
+    if config.training.distributed == "fsdp":
+        problems.append("tokenizer: PEFT's trainable tokens do not train on a base FSDP shards; use training.distributed: ddp")
+    extend = config.tokenizer.extend
+    for source in [*extend.corpus, *([extend.heldout] if extend.heldout else [])]:
+        if not Path(source).exists():
+            problems.append(f"tokenizer.extend: {source} does not exist")
     return problems
 
 
@@ -353,3 +415,9 @@ def _anchor_paths(raw: dict[str, Any], folder: Path) -> None:
     base = raw.get("base")
     if isinstance(base, dict):
         base["path"] = anchor(base.get("path"))
+    tokenizer = raw.get("tokenizer")
+    extend = tokenizer.get("extend") if isinstance(tokenizer, dict) else None
+    if isinstance(extend, dict):
+        corpus = extend.get("corpus")
+        extend["corpus"] = [anchor(v) for v in corpus] if isinstance(corpus, list) else anchor(corpus)
+        extend["heldout"] = anchor(extend.get("heldout"))

@@ -259,14 +259,17 @@ def save_module_files(
     description: str | None = None,
     base_model_id: str | None = None,
     tokenizer_path: str | Path | None = None,
+    components: list[dict[str, Any]] | None = None,
 ) -> Manifest:
     """Finish a module folder whose weights are already in ``out_dir``: the manifest (base
-    fingerprint, tokenizer, data, metrics, resolved config), PEFT's config where the kind has
-    one, the model card, every file hashed. Returns the written manifest."""
+    fingerprint, tokenizer, data, metrics, resolved config), PEFT's config where the kind (or
+    its one PEFT component, in ``components``: ``{"kind", "params"}``) has one, the model card,
+    every file hashed. Returns the written manifest."""
     raw = {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "params": params,
+        "components": components or [],
         "base": base_info(base_path, quantization, model_id=base_model_id),
         "tokenizer": tokenizer_info(tokenizer_path if tokenizer_path is not None else base_path),
         "objective": objective,

@@ -626,6 +626,12 @@ def train(
 
         chain = pull_parent_chain(config, base_dir, open_store(registry or config.output.registry, trust=trust))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    extension = None
+    if config.tokenizer is not None:  # the domain's words join the vocabulary: data is tokenized with them
+        from tunehub.trainer.tokenizer_module import extend_for_run
+
+        extension = extend_for_run(config, base_dir, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(extension.folder)
     prepared = prepare_data(config, tokenizer)
 
     tcfg = config.training
@@ -637,6 +643,11 @@ def train(
     total_steps = tcfg.max_steps or max(1, math.ceil(steps_per_epoch * tcfg.epochs))
 
     model = load_base_model(base_dir, config)
+    trainable_tokens = None
+    if extension is not None:
+        from tunehub.trainer.tokenizer_module import add_new_rows
+
+        trainable_tokens = add_new_rows(model, extension, gradient_checkpointing=bool(tcfg.gradient_checkpointing))
     task_type: Literal["CAUSAL_LM"] | None = None if config.objective.name == "mlm" else "CAUSAL_LM"
     ctx = BuildContext(
         task_type=task_type,
@@ -645,6 +656,7 @@ def train(
         base_path=str(base_dir),
         init_module=init_module,
         num_tasks=len({e["task_id"] for e in prepared.train}) if method.task_ids is not None else 1,
+        trainable_tokens=trainable_tokens,
     )
     if chain is not None and chain.base_tensors and sharded:
         raise ConfigError(
@@ -753,8 +765,21 @@ def train(
         # the resolved config records its exact version instead
         parent = chain.ref if chain is not None else None
         started_from = init_module.ref if init_module is not None else None
+        if extension is not None:
+            metrics["fertility_after_vs_before"] = extension.report.fertility_ratio
         manifest = _write_module(
-            module_dir, peft_model, base_dir, config, method, prepared, metrics, history, parent, started_from, state_dict
+            module_dir,
+            peft_model,
+            base_dir,
+            config,
+            method,
+            prepared,
+            metrics,
+            history,
+            parent,
+            started_from,
+            state_dict,
+            extension,
         )
         push = push or config.output.push
         if push:
@@ -852,6 +877,7 @@ def _write_module(
     parent: str | None,
     started_from: str | None = None,
     state_dict: dict[str, Any] | None = None,
+    extension: Any = None,
 ) -> Manifest:
     import shutil
 
@@ -876,6 +902,11 @@ def _write_module(
     }
     if started_from is not None:  # the exact version the run started from, not the alias it named
         fields["config"]["method"]["init_from"] = started_from
+    if extension is not None:  # a tokenizer module, the method's adapter (if any) a component of it
+        from tunehub.trainer.tokenizer_module import save_tokenizer_module
+
+        task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
+        return save_tokenizer_module(peft_model, module_dir, extension, method, task_type=task_type, **fields)
     if method.save_module is not None:  # never with a sharded base (refused by the config)
         task_type = None if config.objective.name == "mlm" else "CAUSAL_LM"
         return method.save_module(config.method, peft_model, module_dir, task_type=task_type, **fields)

@@ -40,6 +40,9 @@ class BuildContext:
     base_path: str = ""  # the base's folder (its tokenizer initialises a prompt from text)
     init_module: Any = None  # the verified module (LocalModule) ``Method.init_module`` named
     num_tasks: int = 1  # how many task ids the data carries (Method.task_ids)
+    #: a run with a ``tokenizer`` section: layer name (input embedding, and an untied output
+    #: head) -> the added tokens' ids, whose rows PEFT trains (``trainable_token_indices``)
+    trainable_tokens: dict[str, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,14 @@ class Method:
     #: fields)`` writes the module; ``build_peft_config`` is then unused
     prepare_model: Callable[[Any, Any, BuildContext], Any] | None = None
     save_module: Callable[..., Any] | None = None
+    #: whether a run's ``tokenizer`` section can extend the vocabulary under it: the method's
+    #: PEFT config trains the new rows (``BuildContext.trainable_tokens``) beside its adapter
+    trainable_tokens: bool = False
 
 
 #: what to do instead, for each module kind no method trains yet (a method that trains one
 #: takes it off this list: tests/unit/test_train_config.py walks ModuleKind)
 NOT_TRAINABLE: dict[ModuleKind, str] = {
-    ModuleKind.TOKENIZER: "build a base with the tokenizer you need (tunehub base init)",
     ModuleKind.TEMPLATE: "a template trains nothing: write one with `tunehub template init DIR --base BASE --text TEXT`"
     " and push it",
 }

@@ -27,5 +27,6 @@ METHOD = register_method(
         config_cls=DoraMethodConfig,
         build_peft_config=build_dora,
         description="weight-decomposed LoRA: low-rank direction plus per-column magnitude",
+        trainable_tokens=True,
     )
 )

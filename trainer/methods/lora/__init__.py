@@ -28,8 +28,10 @@ class LoraMethodConfig(MethodConfig):
 
 
 def lora_kwargs(cfg: Any, ctx: BuildContext) -> dict[str, Any]:
-    """PEFT LoraConfig keyword arguments shared by LoRA and DoRA."""
-    return {
+    """PEFT LoraConfig keyword arguments shared by LoRA and DoRA (with the new tokens' rows of
+    a run that extends the vocabulary: PEFT's ``trainable_token_indices``)."""
+    kwargs: dict[str, Any] = {} if ctx.trainable_tokens is None else {"trainable_token_indices": ctx.trainable_tokens}
+    return kwargs | {
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -54,5 +56,6 @@ METHOD = register_method(
         config_cls=LoraMethodConfig,
         build_peft_config=build_lora,
         description="low-rank deltas on linear layers (QLoRA on an nf4 base)",
+        trainable_tokens=True,
     )
 )
