@@ -115,6 +115,56 @@ def use_onednn_linears(model: PreTrainedModel) -> int:
     return len(targets)
 
 
+#: at most this many tokens in a call: a decode step's (or a short prefill's) delta ops
+SMALL_CALL_TOKENS = 64
+
+
+class _SingleThreaded:
+    """Run the ops inside on one CPU thread, then restore torch's thread count.
+
+    A decode step's delta ops are tiny (a (rows, in) x (rows, in, r) bmm is microseconds of
+    work), and on the CPU each parallel region of OpenMP wakes the other threads of its team. On
+    a machine with as many cores as torch threads, once two threads have run parallel regions
+    (the thread that loaded the model, and the engine's loop) GNU OpenMP stops spinning between
+    regions, so each wake-up costs a futex round trip: a 10 us bmm took 100 us on the engine's
+    thread. One thread keeps them at their cost; the base's own matmuls, which need the cores,
+    run outside."""
+
+    __slots__ = ("threads",)
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
+def _small_cpu_call(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() <= SMALL_CALL_TOKENS * x.shape[-1]
+
+
+class _NoContext:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_CONTEXT = _NoContext()
+
+
+def delta_ops_context(x: torch.Tensor) -> _SingleThreaded | _NoContext:
+    """The context a layer runs its plan's delta ops in for input ``x``: one thread for a small
+    CPU call (see :class:`_SingleThreaded`), as they come otherwise."""
+    return _SingleThreaded() if _small_cpu_call(x) else _NO_CONTEXT
+
+
 class AdaptedLinear(nn.Module):
     def __init__(self, name: str, base: nn.Module, state: BatchState):
         super().__init__()
@@ -129,11 +179,14 @@ class AdaptedLinear(nn.Module):
         plan = self.state.layers.get(self.name)
         if plan is None:
             return self.base(x)
-        for transform in plan.before:
-            x = transform(x)
+        if plan.before:
+            with delta_ops_context(x):
+                for transform in plan.before:
+                    x = transform(x)
         y = self.base(x)
-        for after in plan.after:
-            y = after(self, x, y)
+        with delta_ops_context(x):
+            for after in plan.after:
+                y = after(self, x, y)
         return y
 
 
@@ -156,8 +209,9 @@ class AdaptedNorm(nn.Module):
         plan = self.state.layers.get(self.name)
         if plan is None:
             return y
-        for after in plan.after:
-            y = after(self, x, y)
+        with delta_ops_context(x):
+            for after in plan.after:
+                y = after(self, x, y)
         return y
 
     def normalized(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
