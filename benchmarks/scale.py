@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import _quiet_libraries, make_prompts, zipf_draws  # noqa: E402  (the engine benchmark's helpers)
+from engine import _log, _quiet_libraries, make_prompts, zipf_draws  # noqa: E402  (the engine benchmark's helpers)
 
 BENCHMARK = "scale"
 TARGETS = {"throughput_512_vs_1_modules": (">=", 0.8), "p99_ttft_miss_vs_hit": ("<=", 3.0)}
@@ -68,10 +68,6 @@ class Sizes:
 
 FULL = Sizes("full", "bench-100m", 512, 32, 16, 64, 8, 16, 16, 480, 64, 1.0)
 QUICK = Sizes("quick", "small", 512, 16, 8, 64, 8, 16, 8, 240, 48, 1.0)
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def setup(work: Path, sizes: Sizes) -> dict[str, Any]:

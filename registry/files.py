@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from tunehub.errors import IntegrityError, ManifestError, UnsafeFile
+from tunehub.errors import Conflict, IntegrityError, ManifestError, UnsafeFile
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -185,6 +185,21 @@ def verify_files(folder: Path, expected: dict[str, str], *, allow_extra: bool = 
         actual = sha256_file(folder / rel)
         if actual != digest:
             raise IntegrityError(f"{folder}: {rel} does not match its sha256 (expected {digest[:12]}..., got {actual[:12]}...)")
+
+
+def new_output_folder(out: str | Path, writer: str = "tunehub") -> Path:
+    """``out`` as an absolute path, if it is new or an empty folder; else Conflict, nothing
+    touched (a user's folder is never written over). ``writer`` names who refuses."""
+    path = Path(os.path.abspath(Path(out).expanduser()))
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise Conflict(f"{path} exists and is not a folder; choose a new folder for --out")
+        with os.scandir(path) as entries:
+            if any(True for _ in entries):
+                raise Conflict(
+                    f"{path} is not empty, and {writer} never writes over files: choose a new or empty folder for --out"
+                )
+    return path
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, staging: Path | None = None) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunehub.errors import ConfigError, Conflict, IncompatibleBase, IntegrityError, InvalidReference, StoreError
+from tunehub.registry.files import new_output_folder
 from tunehub.registry.manifest import MANIFEST_FILE, Manifest, ModuleKind
 from tunehub.registry.module import LocalModule, verify_module
 from tunehub.registry.refs import ModuleRef
@@ -254,18 +255,6 @@ def _quantization_note(source: _Source, merged: bool) -> str | None:
 # --- the output folder ----------------------------------------------------------------------------
 
 
-def _new_output(out: str | Path) -> Path:
-    """``out`` as an absolute path, if it is new or an empty folder (else Conflict, nothing touched)."""
-    path = Path(os.path.abspath(Path(out).expanduser()))
-    if os.path.lexists(path):
-        if not path.is_dir():
-            raise Conflict(f"{path} exists and is not a folder; choose a new folder for --out")
-        with os.scandir(path) as entries:
-            if any(True for _ in entries):
-                raise Conflict(f"{path} is not empty, and export never writes over files: choose a new or empty folder for --out")
-    return path
-
-
 def _staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
     try:
@@ -419,7 +408,7 @@ def export_merged(
     """
     from tunehub.bases import resolve_base_folder
 
-    out = _new_output(out)
+    out = new_output_folder(out, "export")
     modules = _Modules(registry, trust)
     source = modules.open(ref_or_path)
     chain = _lineage(source, modules)
@@ -615,7 +604,7 @@ def export_as_lora(
 
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be at least 1, not {rank}")
-    out = _new_output(out)
+    out = new_output_folder(out, "export")
     modules = _Modules(registry, trust)
     source = modules.open(ref_or_path)
     _refuse_lora(source)

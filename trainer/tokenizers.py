@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import random
 import shutil
 import sys
@@ -27,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tunehub.errors import ConfigError, Conflict, DataError
+from tunehub.errors import ConfigError, DataError
+from tunehub.registry.files import new_output_folder
 from tunehub.trainer.base import BERT_SPECIALS, CHAT_TEMPLATE, LLAMA_SPECIALS
 
 if TYPE_CHECKING:  # tokenizers, transformers and torch are imported where they are used
@@ -353,7 +353,7 @@ def train_tokenizer(
         )
     if min_frequency < 1:
         raise ConfigError(f"min_frequency must be at least 1, got {min_frequency}")
-    out = _new_output(out_dir)
+    out = new_output_folder(out_dir, "tunehub")
     text = Corpus.open(corpus)
     show = text.show_progress(progress)
     counted = 0
@@ -373,20 +373,6 @@ def train_tokenizer(
 
 
 # --- output folders --------------------------------------------------------------------------------
-
-
-def _new_output(out: str | Path) -> Path:
-    """``out`` as an absolute path, if it is new or an empty folder (else Conflict, nothing touched)."""
-    path = Path(os.path.abspath(Path(out).expanduser()))
-    if os.path.lexists(path):
-        if not path.is_dir():
-            raise Conflict(f"{path} exists and is not a folder; choose a new folder for --out")
-        with os.scandir(path) as entries:
-            if any(True for _ in entries):
-                raise Conflict(
-                    f"{path} is not empty, and tunehub never writes over files: choose a new or empty folder for --out"
-                )
-    return path
 
 
 class _Staged:
@@ -620,7 +606,7 @@ def extend_tokenizer(
         raise ConfigError(f"the held-out fraction must be between 0 and 1 (exclusive), got {heldout}")
     if isinstance(heldout, bool):
         raise ConfigError("heldout is a fraction of the corpus's lines or a file of held-out text, not a boolean")
-    out = _new_output(out_dir)
+    out = new_output_folder(out_dir, "tunehub")
     text = Corpus.open(corpus)
     heldout_text = Corpus.open(heldout, what="held-out text") if isinstance(heldout, (str, Path)) else None
     folder = resolve_tokenizer_folder(base)

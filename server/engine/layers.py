@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -146,23 +147,10 @@ def _small_cpu_call(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() <= SMALL_CALL_TOKENS * x.shape[-1]
 
 
-class _NoContext:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_CONTEXT = _NoContext()
-
-
-def delta_ops_context(x: torch.Tensor) -> _SingleThreaded | _NoContext:
+def delta_ops_context(x: torch.Tensor) -> AbstractContextManager[None]:
     """The context a layer runs its plan's delta ops in for input ``x``: one thread for a small
     CPU call (see :class:`_SingleThreaded`), as they come otherwise."""
-    return _SingleThreaded() if _small_cpu_call(x) else _NO_CONTEXT
+    return _SingleThreaded() if _small_cpu_call(x) else nullcontext()
 
 
 class AdaptedLinear(nn.Module):
