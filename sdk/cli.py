@@ -84,6 +84,24 @@ def _echo_json(payload: object) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
 
 
+def _rows_table(header: tuple[str, ...] | list[str], rows: list, title: str, left: frozenset[int] = frozenset({0})) -> None:
+    """``rows`` under ``header``: a rich table titled ``title`` on a terminal (columns in ``left``
+    left-aligned, the others right-aligned); in a pipe, tab-separated lines, nothing cut."""
+    if not sys.stdout.isatty():
+        for row in [header, *rows]:
+            typer.echo("\t".join(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, overflow="fold", justify="left" if i in left else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def _version_table(infos: list[VersionInfo], title: str) -> None:
     """A table on a terminal; in a pipe, one tab-separated line per version, nothing cut.
 
@@ -394,19 +412,7 @@ def inspect_command(
     for line in summary_lines(report):
         typer.echo(line)
     header, rows = layer_table(report)
-    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
-        for row in [header, *rows]:
-            typer.echo("\t".join(row))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{report.label}: {'layers' if report.layers else 'tensors by layer kind'}")
-        for i, column in enumerate(header):
-            table.add_column(column, overflow="fold", justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
+    _rows_table(header, rows, f"{report.label}: {'layers' if report.layers else 'tensors by layer kind'}")
     for line in filter(None, [rank_summary(report), *report.notes]):
         typer.echo(line)
     if written:
@@ -550,19 +556,7 @@ def compare(
         cfg, out, command=f"tunehub compare {source} --out {out}", progress=lambda text: typer.echo(f"> {text}", err=True)
     )
     header, rows = report.table()
-    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
-        for row in [header, *rows]:
-            typer.echo("\t".join(row))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"tunehub compare: {report.task}")
-        for i, column in enumerate(header):
-            table.add_column(column, overflow="fold", justify="left" if i < 2 or i == len(header) - 1 else "right")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
+    _rows_table(header, rows, f"tunehub compare: {report.task}", left=frozenset({0, 1, len(header) - 1}))
     typer.echo(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png; the modules are in {out / 'runs'}")
 
 
@@ -652,19 +646,7 @@ def tokenizer_extend(
         f"added {len(report.added)} tokens ({report.base_vocab_size} -> {report.vocab_size}); top: "
         + ", ".join(repr(t.token) for t in report.added[:5])
     )
-    if not sys.stdout.isatty():  # a pipe: tab-separated, nothing cut
-        for row in [header, *rows]:
-            typer.echo("\t".join(row))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{before.lines} held-out lines, {before.words} words")
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
+    _rows_table(header, rows, f"{before.lines} held-out lines, {before.words} words")
     typer.echo(f"wrote the tokenizer and {EXTENSION_REPORT} to {out}")
 
 
