@@ -472,8 +472,7 @@ def _list_methods() -> None:
     for row in rows:
         group = served_kind(ModuleKind(row["kind"]))
         if group is None:
-            # a tokenizer module is a vocabulary per request, which the engine does not serve yet
-            mixed = "not served yet" if row["kind"] == ModuleKind.TOKENIZER.value else "not mixed (serve as a base)"
+            mixed = "not mixed (serve as a base)"
         else:
             mixed = f"mixed: {group.mixes_only}" if group.mixes_only else "mixed in batches"
         base = "4-bit base ok" if row["4bit_base"] else "no 4-bit base"

@@ -212,13 +212,13 @@ class TunehubAPI(ls.LitAPI):
                     messages = template[1].render_messages(values) + list(messages)
                 else:
                     prompt = template[1].render_text(values)
-            if messages is not None:
-                input_ids = self._chat_ids(messages)
             params = self._sampling(SamplingParams, dict(request.get("params", {})))
+            # messages are rendered by the engine, with the row's tokenizer (a tokenizer module's own)
             handle = self.engine.submit(
                 GenerationRequest(
-                    prompt=prompt if input_ids is None else None,
-                    input_ids=input_ids,
+                    prompt=prompt if input_ids is None and messages is None else None,
+                    input_ids=input_ids if messages is None else None,
+                    messages=messages,
                     modules=list(engine_parts) if engine_parts else None,
                     params=params,
                     request_id=request_id,
@@ -331,17 +331,6 @@ class TunehubAPI(ls.LitAPI):
             return None, False, (key, template)
         module, cold = self._acquire(key)
         return module, cold, None
-
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest(f"the base {self.engine.base.name} has no chat template; use /v1/completions")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja raises on roles the template refuses
-            raise InvalidRequest(f"the chat template refused these messages: {exc}") from None
-        # the template writes the special tokens (bos, eos) itself
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _cancel(self, request_id: str) -> None:
         handle = self._active.get(request_id)

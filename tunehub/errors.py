@@ -203,6 +203,14 @@ class InvalidModuleWeights(InvalidRequest):
     http_status = 422
 
 
+class VocabularyFull(TunehubError):
+    """The engine has no room left for a tokenizer module's added tokens: every id range beyond
+    the base's vocabulary belongs to modules in use (a request holds them). Sent again once those
+    requests end, it is served; a larger ``max_added_tokens`` gives the server more room."""
+
+    http_status = 503
+
+
 def public_error_name(exc: BaseException) -> str:
     """The name an error travels under (the ``tunehub_error`` of an HTTP error body): its
     ``error_name`` when it sets one, else the name of its nearest class that is not private, so
@@ -243,4 +251,5 @@ __all__ = [
     "NonFiniteLogits",
     "UnsupportedModule",
     "InvalidModuleWeights",
+    "VocabularyFull",
 ]

@@ -90,6 +90,16 @@ class Composition:
         self.uid = uid
         self.key = key or composition_key(members)
         name = self.key
+        vocabularies = [(m, w) for m, w in members if m.vocab is not None]
+        if len(vocabularies) > 1:
+            raise UnsupportedModule(
+                f"{name}: {', '.join(m.key for m, _ in vocabularies)} each bring a tokenizer; a composition takes one"
+            )
+        if vocabularies and vocabularies[0][1] != 1.0:
+            module, weight = vocabularies[0]
+            raise UnsupportedModule(f"{name}: {module.key} brings a tokenizer and takes no weight: it must be 1, not {weight:g}")
+        #: the vocabulary of the one tokenizer module among the members, if any
+        self.vocab = vocabularies[0][0].vocab if vocabularies else None
         by_group: dict[int, tuple[kinds.ServedKind, list[tuple[LoadedModule, float]]]] = {}
         for module, weight in members:
             if module.served is None:

@@ -9,6 +9,11 @@ requests come and go without waiting for each other. A request whose module is n
 waits for it on its own: loader threads pull and materialise it while the batch keeps decoding,
 and the row joins when it is ready (a module's load is shared by every request waiting for it).
 
+A row whose module brings a tokenizer (a tokenizer module, alone or composed with others) reads
+and writes text with that tokenizer and its chat template; its added tokens are embedded from the
+module's rows and scored by the module's head rows, beside the base's logits, and the row samples
+from the base's tokens and its own module's only (see :mod:`tunehub.server.engine.kinds.tokenizer`).
+
 One request fails only itself. Everything that can be checked is checked at admission (token
 ids, sampling parameters; the materialiser checks module tensors at load). A row that still
 fails is found and failed alone: sampling is per row, a failed prefill is retried in halves
@@ -56,7 +61,7 @@ from tunehub.server.engine.layers import (
     use_onednn_linears,
 )
 from tunehub.server.engine.modules import LoadedModule, ModuleMaterializer
-from tunehub.server.engine.pool import FolderSource, ModulePool, ModuleSource, NotResident
+from tunehub.server.engine.pool import FolderSource, ModulePool, ModuleSource, NotResident, TokenRanges
 
 log = logging.getLogger("tunehub.engine")
 
@@ -154,13 +159,16 @@ class GenerationRequest:
     #: instead of ``module``: references, or (reference, weight) pairs, applied together
     modules: list[str | tuple[str, float]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: instead of ``prompt``: chat messages, rendered with the chat template of the row's tokenizer
+    #: (its module's, for a tokenizer module; else the base's)
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class GenerationResult:
     request_id: str
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # ids of the row's tokenizer (a tokenizer module's ids for its added tokens)
     finish_reason: str  # stop | length | cancelled
     module: str | None  # the exact "repo@version" that answered ("a@1+b@2" for a composition), None for the base
     prompt_tokens: int
@@ -261,6 +269,8 @@ class _Row:
     ):
         self.handle = handle
         self.module = module
+        #: the module's vocabulary when it brings a tokenizer: the row's ids are then its module ids
+        self.vocab: Any = None if module is None else module.vocab
         self.acquired = acquired if acquired is not None else ([module] if isinstance(module, LoadedModule) else [])
         self.prompt_ids = prompt_ids
         self.params = handle.request.params
@@ -300,6 +310,7 @@ class Engine:
         cpu_allocator: Literal["auto", "reuse", "default"] = "default",
         cpu_linear: Literal["auto", "onednn", "default"] = "auto",
         loader_threads: int = 2,
+        max_added_tokens: int = 1 << 16,
     ):
         """``gather_s``: when the engine is idle and a request arrives, how long it waits for
         more to start them in the same prefill (requests sent together then share batches).
@@ -319,6 +330,9 @@ class Engine:
         modules are loading, to start with them. 0 joins each row as soon as it is ready.
         ``loader_threads``: how many modules load at once, off the decode loop (a request whose
         module is in the pool never waits for them).
+        ``max_added_tokens``: the engine ids beyond the base's vocabulary that tokenizer modules'
+        added tokens share (each loaded module holds a range of its own; a module that finds no
+        room evicts unused ones or fails with :class:`~tunehub.errors.VocabularyFull`).
 
         Args:
             base: the loaded base model (:func:`~tunehub.server.engine.load_base`); its linear
@@ -331,7 +345,7 @@ class Engine:
             max_rank: the largest rank of a low-rank module (LoRA, DoRA, AdaLoRA) it serves.
             alias_ttl_s: how long an alias or ``latest`` stays resolved before it is looked up
                 again (a promotion takes effect after at most this).
-            gather_s, join_wait_s, cpu_allocator, cpu_linear, loader_threads: as above.
+            gather_s, join_wait_s, cpu_allocator, cpu_linear, loader_threads, max_added_tokens: as above.
 
         Raises:
             ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values,
@@ -340,6 +354,8 @@ class Engine:
         """
         if loader_threads < 1:
             raise ConfigError(f"loader_threads must be at least 1, not {loader_threads}")
+        if not isinstance(max_added_tokens, int) or max_added_tokens < 0:
+            raise ConfigError(f"max_added_tokens must be an integer >= 0, not {max_added_tokens!r}")
         if cpu_allocator not in ("auto", "reuse", "default"):
             raise ConfigError(f"cpu_allocator must be auto, reuse or default, not {cpu_allocator!r}")
         if cpu_linear not in ("auto", "onednn", "default"):
@@ -367,6 +383,12 @@ class Engine:
         self.state, self.layers, self.norms, self._lock = shared
         self._plan_layers: dict[str, AdaptedLinear | AdaptedNorm] = {**self.layers, **self.norms}
         self.materializer = ModuleMaterializer(base, self.layers, max_rank=max_rank, norm_layers=self.norms)
+        # ids must index the input embedding (the LM head may be padded wider)
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        head = self.model.get_output_embeddings()
+        head_width = int(getattr(head, "out_features", 0) or 0) if head is not None else 0
+        # tokenizer modules' added tokens get engine ids past every id the base has
+        self.added_ids_start = max(self.vocab_size, head_width)
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
         # compositions by their members (uid, weight): one object per distinct composition, so
         # that rows composing the same modules share plans (under the plans' lock)
@@ -381,10 +403,14 @@ class Engine:
             budget_bytes=pool_bytes,
             alias_ttl_s=alias_ttl_s,
             on_drop=self._forget_plans,
+            token_ids=TokenRanges(self.added_ids_start, max_added_tokens),
+            files=self.materializer.files_to_read(),
         )
-        # ids must index the input embedding (the LM head may be padded wider)
-        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        # submitted requests, the rows prepared for them (modules acquired) that wait for room in
+        # the added tokens' head rows of the last batch with tokenizer rows: (vocabularies, rows, columns)
+        self._added_head: tuple[tuple[Any, ...], torch.Tensor, dict[int, int]] | None = None
+        self._head_input: torch.Tensor | None = (
+            None  # what the LM head read in the last forward that asked        # submitted requests, the rows prepared for them (modules acquired) that wait for room in
+        )
         # the batch, and how many the loaders are preparing; guarded by _wake, which the loop
         # waits on when it has nothing to do
         self._inbox: deque[RequestHandle] = deque()
@@ -480,7 +506,8 @@ class Engine:
                 of references or (reference, weight) pairs, or None for the base.
 
         Returns:
-            Per row, float32 logits of shape (len(ids), the LM head's vocabulary).
+            Per row, float32 logits of shape (len(ids), the LM head's vocabulary); a row whose
+            module brings a tokenizer gets its module's vocabulary (base tokens, then its own).
 
         Raises:
             InvalidRequest: ids that are empty or not token ids of the base's vocabulary.
@@ -496,12 +523,18 @@ class Engine:
                 module, held = self._acquire(parts)
                 modules.append(module)
                 acquired.extend(held)
+            prompts = [self._checked_ids(ids, None if m is None else m.vocab) for (ids, _), m in zip(rows, modules, strict=True)]
             with self._lock:
-                out, layout, _ = self._prefill_forward([self._checked_ids(ids) for ids, _ in rows], modules, keep_all=True)
+                out, layout, _, added = self._prefill_forward(prompts, modules, keep_all=True)
             result = []
             for i, (ids, _) in enumerate(rows):
                 start = layout[i]
-                result.append(out.logits[i, start : start + len(ids)].float().clone())
+                logits = out.logits[i, start : start + len(ids)].float()
+                module = modules[i]
+                vocab = None if module is None else module.vocab
+                if vocab is not None and added is not None:  # the row's view: base tokens, then its module's own
+                    logits = added.row_view(logits, i, vocab, slice(start, start + len(ids)))
+                result.append(logits.clone())
             return result
         finally:
             self._release_all(acquired)
@@ -642,7 +675,7 @@ class Engine:
         halves, down to the failing rows, which fail alone with their own errors; the others
         join as they would have alone (rows never depend on each other)."""
         try:
-            out, _, mask = self._prefill_forward([r.prompt_ids for r in rows], [r.module for r in rows], rows=rows)
+            out, _, mask, added = self._prefill_forward([r.prompt_ids for r in rows], [r.module for r in rows], rows=rows)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the rows are tried apart
             if len(rows) == 1:
                 self._fail_row(rows[0], exc, during="prefill")
@@ -653,27 +686,40 @@ class Engine:
             return
         new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._merge(rows, new_kv, mask)
-        self._sample_and_emit(out.logits[:, -1, :], rows)
+        self._sample_and_emit(out.logits[:, -1, :], rows, added)
 
     def _make_row(self, handle: RequestHandle, load: bool = True) -> _Row:
         request = handle.request
-        if request.input_ids is not None:
-            ids = request.input_ids
-        elif isinstance(request.prompt, str):
-            ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
-        else:
-            raise InvalidRequest("a request needs a prompt (a string) or input_ids")
-        ids = self._checked_ids(ids)  # the tokenizer's too: a tokenizer may know more ids than the embedding
         module, acquired = self._acquire(request_parts(request.module, request.modules), load=load)
-        handle.module_key = module.key if module else None
-        virtual = module.num_virtual_tokens if module else 0
-        if len(ids) + virtual >= self.base.max_positions:
+        try:
+            vocab = None if module is None else module.vocab
+            tokenizer = self.tokenizer if vocab is None else vocab.tokenizer  # the row's text in and out
+            if request.input_ids is not None:
+                ids = request.input_ids
+            elif request.messages is not None:
+                owner = f"the base {self.base.name}" if module is None or vocab is None else f"the tokenizer of {module.key}"
+                ids = chat_ids(tokenizer, request.messages, owner)
+            elif isinstance(request.prompt, str):
+                ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+            else:
+                raise InvalidRequest("a request needs a prompt (a string), messages or input_ids")
+            ids = self._checked_ids(ids, vocab)  # the tokenizer's too: a tokenizer may know more ids than the embedding
+            virtual = module.num_virtual_tokens if module else 0
+            if len(ids) + virtual >= self.base.max_positions:
+                raise PromptTooLong(
+                    f"the prompt has {len(ids)} tokens{f' plus {virtual} virtual' if virtual else ''};"
+                    f" the context holds {self.base.max_positions}"
+                )
+        except BaseException:
             self._release_all(acquired)
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens{f' plus {virtual} virtual' if virtual else ''};"
-                f" the context holds {self.base.max_positions}"
-            )
-        stop_ids = set(request.params.stop_token_ids) if request.params.stop_token_ids is not None else set(self.default_stop_ids)
+            raise
+        handle.module_key = module.key if module else None
+        if request.params.stop_token_ids is not None:
+            stop_ids = set(request.params.stop_token_ids)
+        elif vocab is not None:
+            stop_ids = {vocab.tokenizer.eos_token_id} if vocab.tokenizer.eos_token_id is not None else set()
+        else:
+            stop_ids = set(self.default_stop_ids)
         return _Row(handle, module, ids, stop_ids, acquired)
 
     # --- modules of a row: one, a composition, a chain ---------------------------------------------
@@ -764,17 +810,19 @@ class Engine:
         for module in modules:
             self.pool.release(module)
 
-    def _checked_ids(self, ids: Any) -> list[int]:
-        """``ids`` if every one indexes the embedding; an id outside it would fail the shared
-        prefill of every row batched with it."""
+    def _checked_ids(self, ids: Any, vocab: Any = None) -> list[int]:
+        """``ids`` if every one indexes the embedding (of a tokenizer module's row: is a base
+        token or one of its module's); an id outside it would fail the shared prefill of every
+        row batched with it."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise InvalidRequest("input_ids must be a list of token ids")
         ids = list(ids)
         if not ids:
             raise InvalidRequest("the prompt is empty")
-        bad = _bad_token_ids(ids, self.vocab_size)
+        size = self.vocab_size if vocab is None else vocab.size
+        bad = _bad_token_ids(ids, size)
         if bad:
-            raise InvalidRequest(f"input_ids must be token ids{_vocab_range(self.vocab_size)}, got {_preview(bad)}")
+            raise InvalidRequest(f"input_ids must be token ids{_vocab_range(size)}, got {_preview(bad)}")
         return ids
 
     # --- forward passes ------------------------------------------------------------------------
@@ -800,6 +848,8 @@ class Engine:
             for key in [k for k, c in self._compositions.items() if module in c]:
                 self._drop_plans_with(self._compositions.pop(key).uid)
             self._drop_plans_with(module.uid)
+            if self._added_head is not None and any(v is module.vocab for v in self._added_head[0]):
+                self._added_head = None
 
     def _drop_plans_with(self, uid: int) -> None:
         """Drop the plans of batches that had a row with ``uid`` (under the plans' lock)."""
@@ -832,9 +882,14 @@ class Engine:
         positions = torch.zeros(batch, width, dtype=torch.long, device=device)
         mask = torch.zeros(batch, prefix_width + width, dtype=torch.long, device=device)
         starts = []
+        vocabs = [None if m is None else m.vocab for m in modules]
         for i, ids in enumerate(prompts):
             pad = width - lengths[i]
-            tokens = embed(torch.tensor(ids, device=device)).to(dtype)
+            vocab = vocabs[i]
+            if vocab is None:
+                tokens = embed(torch.tensor(ids, device=device)).to(dtype)
+            else:  # its module's added tokens come from the module's rows
+                tokens = vocab.embed(ids, embed, device, dtype)
             row_embeds = virtual_embeds[i]
             if row_embeds is not None and virtual[i]:
                 embeds[i, pad : pad + virtual[i]] = row_embeds.to(device=device, dtype=dtype)
@@ -850,6 +905,7 @@ class Engine:
         if prefix_width:
             cache = DynamicCache(ddp_cache_data=self._prefix_cache(prefixes, prefix, prefix_width))
         self.state.layers = self._plan_for(modules)
+        hook = self._watch_head(vocabs)
         try:
             out = self.model(
                 inputs_embeds=embeds,
@@ -861,7 +917,55 @@ class Engine:
             )
         finally:
             self.state.layers = {}
-        return out, starts, mask
+            if hook is not None:
+                hook.remove()
+        return out, starts, mask, self._added_logits(vocabs)
+
+    def _watch_head(self, vocabs: list[Any]) -> Any:
+        """When a row brings a tokenizer, keep what the LM head reads in the next forward (the
+        final hidden states its added tokens are scored on); returns the hook to remove, or None."""
+        if all(v is None for v in vocabs):
+            return None
+        self._head_input = None
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise UnsupportedModule(f"the base {self.base.name} has no output head to score added tokens with")
+
+        def keep(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            self._head_input = args[0]
+
+        return head.register_forward_hook(keep)
+
+    def _added_logits(self, vocabs: list[Any]) -> _AddedLogits | None:
+        """The logits of the added tokens of the batch's tokenizer modules (after a forward
+        :meth:`_watch_head` watched), or None when no row brings a tokenizer."""
+        if all(v is None for v in vocabs):
+            return None
+        hidden = self._head_input
+        self._head_input = None
+        if hidden is None:
+            raise RuntimeError("the LM head was not called in this forward")
+        distinct = tuple(sorted({id(v): v for v in vocabs if v is not None}.values(), key=lambda v: v.first_id))
+        with self._plans_lock:
+            cached = self._added_head
+            if (
+                cached is None
+                or len(cached[0]) != len(distinct)
+                or any(a is not b for a, b in zip(cached[0], distinct, strict=True))
+            ):
+                # the columns are the modules' engine id ranges side by side, in id order
+                rows = distinct[0].head_rows if len(distinct) == 1 else torch.cat([v.head_rows for v in distinct])
+                columns, start = {}, 0
+                for vocab in distinct:
+                    columns[id(vocab)] = start
+                    start += vocab.added
+                cached = self._added_head = (distinct, rows, columns)
+        _, rows, columns = cached
+        logits = hidden.float() @ rows.t()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:  # as the base's head does to its own logits
+            logits = torch.tanh(logits / cap) * cap
+        return _AddedLogits(logits, columns)
 
     def _prefix_cache(
         self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None], prefix: list[int], width: int
@@ -885,27 +989,48 @@ class Engine:
             layers.append((keys, values))
         return layers
 
-    def _decode_forward(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of ``rows`` on ``cache`` (written in place): (last logits, new mask)."""
+    def _decode_forward(
+        self, rows: list[_Row], cache: Any, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, _AddedLogits | None]:
+        """One decode step of ``rows`` on ``cache`` (written in place): (last logits, new mask,
+        the added tokens' logits when a row's module brings a tokenizer)."""
         device = self.base.device
-        last = torch.tensor([[r.generated[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.next_position] for r in rows], device=device)
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
+        vocabs = [r.vocab for r in rows]
+        inputs: dict[str, torch.Tensor]
+        if any(v is not None and r.generated[-1] >= v.base_vocab for r, v in zip(rows, vocabs, strict=True)):
+            # a row's last token is one of its module's own: embedded from the module's rows
+            embed = self.model.get_input_embeddings()
+            dtype = self.base.dtype
+            inputs = {
+                "inputs_embeds": torch.stack(
+                    [
+                        embed(torch.tensor([r.generated[-1]], device=device)).to(dtype)
+                        if v is None
+                        else v.embed([r.generated[-1]], embed, device, dtype)
+                        for r, v in zip(rows, vocabs, strict=True)
+                    ]
+                )
+            }
+        else:
+            inputs = {"input_ids": torch.tensor([[r.generated[-1]] for r in rows], device=device)}
         self.state.layers = self._plan_for([r.module for r in rows])
+        hook = self._watch_head(vocabs)
         try:
             # the cache's layers write the new keys and values in place (no copy of the cache)
-            out = self.model(
-                input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-            )
+            out = self.model(**inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.state.layers = {}
-        return out.logits[:, -1, :], mask
+            if hook is not None:
+                hook.remove()
+        return out.logits[:, -1, :], mask, self._added_logits(vocabs)
 
     def _decode_step(self, *, isolate: bool = True) -> None:
         rows = self._rows
         length = self._cache.layers[0].get_seq_length()
         try:
-            logits, self._mask = self._decode_forward(rows, self._cache, self._running_mask())
+            logits, self._mask, added = self._decode_forward(rows, self._cache, self._running_mask())
         except Exception as exc:  # re-raised unless a row explains it
             # the layers the failed step reached wrote one slot past ``length``: forget it
             for layer in self._cache.layers:
@@ -924,7 +1049,7 @@ class Engine:
         for row in rows:
             row.next_position += 1
         self.steps += 1
-        self._sample_and_emit(logits, rows)
+        self._sample_and_emit(logits, rows, added)
 
     def _decode_culprits(self, indices: list[int], error: BaseException | None = None) -> list[tuple[int, BaseException]]:
         """The rows (of ``indices`` into the running batch) whose decode step fails on their own,
@@ -1006,17 +1131,23 @@ class Engine:
         row.handle._fail(error)
 
     # --- sampling ------------------------------------------------------------------------------
-    def _sample_and_emit(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+    def _sample_and_emit(self, logits: torch.Tensor, rows: list[_Row], added: _AddedLogits | None = None) -> None:
         logits = logits.float()
         greedy = logits.argmax(dim=-1).tolist()
         finished: list[_Row] = []
         failed: list[tuple[_Row, BaseException]] = []
         for i, row in enumerate(rows):
             try:  # sampling is per row: a row that fails here fails alone
+                row_logits = logits[i]
+                masked = row.vocab is not None and added is not None
+                if row.vocab is not None and added is not None:
+                    # masked to the row's vocabulary: the base's tokens and its own module's added
+                    # ones, indexed by its module ids (another module's tokens are not in it)
+                    row_logits = added.row_view(row_logits, i, row.vocab)
                 if row.generator is not None:
-                    token = _sample(logits[i], row.params.temperature, row.params.top_p, row.generator, row.handle.id)
+                    token = _sample(row_logits, row.params.temperature, row.params.top_p, row.generator, row.handle.id)
                 else:
-                    token = greedy[i]
+                    token = int(row_logits.argmax()) if masked else greedy[i]
                 self._advance(row, token)
             except Exception as exc:  # noqa: BLE001 - the row fails with it, alone
                 failed.append((row, exc))
@@ -1039,19 +1170,15 @@ class Engine:
             row.finish_reason = "stop"
             return
         row.generated.append(token)
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        tokenizer = self.tokenizer if row.vocab is None else row.vocab.tokenizer
+        text = tokenizer.decode(row.generated, skip_special_tokens=True)
         stop_at = _find_stop(text, row.params.stop)
         if stop_at is not None:
             text = text[:stop_at]
             row.finish_reason = "stop"
         elif len(row.generated) >= row.params.max_tokens or row.next_position + 1 >= self.base.max_positions:
             row.finish_reason = "length"
-        # hold back text that could still become a stop string
-        safe = len(text) if row.finish_reason else len(text) - _partial_stop(text, row.params.stop)
-        if not row.finish_reason:
-            # a byte-level token can end inside a UTF-8 character (decoded as U+FFFD): hold that
-            # back until the next token completes it, so streamed text equals the full decode
-            safe = min(safe, len(text.rstrip("\ufffd")))
+        safe = streamable_length(text, row.params.stop, final=row.finish_reason is not None)
         delta = text[len(row.emitted_text) : safe] if safe > len(row.emitted_text) else ""
         row.emitted_text += delta
         row.final_text = text
@@ -1075,6 +1202,37 @@ class Engine:
                 completion_tokens=len(row.generated),
             )
         )
+
+
+class _AddedLogits:
+    """A batch's logits for the added tokens of its tokenizer modules: (rows, positions, columns),
+    each module's columns side by side (where ``columns`` says)."""
+
+    def __init__(self, logits: torch.Tensor, columns: dict[int, int]):
+        self.logits = logits
+        self.columns = columns
+
+    def row_view(self, base_logits: torch.Tensor, row: int, vocab: Any, positions: slice | int = -1) -> torch.Tensor:
+        """Row ``row``'s logits over its own vocabulary, indexed by module ids: the base's
+        tokens (``base_logits``' first ``base_vocab`` columns; the head's padding columns are
+        no tokens of it) and its module's added tokens, nothing else."""
+        start = self.columns[id(vocab)]
+        own = self.logits[row, positions, start : start + vocab.added]
+        return torch.cat([base_logits[..., : vocab.base_vocab], own.to(base_logits.dtype)], dim=-1)
+
+
+def chat_ids(tokenizer: Any, messages: Any, owner: str = "the base") -> list[int]:
+    """``messages`` rendered with ``tokenizer``'s chat template (with the assistant's turn opened)
+    and tokenised. Raises InvalidRequest when the tokenizer has no template or the template
+    refuses the messages."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest(f"{owner} has no chat template; use /v1/completions")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - jinja raises on roles the template refuses
+        raise InvalidRequest(f"the chat template refused these messages: {exc}") from None
+    # the template writes the special tokens (bos, eos) itself
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class _GrowingLayer(DynamicLayer):
@@ -1164,6 +1322,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def streamable_length(text: str, stops: list[str], *, final: bool) -> int:
+    """How much of ``text`` (a row's whole decoded text so far) a stream may send: all of it once
+    the row is finished; else not the end that could still become a stop string, nor a trailing
+    U+FFFD, which a byte-level token that ends inside a UTF-8 character decodes to until the next
+    token completes it (so the streamed text equals the full decode, byte for byte)."""
+    if final:
+        return len(text)
+    return min(len(text) - _partial_stop(text, stops), len(text.rstrip("\ufffd")))
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -48,7 +48,8 @@ class LoadedModule:
     data: Any = None  # whatever else the kind group keeps (virtual tokens, key/value prefixes)
     nbytes: int = 0
     uid: int = 0  # distinguishes a reload of the same key in plan caches
-    served: kinds.ServedKind | None = None  # the group that materialised it and applies it
+    served: kinds.ServedKind | None = None  # the group that applies its layers
+    vocab: Any = None  # a tokenizer module's vocabulary (kinds.tokenizer.ModuleVocab): its tokens, rows, id range
 
     @property
     def group_layers(self) -> list[tuple[kinds.ServedKind, dict[str, Any]]]:
@@ -205,6 +206,19 @@ def _load_weights(module: LocalModule | ModuleContent, name: str) -> dict[str, A
     return _parse_module_weights({WEIGHTS_FILE: data}, name)
 
 
+def _read_files(module: LocalModule | ModuleContent, rels: list[str], name: str) -> dict[str, Any]:
+    """The verified bytes of ``rels`` (files the module's manifest lists)."""
+    if isinstance(module, ModuleContent):
+        missing = [rel for rel in rels if rel not in module.files]
+        if missing:
+            raise IntegrityError(f"{name}: {', '.join(missing)} was not read")
+        return {rel: module.files[rel] for rel in rels}
+    try:
+        return {rel: (module.path / rel).read_bytes() for rel in rels}
+    except OSError:
+        raise IntegrityError(f"{name}: one of {', '.join(rels)} is not readable") from None
+
+
 def check_finite(tensors: dict[str, Any], name: str, what: str = "tensor") -> None:
     """Refuse NaN and Inf: one such value in a row's delta makes that row's logits NaN.
 
@@ -318,19 +332,29 @@ class ModuleMaterializer:
         group = kinds.served_kind(kind)
         if group is None:  # unregistered since admit (a test's own kind): refused the same way
             raise UnsupportedModule(kinds.refusal(kind, name))
-        weights = _load_weights(module, name)
+        # a tokenizer module may have no adapter weights (its rows are a file of their own)
+        weights = _load_weights(module, name) if WEIGHTS_FILE in manifest.files or not group.reads else {}
         check_finite(weights, name)
+        files = _read_files(module, [rel for rel in group.reads if rel in manifest.files], name)
         loaded = LoadedModule(key=key, kind=kind, manifest=manifest, uid=self.next_uid(), served=group)
         try:
-            group.materialize(self, loaded, weights, name)
+            group.materialize_files(self, loaded, weights, files, name)
         except TunehubError:
             raise
         except (ArithmeticError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
             # the checks above name what they know; any other shape a module's tensors can take
             # that torch refuses is still the module's fault, never a server error
             raise InvalidModuleWeights(f"{name}: its tensors do not form a {kind.value} module for this base ({exc})") from None
-        loaded.nbytes = _tensor_bytes(loaded.layers) + _tensor_bytes(loaded.data)
+        loaded.nbytes = _tensor_bytes(loaded.layers) + _tensor_bytes(loaded.data) + _tensor_bytes(loaded.vocab)
+        if loaded.vocab is not None:
+            check_finite({"embed rows": loaded.vocab.embed_rows, "head rows": loaded.vocab.head_rows}, name)
+            loaded.nbytes += loaded.vocab.tokenizer_bytes
         return loaded
+
+    @staticmethod
+    def files_to_read() -> list[str]:
+        """Every file a module of a served kind may need (a store reads those the module has)."""
+        return list(dict.fromkeys([WEIGHTS_FILE, *(rel for group in kinds.groups() for rel in group.reads)]))
 
     def next_uid(self) -> int:
         """A number no loaded module or composition has had (plans are cached by it)."""

@@ -7,6 +7,11 @@ kept under a byte budget with LRU eviction, pins and reference counts.
 - A module in use (reference count above zero) or pinned is never evicted. Eviction drops every
   reference the pool holds, and ``on_drop`` tells the owner of anything built from the module
   (the engine's batch plans) to drop it too, so the module's tensors are freed.
+- A module that adds tokens (a tokenizer module) gets a range of token ids of its own beyond the
+  base's vocabulary (:class:`TokenRanges`), so that rows of different tokenizer modules in one
+  batch never share an id; the range is freed when the module leaves the pool. When no range is
+  free, modules not in use that hold ranges are evicted (least recently used first) to make room,
+  and a load that still finds none fails alone with :class:`~tunehub.errors.VocabularyFull`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, cast
 
-from tunehub.errors import ModuleNotFound
+from tunehub.errors import ModuleNotFound, VocabularyFull
 from tunehub.registry.module import LocalModule, ModuleContent
 from tunehub.registry.refs import ModuleRef, parse_ref
 from tunehub.server.engine.modules import WEIGHTS_FILE, LoadedModule
@@ -47,6 +52,44 @@ class FolderSource(Protocol):
 class NotResident(LookupError):
     """``acquire(ref, load=False)``: the module is not in the pool (or its alias is not resolved
     yet); loading it is for a thread that may wait."""
+
+
+class TokenRanges:
+    """Disjoint ranges of token ids in ``[start, start + capacity)``, one per module key (first
+    fit: ranges are freed in any order). Not thread-safe: the pool calls it under its lock."""
+
+    def __init__(self, start: int, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"the id capacity must be >= 0, got {capacity}")
+        self.start = start
+        self.capacity = capacity
+        self._taken: dict[str, tuple[int, int]] = {}  # key -> (first id, count)
+
+    def allocate(self, key: str, count: int) -> int | None:
+        """The first id of a free range of ``count`` ids for ``key`` (its range if it has one), or
+        None when no gap is that large."""
+        if key in self._taken:
+            return self._taken[key][0]
+        cursor = self.start
+        for first, taken in sorted(self._taken.values()):
+            if first - cursor >= count:
+                break
+            cursor = max(cursor, first + taken)
+        if cursor + count > self.start + self.capacity:
+            return None
+        self._taken[key] = (cursor, count)
+        return cursor
+
+    def free(self, key: str) -> None:
+        self._taken.pop(key, None)
+
+    @property
+    def used(self) -> int:
+        return sum(count for _, count in self._taken.values())
+
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """key -> (first id, count), for status and tests."""
+        return dict(self._taken)
 
 
 @dataclass
@@ -82,10 +125,14 @@ class ModulePool:
         alias_ttl_s: float = 5.0,
         on_event: Callable[[str, str], None] | None = None,
         on_drop: Callable[[LoadedModule], None] | None = None,
+        token_ids: TokenRanges | None = None,
+        files: list[str] | None = None,
     ):
         """``on_event(event, key)``: "load" and "evict" notices (metrics). ``on_drop(module)``:
         ``module`` left the pool (evicted or unloaded); called with the pool's lock held, so it
-        must not call back into the pool."""
+        must not call back into the pool. ``token_ids``: where modules that add tokens get their
+        ids (None: no room, and such a module fails with VocabularyFull). ``files``: what a
+        load reads of a module (those it has): the weights by default."""
         self.source = source
         self.materialize = materialize
         self.check = check  # check(manifest, key) before any weights are read
@@ -98,6 +145,8 @@ class ModulePool:
         self._aliases: dict[str, tuple[str, float]] = {}  # ref text -> (key, expires)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}
+        self.token_ids = token_ids if token_ids is not None else TokenRanges(0, 0)
+        self.files = list(files) if files is not None else [WEIGHTS_FILE]
 
     # --- resolution ----------------------------------------------------------------------------
     def resolve_key(self, ref: str | ModuleRef, *, cached_only: bool = False) -> str:
@@ -157,7 +206,7 @@ class ModulePool:
             read = getattr(self.source, "read", None)
             if read is not None:
                 # materialised while the bytes are still being hashed, and kept only if they match
-                module = read(key, [WEIGHTS_FILE], check=self._checker(key), parse=self._materializer(key)).parsed
+                module = read(key, self.files, check=self._checker(key), parse=self._materializer(key)).parsed
             else:
                 # a source without read pulls (FolderSource)
                 module = self.materialize(cast(FolderSource, self.source).pull(key), key)
@@ -167,6 +216,11 @@ class ModulePool:
                 self._loading.pop(key).set()
             raise
         with self._lock:
+            try:
+                self._place_tokens(module)
+            except BaseException:
+                self._loading.pop(key).set()
+                raise
             self.stats.misses += 1
             self.stats.cold_load_seconds += elapsed
             self._entries[key] = PoolEntry(module=module, refcount=1)
@@ -174,6 +228,32 @@ class ModulePool:
             self._evict_over_budget()
         self.on_event("load", key)
         return module
+
+    def _place_tokens(self, module: LoadedModule) -> None:
+        """Give a module that adds tokens its id range (under the lock), evicting modules not in
+        use that hold ranges, least recently used first, while none is free."""
+        vocab = module.vocab
+        if vocab is None:
+            return
+        while (first := self.token_ids.allocate(module.key, vocab.added)) is None:
+            holders = [k for k, e in self._entries.items() if e.module.vocab is not None and not e.refcount and not e.pinned]
+            if not holders:
+                raise VocabularyFull(
+                    f"{module.key} adds {vocab.added} tokens and this server has no id range that large left: "
+                    f"{self.token_ids.used} of its {self.token_ids.capacity} ids belong to tokenizer modules in use"
+                    " or pinned; send the request again when they are released"
+                )
+            self._drop(holders[0])
+        vocab.first_id = first
+
+    def _drop(self, key: str) -> PoolEntry:
+        """Remove ``key``'s entry (under the lock): its id range is freed and ``on_drop`` told."""
+        entry = self._entries.pop(key)
+        self.token_ids.free(key)
+        self.stats.evictions += 1
+        self.on_drop(entry.module)
+        self.on_event("evict", key)
+        return entry
 
     def _materializer(self, key: str) -> Callable[[Any, dict[str, memoryview]], LoadedModule]:
         return lambda manifest, files: self.materialize(ModuleContent(manifest=manifest, files=files, ref=key), key)
@@ -219,10 +299,7 @@ class ModulePool:
             entry.pinned = False
             if entry.refcount > 0:
                 return False
-            del self._entries[key]
-            self.stats.evictions += 1
-            self.on_drop(entry.module)
-        self.on_event("evict", key)
+            self._drop(key)
         return True
 
     # --- accounting ----------------------------------------------------------------------------
@@ -248,17 +325,8 @@ class ModulePool:
                 "misses": self.stats.misses,
                 "evictions": self.stats.evictions,
                 "hit_rate": self.stats.hit_rate,
-                "modules": [
-                    {
-                        "module": key,
-                        "kind": e.module.kind.value,
-                        "bytes": e.module.nbytes,
-                        "in_use": e.refcount,
-                        "pinned": e.pinned,
-                        "hits": e.hits,
-                    }
-                    for key, e in self._entries.items()
-                ],
+                "added_token_ids": {"capacity": self.token_ids.capacity, "used": self.token_ids.used},
+                "modules": [_entry_status(key, e) for key, e in self._entries.items()],
             }
 
     def _evict_over_budget(self) -> None:
@@ -271,8 +339,20 @@ class ModulePool:
             entry = self._entries[key]
             if entry.refcount or entry.pinned:
                 continue
-            del self._entries[key]
+            self._drop(key)
             total -= entry.module.nbytes
-            self.stats.evictions += 1
-            self.on_drop(entry.module)
-            self.on_event("evict", key)
+
+
+def _entry_status(key: str, entry: PoolEntry) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "module": key,
+        "kind": entry.module.kind.value,
+        "bytes": entry.module.nbytes,
+        "in_use": entry.refcount,
+        "pinned": entry.pinned,
+        "hits": entry.hits,
+    }
+    vocab = entry.module.vocab
+    if vocab is not None:  # the engine ids its added tokens have (first, last)
+        status["token_ids"] = [vocab.first_id, vocab.first_id + vocab.added - 1]
+    return status

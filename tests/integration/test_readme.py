@@ -102,6 +102,9 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert "added 200 tokens (512 -> 712)" in out
     fertility = re.search(r"^tokens per word \(fertility\)\t([\d.]+)\t([\d.]+)\t([\d.]+)$", out, flags=re.M)
     assert fertility and float(fertility.group(3)) < 0.75, out[-3000:]
+    # a tokenizer module, trained, pushed and served composed with a task LoRA (a chat answer)
+    assert "pushed acme/pharma-vocab@1" in out
+    assert '"model":"acme/pharma-vocab@1+acme/demo@1"' in out.replace(" ", ""), out[-3000:]
     # every method is listed, and the soft-prompt example trains end to end
     assert re.search(r"^ptuning\s+ptuning\s+4-bit base ok\s+mixed in batches", out, flags=re.M)
     assert "module written to out/reverse-prompt/module" in out

@@ -88,6 +88,6 @@ def test_train_list_methods_says_what_each_trains_and_where_it_runs():
     assert "prompt encoder" in rows["ptuning"]
     assert "no 4-bit base" in rows["selective"] and "mixed: biases, norms only" in rows["selective"]
     assert "not mixed (serve as a base)" in rows["full"]
-    assert "not served yet" in rows["tokenizer"] and "serve as a base" not in rows["tokenizer"]
+    assert "mixed in batches" in rows["tokenizer"]
     result = CliRunner().invoke(app, ["train"])
     assert result.exit_code == 2 and "--list-methods" in result.output

@@ -31,7 +31,7 @@ from tunehub.server.engine.modules import (
 )
 
 #: what the engine serves today (a kind added here needs a group in server/engine/kinds/)
-SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck", "selective"}
+SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck", "selective", "tokenizer"}
 TOY_LAYER = "model.layers.0.mlp.down_proj"
 
 
@@ -161,9 +161,8 @@ def test_every_module_kind_is_served_or_refused_with_what_to_do_instead(lora_mod
         assert message.endswith(kinds.NOT_SERVABLE[kind])
         refused.add(kind.value)
     assert served == SERVED
-    assert refused == {"full", "tokenizer", "template"}
+    assert refused == {"full", "template"}
     assert "serve it as the base (tunehub serve --base" in kinds.NOT_SERVABLE[ModuleKind.FULL]
-    assert "not servable yet" in kinds.NOT_SERVABLE[ModuleKind.TOKENIZER]
     assert "applied to the prompt by tunehub serve" in kinds.NOT_SERVABLE[ModuleKind.TEMPLATE]
 
 

@@ -167,3 +167,24 @@ def test_a_thousand_loads_and_evictions_leave_no_growth(store, tmp_path):
     growth = _rss_bytes() - before
     assert len(pool) == 16 and pool.stats.misses - misses == 1000 and pool.resident_bytes == 16 * size
     assert growth < 8 * size, f"resident memory grew by {growth / 1e6:.1f} MB"
+
+
+def test_token_ranges_are_disjoint_first_fit_and_reused_when_freed():
+    from tunehub.server.engine.pool import TokenRanges
+
+    ranges = TokenRanges(start=1000, capacity=100)
+    assert ranges.allocate("a", 40) == 1000
+    assert ranges.allocate("b", 30) == 1040
+    assert ranges.allocate("a", 40) == 1000  # a key keeps its range
+    assert ranges.allocate("c", 31) is None  # 30 ids left
+    assert ranges.allocate("c", 30) == 1070
+    assert ranges.used == 100
+    ranges.free("a")
+    assert ranges.allocate("d", 41) is None  # the gap a left holds 40
+    assert ranges.allocate("d", 25) == 1000  # first fit
+    assert ranges.allocate("e", 15) == 1025
+    spans = sorted(ranges.ranges().values())
+    assert all(first + count <= nxt for (first, count), (nxt, _) in zip(spans, spans[1:]))
+    assert TokenRanges(0, 0).allocate("x", 1) is None
+    with pytest.raises(ValueError):
+        TokenRanges(0, -1)

@@ -44,6 +44,9 @@ class ServedKind:
     #: where the group's part applies at a layer among the others' (lower first; registration
     #: order breaks ties): it decides what a row composing several groups' modules computes
     order: int = 0
+    #: files of the module the group reads besides ``adapter_model.safetensors`` (see
+    #: ``materialize_files``)
+    reads: tuple[str, ...] = ()
 
     def materialize(self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], name: str) -> None:
         """Fill ``loaded.layers`` (layer name -> this group's delta) and/or ``loaded.data`` from
@@ -52,6 +55,13 @@ class ServedKind:
         Raises UnsupportedModule, IncompatibleBase, InvalidModuleWeights or IntegrityError naming
         the module; any other error torch raises on the tensors becomes InvalidModuleWeights."""
         raise NotImplementedError
+
+    def materialize_files(
+        self, materializer: ModuleMaterializer, loaded: LoadedModule, weights: dict[str, Any], files: dict[str, Any], name: str
+    ) -> None:
+        """As :meth:`materialize`, for a group that reads more files (``reads``): ``files`` maps
+        each of them the module has to its verified bytes. The default ignores them."""
+        self.materialize(materializer, loaded, weights, name)
 
     def plan_layer(self, deltas: list[Any], layer: Any, shared: bool, device: Any, dtype: Any) -> Any | None:
         """This group's part of one layer's plan, or None. ``layer``: the patched layer, an
@@ -91,7 +101,6 @@ class ServedKind:
 #: kinds no group serves yet, and what to do with such a module instead (the one place)
 NOT_SERVABLE: dict[ModuleKind, str] = {
     ModuleKind.FULL: "it is a whole model: serve it as the base (tunehub serve --base REF)",
-    ModuleKind.TOKENIZER: "tokenizer modules are not servable yet: serve a base built with its tokenizer",
     ModuleKind.TEMPLATE: "a template is applied to the prompt by tunehub serve (model=TEMPLATE_REF with the slot values),"
     " not by the engine",
 }
