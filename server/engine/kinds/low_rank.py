@@ -48,7 +48,7 @@ class LayerDelta:
 
     lora_a: Any = None  # (r, in)
     lora_b: Any = None  # (out, r)
-    scale: float = 0.0
+    scale: float = 0.0  # 1 once materialised: the scale is folded into lora_b
     dora_gain: Any = None  # (out,): magnitude / ||W + s B A||_row, already folded into lora_b
 
     @property
@@ -160,8 +160,8 @@ class LowRank(ServedKind):
                 layer_alpha = float(_pattern(alpha_pattern, layer, alpha))
                 # rank 0 (AdaLoRA-style pruning, or an empty layer): no delta, and no division by zero
                 scale = layer_alpha / (math.sqrt(rank) if rslora else rank) if rank else 0.0
-            delta = LayerDelta(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
             magnitude = tensors.get("lora_magnitude_vector")
+            gain = None
             if loaded.kind is ModuleKind.DORA:
                 if magnitude is None:
                     raise IntegrityError(f"{name}: DoRA layer {layer} lacks its magnitude vector")
@@ -171,9 +171,13 @@ class LowRank(ServedKind):
                     )
                 with torch.no_grad():
                     norm = dora_norms(target, a, b, scale)
-                delta.dora_gain = (magnitude.float().reshape(-1) / norm).contiguous()
-                delta.lora_b = (delta.dora_gain.unsqueeze(1) * b).contiguous()
-            loaded.layers[layer] = delta
+                gain = (magnitude.float().reshape(-1) / norm).contiguous()
+                b = gain.unsqueeze(1) * b
+            # the scale folded into B, and both kept transposed in memory (views give the usual
+            # shapes): a batch's plan stacks A^T and B^T, which is then a plain copy of each
+            b_t = torch.empty(b.shape[1], b.shape[0])
+            torch.mul(b.t(), scale, out=b_t)  # one pass: scaled and transposed
+            loaded.layers[layer] = LayerDelta(lora_a=a.t().contiguous().t(), lora_b=b_t.t(), scale=1.0, dora_gain=gain)
         # what load computed from finite weights can still overflow (DoRA's gain over a zero norm)
         for layer, delta in loaded.layers.items():
             check_finite({"dora_gain": delta.dora_gain}, name, f"the computed {layer}")
@@ -198,7 +202,13 @@ class LowRank(ServedKind):
                 lora_a.append(delta.lora_a)
                 lora_b.append(delta.lora_b * (weight * delta.scale))
             if lora_a:
-                combined[layer] = LayerDelta(lora_a=torch.cat(lora_a), lora_b=torch.cat(lora_b, dim=1), scale=1.0, dora_gain=gain)
+                # kept transposed in memory, as materialised deltas are (see materialize)
+                combined[layer] = LayerDelta(
+                    lora_a=torch.cat([a.t() for a in lora_a], dim=1).t(),
+                    lora_b=torch.cat([b.t() for b in lora_b]).t(),
+                    scale=1.0,
+                    dora_gain=gain,
+                )
         return combined
 
     def plan_layer(self, deltas: list[Any], layer: AdaptedLinear, shared: bool, device: Any, dtype: Any) -> LowRankPart | None:
@@ -208,15 +218,19 @@ class LowRank(ServedKind):
         if not max_rank:
             return None
         scales = [d.scale if d is not None and d.rank else 0.0 for d in deltas]
+        unscaled = all(scale == 1.0 for scale in scales)  # materialised deltas carry their scale in B
         if shared:
             d = deltas[0]
             lora_a = d.lora_a.t().contiguous().to(device=device, dtype=dtype)
-            lora_b = (d.lora_b.t() * scales[0]).contiguous().to(device=device, dtype=dtype)
+            lora_b = d.lora_b.t() if unscaled else d.lora_b.t() * scales[0]
+            lora_b = lora_b.contiguous().to(device=device, dtype=dtype)
         elif all(rank == max_rank for rank in ranks):
-            # every row has a delta of one rank (a batch's usual case): one (transposing) copy per matrix
+            # every row has a delta of one rank (a batch's usual case): one copy per matrix (the
+            # transposes are contiguous in memory, see materialize)
             lora_a = torch.stack([d.lora_a.t() for d in deltas]).to(device=device, dtype=dtype)
             lora_b = torch.stack([d.lora_b.t() for d in deltas]).to(device=device, dtype=dtype)
-            lora_b.mul_(torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1))
+            if not unscaled:
+                lora_b.mul_(torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1))
         else:
             a = torch.zeros(batch, layer.in_features, max_rank)
             b = torch.zeros(batch, max_rank, layer.out_features)
