@@ -286,6 +286,12 @@ class _Row:
         self.finish_reason: str | None = None
         self.final_text = ""  # the row's whole text so far (cut at a stop string), set per token
         self.ready_at = time.monotonic()  # when it could join a batch (its modules in hand)
+        self.ready_step = 0  # the engine's decode step count then (set by the engine)
+
+    @property
+    def steps_left(self) -> int:
+        """Decode steps until ``max_tokens`` ends the row (a stop may end it sooner)."""
+        return self.params.max_tokens - len(self.generated)
 
 
 class Engine:
@@ -307,6 +313,7 @@ class Engine:
         alias_ttl_s: float = 5.0,
         gather_s: float = 0.002,
         join_wait_s: float = 0.05,
+        join_steps: int = 8,
         cpu_allocator: Literal["auto", "reuse", "default"] = "default",
         cpu_linear: Literal["auto", "onednn", "default"] = "auto",
         loader_threads: int = 2,
@@ -328,6 +335,12 @@ class Engine:
         a prefill reads every weight once, whether it is for one row or several, and every
         running row waits for it. When nothing runs, ready rows wait as long for rows whose
         modules are loading, to start with them. 0 joins each row as soon as it is ready.
+        ``join_steps``: while a running row will end within this many decode steps, or a module
+        is loading, ready rows wait for them (this many steps at most): a slot frees, the next
+        request of that row's client or the loading row can join in the same prefill. Rows that
+        module loads have set apart start together again, so a stream over many modules runs
+        about as few prefills as one over a single module (``benchmarks/scale.py``); the price
+        is up to this many steps of time to first token. 0: ready rows join at once.
         ``loader_threads``: how many modules load at once, off the decode loop (a request whose
         module is in the pool never waits for them).
         ``max_added_tokens``: the engine ids beyond the base's vocabulary that tokenizer modules'
@@ -345,15 +358,17 @@ class Engine:
             max_rank: the largest rank of a low-rank module (LoRA, DoRA, AdaLoRA) it serves.
             alias_ttl_s: how long an alias or ``latest`` stays resolved before it is looked up
                 again (a promotion takes effect after at most this).
-            gather_s, join_wait_s, cpu_allocator, cpu_linear, loader_threads, max_added_tokens: as above.
+            gather_s, join_wait_s, join_steps, cpu_allocator, cpu_linear, loader_threads, max_added_tokens: as above.
 
         Raises:
             ConfigError: ``cpu_allocator`` or ``cpu_linear`` is not one of its values,
-                ``cpu_linear="onednn"`` where this torch build has no working oneDNN linear, or
-                ``loader_threads`` below 1.
+                ``cpu_linear="onednn"`` where this torch build has no working oneDNN linear,
+                ``loader_threads`` below 1, or ``join_steps`` or ``max_added_tokens`` below 0.
         """
         if loader_threads < 1:
             raise ConfigError(f"loader_threads must be at least 1, not {loader_threads}")
+        if not isinstance(join_steps, int) or join_steps < 0:
+            raise ConfigError(f"join_steps must be an integer >= 0, not {join_steps!r}")
         if not isinstance(max_added_tokens, int) or max_added_tokens < 0:
             raise ConfigError(f"max_added_tokens must be an integer >= 0, not {max_added_tokens!r}")
         if cpu_allocator not in ("auto", "reuse", "default"):
@@ -427,6 +442,7 @@ class Engine:
         self._stop = threading.Event()
         self.gather_s = gather_s
         self.join_wait_s = join_wait_s
+        self.join_steps = join_steps
         self.steps = 0
         eos = self.tokenizer.eos_token_id
         self.default_stop_ids = {eos} if eos is not None else set()
@@ -609,6 +625,16 @@ class Engine:
                 # a slot empty meanwhile: a row decodes one token per step, a prefill stalls all
                 if time.monotonic() - self._ready[0].ready_at < self.join_wait_s:
                     joining = 0
+            if (
+                self._rows  # (an idle engine waits for loading rows join_wait_s at most, above)
+                and joining
+                and joining < room
+                and self.steps - self._ready[0].ready_step < self.join_steps
+                and (self._loading or any(row.steps_left <= self.join_steps for row in self._rows))
+            ):
+                # a module is loading, or a running row ends within join_steps: wait for them (its
+                # client's next request may take the slot it frees), to join in one prefill
+                joining = 0
             taken = [self._ready.popleft() for _ in range(joining)]
         rows = []
         for row in taken:
@@ -720,7 +746,9 @@ class Engine:
             stop_ids = {vocab.tokenizer.eos_token_id} if vocab.tokenizer.eos_token_id is not None else set()
         else:
             stop_ids = set(self.default_stop_ids)
-        return _Row(handle, module, ids, stop_ids, acquired)
+        row = _Row(handle, module, ids, stop_ids, acquired)
+        row.ready_step = self.steps
+        return row
 
     # --- modules of a row: one, a composition, a chain ---------------------------------------------
     def _acquire(self, parts: ModuleParts, load: bool = True) -> tuple[LoadedModule | Composition | None, list[LoadedModule]]:

@@ -31,7 +31,19 @@ from tunehub.server.engine.modules import (
 )
 
 #: what the engine serves today (a kind added here needs a group in server/engine/kinds/)
-SERVED = {"lora", "dora", "adalora", "ia3", "prompt", "ptuning", "multitask_prompt", "prefix", "bottleneck", "selective", "tokenizer"}
+SERVED = {
+    "lora",
+    "dora",
+    "adalora",
+    "ia3",
+    "prompt",
+    "ptuning",
+    "multitask_prompt",
+    "prefix",
+    "bottleneck",
+    "selective",
+    "tokenizer",
+}
 TOY_LAYER = "model.layers.0.mlp.down_proj"
 
 

@@ -167,3 +167,53 @@ def test_a_lone_ready_row_joins_once_join_wait_is_over(base, store):
         running.cancel()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("join_steps", [0, 32])
+def test_ready_rows_wait_for_a_row_about_to_end_to_join_with_its_successor(base, store, join_steps):
+    """A row that ends within join_steps frees its slot soon: rows ready meanwhile wait for it, and
+    join in one prefill with the next request its client sends (which arrives as it ends)."""
+    # gather_s: an idle engine waits that long for more requests (here: the successor) to start with
+    engine = Engine(base, store, max_batch=8, gather_s=0.5, join_wait_s=0.0, join_steps=join_steps)
+    joined: list[tuple[int, int]] = []  # (rows joining, rows running) per prefill
+    prefill = engine._prefill_and_join
+
+    def counted(rows):
+        joined.append((len(rows), len(engine._rows)))
+        return prefill(rows)
+
+    engine._prefill_and_join = counted
+    try:
+        ending = engine.submit(_request(None, 24))
+        next(iter(ending))
+        waiting = engine.submit(_request(None, 2))  # ready at once: the base needs no load
+        assert ending.result(timeout=60).completion_tokens == 24
+        successor = engine.submit(_request(None, 2))  # the ended row's client sends its next request
+        assert waiting.result(timeout=60).completion_tokens == 2 and successor.result(timeout=60).completion_tokens == 2
+        if join_steps:  # it waited for the row's end, then started with the successor
+            assert joined == [(1, 0), (2, 0)]
+        else:  # it joined the running row at once; the successor came later, alone
+            assert joined[:2] == [(1, 0), (1, 1)] and len(joined) == 3
+    finally:
+        engine.close()
+
+
+def test_a_ready_row_waits_for_a_slow_load_join_steps_at_most(base, store):
+    """While a module loads, ready rows wait for it to join with them, but no longer than
+    join_steps decode steps: a load that takes long delays only its own request."""
+    gated = GatedStore(store, {"t/cold"})
+    engine = Engine(base, gated, join_wait_s=0.0, join_steps=6)
+    try:
+        running = engine.submit(_request(None, 400))
+        next(iter(running))
+        engine.submit(_request("t/cold", 2))
+        assert gated.reading.wait(10)
+        before = engine.steps
+        ready = engine.submit(_request(None, 2))
+        assert ready.result(timeout=20).completion_tokens == 2  # the gate stays shut
+        # it waited for the load (6 steps at most), then joined and decoded its 2 tokens (1 step more)
+        assert 6 <= engine.steps - before <= 6 + 4
+        running.cancel()
+    finally:
+        gated.gate.set()
+        engine.close()
