@@ -713,6 +713,9 @@ def serve(
     ),
     pool_bytes: int = typer.Option(1 << 30, "--pool-bytes", help="byte budget of the resident modules (LRU beyond)"),
     max_batch: int = typer.Option(16, "--max-batch", help="most requests decoded together"),
+    join_steps: int = typer.Option(
+        8, "--join-steps", help="decode steps a ready request may wait to join with others (throughput); 0: at once (latency)"
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="127.0.0.1, 0.0.0.0 or :: (the last two need --tenants)"),
     port: int = typer.Option(8000, "--port", help="port to listen on"),
     admin_key_file: Optional[Path] = typer.Option(
@@ -730,15 +733,31 @@ def serve(
     require_signed: bool = typer.Option(
         False, "--require-signed", help="refuse (403) modules without a valid signature by a --trust key"
     ),
+    ray: bool = typer.Option(
+        False, "--ray", help="run on Ray Serve (a local Ray cluster): --replicas engines behind one ingress; needs tunehub[ray]"
+    ),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", help="with --ray: how many engines (replicas) serve, each with its own pool (default 2)"
+    ),
 ) -> None:
     """Serve every module of the registry from one base over an OpenAI-compatible HTTP API.
+
+    With --ray, the same server runs as a Ray Serve application on a local Ray cluster: --replicas
+    copies of the engine behind one ingress, each request routed to a replica that holds its
+    module unless that one is busy (README: "Many replicas: Ray Serve").
 
     With --trust, every module load verifies the signatures by those keys (a version whose files
     changed after signing is refused); with --require-signed, unsigned modules and modules signed
     only by other keys are refused too. Tenants may require signatures per namespace
     (require_signed_by in the tenants file)."""
-    from tunehub.server.serve import ServeConfig
+    from dataclasses import asdict
+
+    from tunehub.errors import ConfigError
+    from tunehub.server.serve import RayOptions, ServeConfig
     from tunehub.server.serve import serve as run_server
+
+    if replicas is not None and not ray:
+        raise ConfigError("--replicas needs --ray (the LitServe server runs one engine)")
 
     config = ServeConfig(
         base=base,
@@ -747,6 +766,7 @@ def serve(
         tenants=str(tenants) if tenants else None,
         pool_bytes=pool_bytes,
         max_batch=max_batch,
+        join_steps=join_steps,
         host=host,
         port=port,
         admin_key_file=str(admin_key_file) if admin_key_file else None,
@@ -759,6 +779,7 @@ def serve(
         # process-wide choices belong to the serve entry point: glibc keeps freed memory for the
         # next decode step in the inference worker when the base is on the CPU
         cpu_allocator="auto",
+        ray=asdict(RayOptions(replicas=2 if replicas is None else replicas)) if ray else None,
     )
     raise typer.Exit(run_server(config))
 

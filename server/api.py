@@ -1,6 +1,8 @@
-"""The inference side of ``tunehub serve``: one LitServe worker holding the base and the engine.
+"""The inference side of ``tunehub serve``: one worker holding the base and the engine.
 
-LitServe runs this ``LitAPI`` in its own process (``workers_per_device=1``) with
+:class:`InferenceWorker` is the worker itself; LitServe runs it as :class:`TunehubAPI` (a
+``LitAPI``), and with ``--ray`` each Ray Serve replica holds one (``ray_app.py``). LitServe runs
+this ``LitAPI`` in its own process (``workers_per_device=1``) with
 ``enable_async=True``: every request becomes an asyncio task in the worker, which submits it to
 the engine at once and awaits its own handle. Requests that arrive together therefore reach the
 engine together, and the engine batches them (continuous batching, mixed modules).
@@ -27,9 +29,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import litserve as ls
 
@@ -52,6 +55,7 @@ class WorkerSettings:
     pool_bytes: int = 1 << 30
     max_batch: int = 16
     alias_ttl_s: float = 5.0
+    join_steps: int = 8  # Engine's join_steps: steps ready rows may wait to join with others
     # glibc's allocator policy for this worker process (Engine's cpu_allocator), chosen by the
     # serve entry point: an Engine left to its default changes nothing process-wide
     cpu_allocator: str = "auto"
@@ -84,14 +88,15 @@ def error_message(exc: BaseException, request_id: str | None = None) -> dict[str
 _KIND_CACHE_ENTRIES = 4096  # versions whose kind (template or not) the worker remembers
 
 
-class TunehubAPI(ls.LitAPI):
-    """LitServe API whose ``predict`` drives the tunehub engine (see module docstring)."""
+class InferenceWorker:
+    """The inference worker's core, framework-free: ``setup`` builds the engine and ``predict``
+    answers one message (see module docstring). LitServe runs it as :class:`TunehubAPI`; Ray
+    Serve's replicas (``ray_app.py``) hold one each."""
 
-    def __init__(self, settings: WorkerSettings, spec: ls.specs.base.LitSpec):
-        super().__init__(spec=spec, enable_async=True)
+    def __init__(self, settings: WorkerSettings):
         self.settings = settings
 
-    # --- LitServe hooks (run in the worker process) ---------------------------------------------
+    # --- run in the worker process ----------------------------------------------------------------
     def setup(self, device: str) -> None:
         from tunehub.logs import configure_logging_from_env
         from tunehub.registry.store import open_store
@@ -112,6 +117,7 @@ class TunehubAPI(ls.LitAPI):
             pool_bytes=s.pool_bytes,
             max_batch=s.max_batch,
             alias_ttl_s=s.alias_ttl_s,
+            join_steps=s.join_steps,
             cpu_allocator=s.cpu_allocator,  # type: ignore[arg-type]
         )
         self._store = store
@@ -127,13 +133,14 @@ class TunehubAPI(ls.LitAPI):
         self._active: dict[str, Any] = {}
         self._early_cancels: dict[str, float] = {}
         self._cancelled = 0  # requests whose client went away before the end
+        self._requests = 0  # generate requests in this worker now, waiting for a module or running
+        self._loading = 0  # of those, the ones waiting on the load thread
+        # reference as requested -> the version it was served with, for routing (see routing_stats)
+        self._served: OrderedDict[str, str] = OrderedDict()
         self._warm_up()
         log.info("engine ready: base %s (%s, %s) on %s", base.name, base.fingerprint[:12], base.quantization, device)
 
-    async def decode_request(self, request: dict, context: dict | None = None) -> dict:
-        return request
-
-    async def predict(self, request: dict, context: dict | None = None) -> AsyncIterator[dict]:
+    async def predict(self, request: dict, context: dict | None = None) -> AsyncGenerator[dict, None]:
         op = request.get("op") if isinstance(request, dict) else None
         try:
             if op == "generate":
@@ -153,13 +160,6 @@ class TunehubAPI(ls.LitAPI):
         except Exception as exc:  # every failure becomes an error message, never a dead worker
             yield error_message(exc, request.get("request_id") if isinstance(request, dict) else None)
 
-    async def encode_response(self, output: AsyncIterator[dict], context: dict | None = None) -> AsyncIterator[dict]:
-        async for message in output:
-            yield message
-
-    def health(self) -> bool:
-        return True
-
     # --- generation -----------------------------------------------------------------------------
     async def _generate(self, request: dict) -> AsyncIterator[dict]:
         from tunehub.server.engine import GenerationRequest, SamplingParams
@@ -173,9 +173,11 @@ class TunehubAPI(ls.LitAPI):
         cold = False
         handle = None
         finished = False
+        self._requests += 1
         try:
             for part in request.get("parts") or []:
                 ref, weight = str(part["model"]), float(part.get("weight", 1.0))
+                asked = ref
                 rules = rules_from_wire(part.get("require_signed_by"))
                 signed: dict[str, str] | None = None
                 if rules:  # the tenant's rules, on the exact version this request will use
@@ -187,10 +189,17 @@ class TunehubAPI(ls.LitAPI):
                 module = self._acquire_resident(ref)
                 part_template = None
                 if module is None:
-                    module, part_cold, part_template = await loop.run_in_executor(self._loader, self._acquire_or_template, ref)
+                    self._loading += 1
+                    try:
+                        module, part_cold, part_template = await loop.run_in_executor(
+                            self._loader, self._acquire_or_template, ref
+                        )
+                    finally:
+                        self._loading -= 1
                     cold = cold or part_cold
                 if module is not None:
                     held.append(module)
+                    self._remember_served(asked, module.key)
                     if signed is not None:
                         self.signing.confirm_loaded(rules, module.key, signed, module.manifest.files)
                     engine_parts.append((module.key, weight))
@@ -265,6 +274,7 @@ class TunehubAPI(ls.LitAPI):
         except Exception as exc:
             yield error_message(exc, request_id)
         finally:
+            self._requests -= 1
             if handle is not None and not finished:
                 handle.cancel()  # the stream was abandoned: free the engine slot
             self._active.pop(request_id, None)
@@ -391,6 +401,33 @@ class TunehubAPI(ls.LitAPI):
         status["engine_steps"] = self.engine.steps
         return status
 
+    def _remember_served(self, asked: str, key: str) -> None:
+        self._served[asked] = key
+        self._served.move_to_end(asked)
+        while len(self._served) > _KIND_CACHE_ENTRIES:
+            self._served.popitem(last=False)
+
+    def routing_stats(self) -> dict[str, Any]:
+        """What a router needs to place requests on this worker (see ``routing.ReplicaLoad``):
+        the resident module versions, the references last served with each of them, and the
+        pool's pressure (bytes used of the budget, loads under way, requests in the worker)."""
+        pool = self.engine.pool
+        status = pool.status()
+        resident = [entry["module"] for entry in status["modules"]]
+        held = set(resident)
+        return {
+            "modules": resident,
+            "refs": {ref: key for ref, key in self._served.items() if key in held},
+            "used_bytes": status["resident_bytes"],
+            "budget_bytes": status["budget_bytes"],
+            "loading": self._loading,
+            "requests": self._requests,
+            "capacity": self.settings.max_batch,
+            "hits": status["hits"],
+            "misses": status["misses"],
+            "at": time.time(),  # the router counts what it sent since then as not seen here yet
+        }
+
     def _info(self) -> dict[str, Any]:
         base = self.engine.base
         return {
@@ -401,6 +438,24 @@ class TunehubAPI(ls.LitAPI):
             "device": str(base.device),
             "chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
         }
+
+
+class TunehubAPI(InferenceWorker, ls.LitAPI):
+    """The inference worker as LitServe runs it: one process, ``predict`` per message."""
+
+    def __init__(self, settings: WorkerSettings, spec: ls.specs.base.LitSpec):
+        ls.LitAPI.__init__(self, spec=spec, enable_async=True)
+        InferenceWorker.__init__(self, settings)
+
+    async def decode_request(self, request: dict, context: dict | None = None) -> dict:
+        return request
+
+    async def encode_response(self, output: AsyncIterator[dict], context: dict | None = None) -> AsyncIterator[dict]:
+        async for message in output:
+            yield message
+
+    def health(self) -> bool:
+        return True
 
 
 def _answered_by(template: tuple[str, Any] | None, engine_key: str | None) -> str | None:

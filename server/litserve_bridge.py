@@ -32,6 +32,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from tunehub.errors import ServerError
 
 __all__ = [
+    "LitServeTransport",
     "LitSpec",
     "WorkerCall",
     "post_to_worker",
@@ -63,6 +64,10 @@ class WorkerCall:
         self.buffer[self.uid] = ResponseBufferItem(event=self.event, response_queue=self.queue)
         post_to_worker(spec, payload, self.uid)
 
+    def ready(self) -> bool:
+        """Whether :meth:`next` would answer without waiting."""
+        return bool(self.queue) or self.ended
+
     async def next(self) -> dict[str, Any] | None:
         """The next message, or None once the worker finished this call.
 
@@ -88,6 +93,20 @@ class WorkerCall:
         """Stop listening: later answers for this call are dropped by LitServe."""
         self.ended = True
         self.buffer.pop(self.uid, None)
+
+
+class LitServeTransport:
+    """The spec's way to its inference worker under LitServe (``spec.Transport``): LitServe's own
+    request queue and response buffer."""
+
+    def __init__(self, spec: LitSpec):
+        self.spec = spec
+
+    def call(self, payload: dict[str, Any]) -> WorkerCall:
+        return WorkerCall(self.spec, payload)
+
+    def post(self, payload: dict[str, Any]) -> None:
+        post_to_worker(self.spec, payload)
 
 
 def spec_state_for_worker(spec: LitSpec, **ours: Any) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class CallRecord:
     finish_reason: str | None = None
     first_token_s: float | None = None
     cold_load: bool = False
+    replica: str | None = None  # which replica answered, when several serve (Ray Serve)
 
     def mark_first_token(self) -> None:
         if self.first_token_s is None:
@@ -176,6 +177,8 @@ class AuditLog:
             "status": call.status,
             "finish_reason": call.finish_reason,
         }
+        if call.replica:
+            line["replica"] = call.replica
         if call.error:
             line["error"] = call.error[:300]
         text = json.dumps(line, separators=(",", ":"))

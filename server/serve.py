@@ -71,6 +71,11 @@ WORKER_EXIT_S = 2.0  # how long the inference worker may take to exit once asked
 # themselves at the drain deadline; then the worker's exit
 UVICORN_EXTRA_S = WORKER_EXIT_S + 1.0
 GRACE_EXTRA_S = UVICORN_EXTRA_S + 1.0  # the supervisor kills what is left after drain_s + this
+RAY_GRACE_EXTRA_S = 15.0  # and with --ray: Ray Serve's shutdown, then the local cluster's
+RAY_STATS_PERIOD_S = 0.5  # how often each replica reports its pool to the router (Ray's default: 10 s)
+RAY_REQUEST_TIMEOUT_S = 300.0  # the longest wait for a replica's next message
+RAY_RETRIES = 2  # sends again of a request whose replica died before answering anything
+RAY_ROUTERS = ("affinity", "random")  # module affinity with pool pressure; uniform random (a baseline)
 
 
 def default_drain_s() -> float:
@@ -92,6 +97,36 @@ def grace_s(drain_s: float) -> float:
 
 
 @dataclass
+class RayOptions:
+    """What ``tunehub serve --ray`` (and ``ray_app.build_app``'s args) add to the server's options.
+    Plain values: Ray itself is imported only by ``ray_app.py``."""
+
+    replicas: int = 2
+    router: str = "affinity"
+    replica_cpus: float = 1.0  # Ray CPUs each replica reserves (a local cluster has the machine's)
+    stats_period_s: float = RAY_STATS_PERIOD_S
+    request_timeout_s: float = RAY_REQUEST_TIMEOUT_S
+    retries: int = RAY_RETRIES
+    autoscaling_config: dict[str, Any] | None = None  # Ray Serve's; replaces ``replicas``
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.replicas < 1:
+            out.append(f"replicas must be at least 1, got {self.replicas}")
+        if self.router not in RAY_ROUTERS:
+            out.append(f"router must be one of {', '.join(RAY_ROUTERS)}, got {self.router!r}")
+        if self.replica_cpus < 0:
+            out.append("replica_cpus must be >= 0")
+        if self.stats_period_s <= 0 or self.request_timeout_s <= 0:
+            out.append("stats_period_s and request_timeout_s must be > 0")
+        if self.retries < 0:
+            out.append("retries must be >= 0")
+        if self.autoscaling_config is not None and not isinstance(self.autoscaling_config, dict):
+            out.append("autoscaling_config must be a mapping (Ray Serve's AutoscalingConfig fields)")
+        return out
+
+
+@dataclass
 class ServeConfig:
     base: str
     quantization: str = "nf4"
@@ -99,6 +134,7 @@ class ServeConfig:
     tenants: str | None = None
     pool_bytes: int = 1 << 30
     max_batch: int = 16
+    join_steps: int = 8
     host: str = "127.0.0.1"
     port: int = 8000
     admin_key_file: str | None = None
@@ -114,6 +150,8 @@ class ServeConfig:
     # load; require_signed refuses versions without a valid signature by one of them
     trust: list[str] = field(default_factory=list)
     require_signed: bool = False
+    # Ray Serve instead of LitServe (``tunehub serve --ray``): RayOptions' fields; None: LitServe
+    ray: dict[str, Any] | None = None
 
 
 @dataclass
@@ -174,11 +212,16 @@ def resolve_base(base: str, *, registry: str | None = None, trust: Any = None) -
     return str(resolve_base_folder(base).resolve())
 
 
-def check_config(config: ServeConfig) -> _Resolved:
-    """Validate everything that can be checked before loading a model; all problems at once."""
+def check_config(config: ServeConfig, *, resolve_base_path: bool = True) -> _Resolved:
+    """Validate everything that can be checked before loading a model; all problems at once.
+
+    ``resolve_base_path``: replace ``base`` by a local folder (fetching a Hub id); Ray Serve's
+    replicas resolve it themselves, each on its own machine."""
     from tunehub.server.tenants import parse_tenants_file
 
     problems: list[str] = []
+    if config.ray is not None:
+        problems.extend(_ray_problems(config.ray))
     if config.quantization not in QUANTIZATIONS:
         problems.append(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
     host = "127.0.0.1" if config.host == "localhost" else config.host
@@ -194,6 +237,7 @@ def check_config(config: ServeConfig) -> _Resolved:
     for name, value, low in (
         ("--pool-bytes", config.pool_bytes, 1),
         ("--max-batch", config.max_batch, 1),
+        ("--join-steps", config.join_steps, 0),
         ("--max-body-bytes", config.max_body_bytes, 256),
     ):
         if value < low:
@@ -236,7 +280,12 @@ def check_config(config: ServeConfig) -> _Resolved:
         from tunehub.server.trust import server_trust_policy
 
         policy = server_trust_policy(config.trust, config.require_signed)
-    base = resolve_base(config.base, registry=config.registry, trust=policy)
+    base = resolve_base(config.base, registry=config.registry, trust=policy) if resolve_base_path else config.base
+    if config.ray is not None or not resolve_base_path:
+        # Ray Serve's replicas resolve a Hub id or registry module themselves, each on its own
+        # machine (fetched above too, so a bad one stops the server now); a folder goes absolute
+        local = Path(config.base).expanduser()
+        base = str(local.resolve()) if local.exists() else config.base
     resolved = ServeConfig(**{**asdict(config), "host": host, "base": base})
     for name in ("tenants", "admin_key_file", "audit_log"):
         value = getattr(resolved, name)
@@ -246,6 +295,18 @@ def check_config(config: ServeConfig) -> _Resolved:
         resolved.registry = str(Path(resolved.registry).resolve())
     resolved.trust = [str(Path(path).expanduser().resolve()) for path in resolved.trust]
     return _Resolved(resolved, admin_hash)
+
+
+def _ray_problems(options: dict[str, Any]) -> list[str]:
+    import importlib.util
+
+    try:
+        problems = RayOptions(**options).problems()
+    except TypeError as exc:
+        return [f"Ray options: {exc}"]
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        problems.append('--ray needs Ray Serve: pip install "tunehub[ray]"')
+    return problems
 
 
 # --- supervisor -----------------------------------------------------------------------------------
@@ -293,7 +354,8 @@ def serve(config: ServeConfig, *, echo: Any = None) -> int:
             except subprocess.TimeoutExpired:
                 pass
             if "at" in stopping:
-                if time.monotonic() - stopping["at"] > grace_s(cfg.drain_s):
+                extra = RAY_GRACE_EXTRA_S if cfg.ray is not None else 0.0
+                if time.monotonic() - stopping["at"] > grace_s(cfg.drain_s) + extra:
                     warn("tunehub serve: shutdown is taking too long; killing the server's processes")
                     _signal_group(child.pid, signal.SIGKILL)
             elif not ready and _healthy(display, cfg.port):
@@ -329,11 +391,17 @@ def _signal_group(pgid: int, sig: int, *, leader_only: bool = False) -> None:
 
 
 def _sweep(pgid: int) -> None:
-    """Make sure nothing of the server's process group survives: TERM, a moment, then KILL."""
+    """Make sure nothing of the server's session survives: TERM, a moment, then KILL. The child
+    leads its own session (and group); Ray's worker processes take groups of their own in it."""
     for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
+            pass
+        members = _session_members(pgid)
+        for pid in members:
+            _signal_group(pid, sig, leader_only=True)
+        if not members and not _group_alive(pgid):
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -343,15 +411,17 @@ def _sweep(pgid: int) -> None:
             time.sleep(0.05)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is still in the group; Linux /proc, else kill(0)."""
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of the session ``sid``, from Linux /proc ([] elsewhere)."""
+    return [pid for pid, (state, _, session) in _proc_stats().items() if state != "Z" and session == sid]
+
+
+def _proc_stats() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, process group, session) of every process, from Linux /proc."""
+    out: dict[int, tuple[str, int, int]] = {}
     proc = Path("/proc")
     if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        return out
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -360,9 +430,20 @@ def _group_alive(pgid: int) -> bool:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        out[int(entry.name)] = (fields[0], int(fields[2]), int(fields[3]))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is still in the group or session ``pgid`` (the child
+    leads both); Linux /proc, else kill(0)."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
             return True
-    return False
+        except (ProcessLookupError, PermissionError):
+            return False
+    return any(state != "Z" and pgid in (group, session) for state, group, session in _proc_stats().values())
 
 
 def _become_subreaper() -> None:
@@ -444,6 +525,7 @@ def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, 
             pool_bytes=config.pool_bytes,
             max_batch=config.max_batch,
             alias_ttl_s=config.alias_ttl_s,
+            join_steps=config.join_steps,
             cpu_allocator=config.cpu_allocator,
             trust=list(config.trust),
             require_signed=config.require_signed,
@@ -491,6 +573,10 @@ def _child_main() -> int:
     configure_logging_from_env()  # TUNEHUB_LOG_LEVEL (the CLI's --verbose/--quiet), when the user chose one
     payload = json.loads(os.environ.pop("TUNEHUB_SERVE_CONFIG"))
     config = ServeConfig(**payload["config"])
+    if config.ray is not None:
+        from tunehub.server.ray_app import run_local
+
+        return run_local(config, payload["admin_key_hash"], RayOptions(**config.ray))
     server, spec = build_server(config, payload["admin_key_hash"])
     _install_shutdown_handlers(server, spec.shutdown_clock, config.drain_s)
     try:

@@ -1,5 +1,7 @@
-"""The HTTP side of ``tunehub serve``: a LitServe ``LitSpec`` whose endpoints run in LitServe's
-API server process.
+"""The HTTP side of ``tunehub serve``: :class:`TunehubHttp`, hosted by LitServe as a ``LitSpec``
+(:class:`TunehubSpec`, whose endpoints run in LitServe's API server process) or, with ``--ray``,
+by a Ray Serve ingress (``ray_app.py``). It reaches the inference workers through a
+:class:`Transport` only.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (OpenAI-compatible, with
 server-sent events), ``GET /v1/models``, ``GET /metrics``, ``/admin/*`` (LitServe itself adds
@@ -43,7 +45,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -66,9 +68,8 @@ from tunehub.errors import (
 )
 from tunehub.registry.refs import parse_ref
 from tunehub.server.litserve_bridge import (
+    LitServeTransport,
     LitSpec,
-    WorkerCall,
-    post_to_worker,
     spec_state_for_worker,
     stop_inference_workers,
 )
@@ -107,6 +108,35 @@ class HttpSettings:
     audit_log: str | None = None  # None or "-": stderr
     trust: list[str] = field(default_factory=list)  # the server's trusted public keys (provenance)
     require_signed: bool = False
+
+
+class WorkerStream(Protocol):
+    """One message to the inference worker and its answers (``api.py``'s JSON dicts)."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`next` would answer without waiting."""
+        ...
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next message, or None once the worker finished this call; raises a TunehubError
+        (a ServerError when the worker failed)."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening (the worker may still be at it: send a cancel for that)."""
+        ...
+
+
+class Transport(Protocol):
+    """How the HTTP side reaches inference workers: LitServe's queues
+    (:class:`~tunehub.server.litserve_bridge.LitServeTransport`) or Ray Serve's handles
+    (``ray_app.RayTransport``). Everything else of the HTTP side is the same for both."""
+
+    def call(self, payload: dict[str, Any]) -> WorkerStream: ...
+
+    def post(self, payload: dict[str, Any]) -> None:
+        """Fire and forget (a cancel)."""
+        ...
 
 
 class _StatusError(TunehubError):
@@ -251,7 +281,7 @@ class MetadataAuth:
 
     GUARDED_PATHS = frozenset({"/", "/info"})
 
-    def __init__(self, app: Any, spec: TunehubSpec):
+    def __init__(self, app: Any, spec: TunehubHttp):
         self.app = app
         self.spec = spec
 
@@ -273,33 +303,29 @@ def not_found(model: str) -> ModuleNotFound:
     return ModuleNotFound(f"model {model!r} does not exist or this API key may not use it")
 
 
-class TunehubSpec(LitSpec):
-    def __init__(self, settings: HttpSettings):
-        super().__init__()
-        self.api_path = "/v1/completions"  # LitServe keys its request queue by this path
+class TunehubHttp:
+    """The HTTP side, whatever hosts it: the routes (:attr:`routes`), tenants, limits, metrics,
+    audit and the answers' headers. It reaches the inference workers through :attr:`transport`
+    only. :class:`TunehubSpec` is it under LitServe; ``ray_app.py`` mounts it on a FastAPI app
+    behind Ray Serve."""
+
+    def __init__(self, settings: HttpSettings, transport: Transport | None = None):
         self.settings = settings
         self._ready = False
-        self.shutdown_clock = ShutdownClock()  # created here, in LitServe's main process, before any fork
-        self.add_endpoint("/v1/completions", self.completions, ["POST"])
-        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
-        self.add_endpoint("/v1/models", self.list_models, ["GET"])
-        self.add_endpoint("/v1/models/{model_id:path}", self.get_model, ["GET"])
-        self.add_endpoint("/metrics", self.metrics_endpoint, ["GET"])
-        self.add_endpoint("/admin/pool", self.admin_pool, ["GET"])
-        for action in _ADMIN_ACTIONS:
-            self.add_endpoint(f"/admin/{action}", self._admin_endpoint(action), ["POST"])
+        self.shutdown_clock = ShutdownClock()  # created before any fork: LitServe's processes share it
+        self.transport: Transport | None = transport
+        self.routes: list[tuple[str, Any, list[str]]] = [  # (path, endpoint, methods)
+            ("/v1/completions", self.completions, ["POST"]),
+            ("/v1/chat/completions", self.chat_completions, ["POST"]),
+            ("/v1/models", self.list_models, ["GET"]),
+            ("/v1/models/{model_id:path}", self.get_model, ["GET"]),
+            ("/metrics", self.metrics_endpoint, ["GET"]),
+            ("/admin/pool", self.admin_pool, ["GET"]),
+            *((f"/admin/{action}", self._admin_endpoint(action), ["POST"]) for action in _ADMIN_ACTIONS),
+        ]
 
-    @property
-    def stream(self) -> bool:
-        return True  # every call streams messages from the worker; plain JSON is assembled here
-
-    def __getstate__(self) -> dict[str, Any]:
-        # LitServe pickles the spec into the inference worker, which needs none of the HTTP state
-        return spec_state_for_worker(self, settings=self.settings, _ready=False)
-
-    def setup(self, server: Any) -> None:
-        """Called by LitServe in its main process before the API server forks; builds HTTP state."""
-        super().setup(server)
+    def init_http_state(self) -> None:
+        """Builds the HTTP state (tenants, metrics, audit log) once, in the process that serves."""
         if self._ready:
             return
         self.tenants = Tenants.load(self.settings.tenants_file)
@@ -309,6 +335,11 @@ class TunehubSpec(LitSpec):
         self._provenance: ProvenanceCache | None = None
         self._info: dict[str, Any] | None = None
         self._ready = True
+
+    def _transport(self) -> Transport:
+        if self.transport is None:
+            raise ServerError("the HTTP side has no way to the inference worker (no transport)")
+        return self.transport
 
     # --- OpenAI endpoints -------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -353,7 +384,7 @@ class TunehubSpec(LitSpec):
                 "stream": parsed.stream,
                 "params": parsed.sampling(max_tokens),
             }
-            worker = WorkerCall(self, payload)
+            worker = self._transport().call(payload)
             try:
                 first = await self._next(worker, request)
             except BaseException as exc:
@@ -363,6 +394,7 @@ class TunehubSpec(LitSpec):
                 raise
             if first is None:
                 raise ServerError("the inference worker answered nothing")
+            call.replica = first.get("replica")
             if first["type"] == "error":
                 worker.close()
                 raise self._remote_error(first, parsed.model)
@@ -410,7 +442,7 @@ class TunehubSpec(LitSpec):
         self,
         call: CallRecord,
         admission: Admission,
-        worker: WorkerCall,
+        worker: WorkerStream,
         first: dict[str, Any],
         parsed: ParsedRequest,
         info: dict[str, Any],
@@ -773,13 +805,13 @@ class TunehubSpec(LitSpec):
             raise InvalidRequest(f"max_tokens {parsed.max_tokens} is above this API key's limit of {limit}")
         return parsed.max_tokens
 
-    async def _next(self, worker: WorkerCall, request: Request | None = None) -> dict[str, Any] | None:
+    async def _next(self, worker: WorkerStream, request: Request | None = None) -> dict[str, Any] | None:
         """The worker's next message. Raises _ShuttingDown once the shutdown drain is over and,
         with ``request``, _ClientGone if its client disconnects meanwhile."""
         if self.shutdown_clock.expired():
             raise _ShuttingDown("the server is shutting down and this request did not finish in time")
-        if worker.queue or worker.ended:
-            return await worker.next()  # ready: no waiting, no task
+        if worker.ready():
+            return await worker.next()  # no waiting, no task
         task = asyncio.ensure_future(worker.next())
         try:
             while True:
@@ -795,7 +827,7 @@ class TunehubSpec(LitSpec):
                 task.cancel()
 
     async def _worker_result(self, payload: dict[str, Any]) -> Any:
-        worker = WorkerCall(self, payload)
+        worker = self._transport().call(payload)
         try:
             message = await worker.next()
         finally:
@@ -809,7 +841,7 @@ class TunehubSpec(LitSpec):
     def _cancel(self, request_id: str) -> None:
         # fire and forget: nobody waits for the answer, so no response buffer entry is needed
         try:
-            post_to_worker(self, {"op": "cancel", "request_id": request_id})
+            self._transport().post({"op": "cancel", "request_id": request_id})
         except Exception:  # noqa: BLE001 - the worker is gone (shutdown): nothing left to cancel
             log.debug("could not send cancel for %s", request_id)
 
@@ -845,28 +877,35 @@ class TunehubSpec(LitSpec):
 
     @staticmethod
     def _tunehub_object(call: CallRecord, info: dict[str, Any]) -> dict[str, Any]:
-        return {
+        out = {
             "module": call.module if call.module != info["base"] else None,
             "base": info["base"],
             "base_fingerprint": info["base_fingerprint"],
             "request_id": call.request_id,
             "cold_load": call.cold_load,
         }
+        if call.replica:  # several replicas serve (Ray): which one answered
+            out["replica"] = call.replica
+        return out
 
     @staticmethod
     def _answer_headers(call: CallRecord, info: dict[str, Any]) -> dict[str, str]:
-        return {
+        headers = {
             "X-Tunehub-Module": call.module or info["base"],
             "X-Tunehub-Base": info["base_fingerprint"][:12],
             "X-Request-Id": call.request_id,
         }
+        if call.replica:
+            headers["X-Tunehub-Replica"] = call.replica
+        return headers
 
     def _fail(self, call: CallRecord, exc: TunehubError, *, audit: bool = True) -> Response:
         call.status, call.error = _status_of(exc), str(exc)
         if audit:
             self._record(call)
         fingerprint = self._info["base_fingerprint"] if self._info is not None else None
-        return error_response(exc, request_id=call.request_id, base_fingerprint=fingerprint)
+        headers = {"X-Tunehub-Replica": call.replica} if call.replica else None
+        return error_response(exc, request_id=call.request_id, base_fingerprint=fingerprint, headers=headers)
 
     def _record(self, call: CallRecord) -> None:
         try:
@@ -874,6 +913,32 @@ class TunehubSpec(LitSpec):
             self.audit.write(call)
         except Exception:  # accounting must never break an answer
             log.exception("could not record request %s", call.request_id)
+
+
+class TunehubSpec(TunehubHttp, LitSpec):
+    """The HTTP side under LitServe: a ``LitSpec`` whose endpoints are :attr:`TunehubHttp.routes`
+    and whose transport is LitServe's request queue and response buffer."""
+
+    def __init__(self, settings: HttpSettings):
+        LitSpec.__init__(self)
+        TunehubHttp.__init__(self, settings)  # the shutdown clock: in LitServe's main process, before any fork
+        self.transport = LitServeTransport(self)
+        self.api_path = "/v1/completions"  # LitServe keys its request queue by this path
+        for path, endpoint, methods in self.routes:
+            self.add_endpoint(path, endpoint, methods)
+
+    @property
+    def stream(self) -> bool:
+        return True  # every call streams messages from the worker; plain JSON is assembled here
+
+    def __getstate__(self) -> dict[str, Any]:
+        # LitServe pickles the spec into the inference worker, which needs none of the HTTP state
+        return spec_state_for_worker(self, settings=self.settings, _ready=False)
+
+    def setup(self, server: Any) -> None:
+        """Called by LitServe in its main process before the API server forks; builds HTTP state."""
+        LitSpec.setup(self, server)
+        self.init_http_state()
 
     # --- LitSpec interface (the worker's LitAPI does its own decoding) ---------------------------
     def decode_request(self, request: Any, context_kwargs: Any = None) -> Any:

@@ -65,11 +65,12 @@ def test_readme_blocks_are_found():
 
 def test_readme_commands_run_and_print_what_it_says(tmp_path):
     blocks = readme_command_blocks((REPO / "README.md").read_text())
-    serve_port, hub_port, signed_port = _free_port(), _free_port(), _free_port()
+    serve_port, hub_port, signed_port, ray_port = _free_port(), _free_port(), _free_port(), _free_port()
     script = "\n".join(blocks).replace("127.0.0.1:8000", f"127.0.0.1:{serve_port}")
     script = script.replace("--port 8000", f"--port {serve_port}")
     script = script.replace("127.0.0.1:8001", f"127.0.0.1:{signed_port}").replace("--port 8001", f"--port {signed_port}")
     script = script.replace("127.0.0.1:8787", f"127.0.0.1:{hub_port}").replace("--port 8787", f"--port {hub_port}")
+    script = script.replace("127.0.0.1:8002", f"127.0.0.1:{ray_port}").replace("--port 8002", f"--port {ray_port}")
     script = script.replace("--main_process_port 29500", f"--main_process_port {_free_port()}")  # the FSDP run
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     # the set-up line's full quickstart takes minutes: its --fast twin stands in (same layout),
@@ -120,6 +121,9 @@ def test_readme_commands_run_and_print_what_it_says(tmp_path):
     assert "acme/unsigned@1: refused, the version is not signed and signatures are required" in out
     assert "acme/signed@1: refused, signed only by keys that are not trusted" in out
     assert "requires a signature by one of those keys for modules matching 'acme/signed'" in out
+    # tunehub serve --ray: the answer names the module version and the replica that produced it
+    assert re.search(r"^x-tunehub-module: acme/demo@1\s*$", out, flags=re.M | re.I), out[-3000:]
+    assert re.search(r"^x-tunehub-replica: [0-9a-z]{8}\s*$", out, flags=re.M | re.I), out[-3000:]
     # tunehub generate: the text on stdout, the module version that answered on stderr
     assert re.search(
         r"^\[quickstart/colour@\d+, base w1:[0-9a-f]{9}, (stop|length), \d+ prompt \+ \d+ completion tokens\]$", err, flags=re.M
