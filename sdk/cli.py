@@ -510,6 +510,7 @@ def train(
     from tunehub.trainer.run import train as run_training
 
     result = run_training(run_config, resume=resume, push=push_to, registry=registry, trust=policy, sign=sign)
+    _leave_process_group()
     if result.manifest is None:
         return  # not the main process of a distributed run
     m = result.metrics
@@ -519,6 +520,18 @@ def train(
     typer.echo(f"module written to {result.module_dir}: {summary}, trainable {m['trainable_share']:.2%}")
     if result.pushed:
         typer.echo(f"pushed {result.pushed.ref}")
+
+
+def _leave_process_group() -> None:
+    """End the process group of a distributed run (accelerate launch), every process together once
+    the main one has written the module: a process that exits with it still open can abort in
+    gloo's threads at interpreter exit ("terminate called without an active exception"), which
+    fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command()

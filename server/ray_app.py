@@ -44,7 +44,6 @@ import logging
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -572,7 +571,7 @@ def run_local(config: Any, admin_key_hash: str | None, options: RayOptions) -> i
             serve.run(application(config, admin_key_hash, options), name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as exc:  # noqa: BLE001 - a replica could not start (its error is in the message)
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            print(f"tunehub serve --ray: the application did not start: {first}", file=sys.stderr)
+            log.error("tunehub serve --ray: the application did not start: %s", first)
             return 1
         while not stop.wait(0.5):
             pass
