@@ -65,7 +65,7 @@ from tunehub.server.api import InferenceWorker, WorkerSettings, error_message
 from tunehub.server.routing import OwnRequests, ReplicaLoad, merge_statuses, rank_replicas, request_refs
 from tunehub.server.serve import RAY_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from tunehub.server.serve import RAY_RETRIES as RETRIES
-from tunehub.server.serve import RayOptions
+from tunehub.server.serve import RayOptions, http_settings, worker_settings
 from tunehub.server.spec import HttpSettings, TunehubHttp, install_error_handlers
 
 log = logging.getLogger("tunehub.server")
@@ -436,27 +436,8 @@ def application(config: Any, admin_key_hash: str | None, options: RayOptions) ->
         replica_options["autoscaling_config"] = options.autoscaling_config
     else:
         replica_options["num_replicas"] = options.replicas
-    worker = WorkerSettings(
-        base=config.base,
-        quantization=config.quantization,
-        registry=config.registry,
-        pool_bytes=config.pool_bytes,
-        max_batch=config.max_batch,
-        alias_ttl_s=config.alias_ttl_s,
-        join_steps=config.join_steps,
-        cpu_allocator=config.cpu_allocator,
-        trust=list(config.trust),
-        require_signed=config.require_signed,
-    )
-    http = HttpSettings(
-        tenants_file=config.tenants,
-        admin_key_hash=admin_key_hash,
-        registry=config.registry,
-        max_body_bytes=config.max_body_bytes,
-        audit_log=config.audit_log,
-        trust=list(config.trust),
-        require_signed=config.require_signed,
-    )
+    worker = worker_settings(config)
+    http = http_settings(config, admin_key_hash)
     threads = max(1, int(options.replica_cpus)) if options.replica_cpus > 0 else 0
     replicas = serve.deployment(**replica_options)(TunehubReplica).bind(worker.to_dict(), threads)
     ingress = serve.deployment(

@@ -490,48 +490,57 @@ def _reap() -> None:
 # --- the LitServe child -------------------------------------------------------------------------
 
 
+def worker_settings(config: ServeConfig) -> Any:
+    """The inference worker's settings (``api.WorkerSettings``) for a checked config: one per
+    LitServe worker or Ray Serve replica."""
+    from tunehub.server.api import WorkerSettings
+
+    return WorkerSettings(
+        base=config.base,
+        quantization=config.quantization,
+        registry=config.registry,
+        pool_bytes=config.pool_bytes,
+        max_batch=config.max_batch,
+        alias_ttl_s=config.alias_ttl_s,
+        join_steps=config.join_steps,
+        cpu_allocator=config.cpu_allocator,
+        trust=list(config.trust),
+        require_signed=config.require_signed,
+    )
+
+
+def http_settings(config: ServeConfig, admin_key_hash: str | None) -> Any:
+    """The HTTP side's settings (``spec.HttpSettings``) for a checked config."""
+    from tunehub.server.spec import HttpSettings
+
+    return HttpSettings(
+        tenants_file=config.tenants,
+        admin_key_hash=admin_key_hash,
+        registry=config.registry,
+        max_body_bytes=config.max_body_bytes,
+        audit_log=config.audit_log,
+        trust=list(config.trust),
+        require_signed=config.require_signed,
+    )
+
+
 def build_server(config: ServeConfig, admin_key_hash: str | None) -> tuple[Any, Any]:
     """The LitServer for a checked config (one API server process, one inference worker), and
     its HTTP spec."""
     import litserve as ls
 
     from tunehub import __version__
-    from tunehub.server.api import TunehubAPI, WorkerSettings
+    from tunehub.server.api import TunehubAPI
     from tunehub.server.litserve_bridge import set_graceful_timeout
     from tunehub.server.spec import (
-        HttpSettings,
         MetadataAuth,
         StopWorkersAfterDrain,
         TunehubSpec,
         install_error_handlers,
     )
 
-    spec = TunehubSpec(
-        HttpSettings(
-            tenants_file=config.tenants,
-            admin_key_hash=admin_key_hash,
-            registry=config.registry,
-            max_body_bytes=config.max_body_bytes,
-            audit_log=config.audit_log,
-            trust=list(config.trust),
-            require_signed=config.require_signed,
-        )
-    )
-    api = TunehubAPI(
-        WorkerSettings(
-            base=config.base,
-            quantization=config.quantization,
-            registry=config.registry,
-            pool_bytes=config.pool_bytes,
-            max_batch=config.max_batch,
-            alias_ttl_s=config.alias_ttl_s,
-            join_steps=config.join_steps,
-            cpu_allocator=config.cpu_allocator,
-            trust=list(config.trust),
-            require_signed=config.require_signed,
-        ),
-        spec,
-    )
+    spec = TunehubSpec(http_settings(config, admin_key_hash))
+    api = TunehubAPI(worker_settings(config), spec)
     server = ls.LitServer(
         api,
         accelerator="auto",
